@@ -1,0 +1,251 @@
+"""Typed view of the composed configuration (``conf/`` -> ``params.yaml``).
+
+Stages convert the raw mapping once, at their entry point, into these dataclasses and
+never touch a ``DictConfig`` afterwards. Every problem (unknown key, wrong type, bad
+value) is collected and reported in one :class:`ConfigError`. The values themselves live
+only in ``conf/``; the dataclasses carry types, not defaults.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import yaml
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+TASK_TYPES = ("classification", "short_answer", "free_text")
+
+
+class ConfigError(ValueError):
+    """All problems found in one configuration, reported together."""
+
+    def __init__(self, problems: list[str], source: str = "config"):
+        self.problems = problems
+        super().__init__(f"{len(problems)} problem(s) in {source}:\n" + "\n".join(f"  {p}" for p in problems))
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    path: str = MISSING  # pkg://PACKAGE, a local directory, or a hub id
+    gguf_file: Optional[str] = MISSING
+    revision: Optional[str] = MISSING
+    init: str = MISSING  # pretrained | random
+    config_overrides: dict[str, Any] = MISSING
+    trust_remote_code: bool = MISSING
+
+    def problems(self) -> list[str]:
+        return _choice("model.init", self.init, ("pretrained", "random"))
+
+
+@dataclass
+class DataConfig:
+    source: str = MISSING
+    n_per_task: int = MISSING
+    generator_seed: int = MISSING
+    path: Optional[str] = MISSING
+    format: str = MISSING
+    task: Optional[str] = MISSING
+    task_type: Optional[str] = MISSING
+    columns: dict[str, str] = MISSING
+    hub_split: str = MISSING
+    hub_config: Optional[str] = MISSING
+    hub_revision: Optional[str] = MISSING
+    val_fraction: float = MISSING
+    test_fraction: float = MISSING
+    dedup: bool = MISSING
+    max_problems: int = MISSING
+
+    def problems(self) -> list[str]:
+        out = _choice("data.source", self.source, ("embedded", "local", "hub"))
+        if self.source in ("local", "hub") and not self.path:
+            out.append(f"data.path: required when data.source={self.source}")
+        if self.task_type is not None:
+            out += _choice("data.task_type", self.task_type, TASK_TYPES)
+        if not (0 <= self.val_fraction < 1 and 0 < self.test_fraction < 1 and self.val_fraction + self.test_fraction < 1):
+            out.append("data.val_fraction/test_fraction: need 0 <= val < 1, 0 < test < 1 and val + test < 1")
+        if self.n_per_task < 1:
+            out.append("data.n_per_task: must be >= 1")
+        return out
+
+
+@dataclass
+class PromptConfig:
+    name: str = MISSING
+    kind: str = MISSING  # chat | jinja
+    system: Optional[str] = MISSING
+    template: Optional[str] = MISSING
+    max_length: int = MISSING
+    overflow: str = MISSING  # truncate | drop
+
+    def problems(self) -> list[str]:
+        out = _choice("prompt.kind", self.kind, ("chat", "jinja"))
+        out += _choice("prompt.overflow", self.overflow, ("truncate", "drop"))
+        if self.kind == "jinja" and not self.template:
+            out.append("prompt.template: required when prompt.kind=jinja")
+        if self.max_length < 8:
+            out.append("prompt.max_length: must be >= 8")
+        return out
+
+
+@dataclass
+class LoraConfig:
+    r: int = MISSING
+    alpha: int = MISSING
+    dropout: float = MISSING
+    target_modules: list[str] = MISSING
+
+
+@dataclass
+class FinetuneConfig:
+    method: str = MISSING  # lora | full
+    lora: Optional[LoraConfig] = MISSING
+
+    def problems(self) -> list[str]:
+        out = _choice("finetune.method", self.method, ("lora", "full"))
+        if self.method == "lora" and self.lora is None:
+            out.append("finetune.lora: required when finetune.method=lora")
+        return out
+
+
+@dataclass
+class TrainerConfig:
+    accelerator: str = MISSING
+    devices: int = MISSING
+    precision: str = MISSING
+    batch_size: int = MISSING
+    accumulate_grad_batches: int = MISSING
+    max_steps: int = MISSING
+    max_epochs: int = MISSING
+    lr: float = MISSING
+    weight_decay: float = MISSING
+    warmup_ratio: float = MISSING
+    gradient_clip_val: Optional[float] = MISSING
+    val_check_interval: int = MISSING
+    log_every_n_steps: int = MISSING
+    num_workers: int = MISSING
+
+    def problems(self) -> list[str]:
+        out = []
+        for name in ("batch_size", "accumulate_grad_batches", "max_steps", "val_check_interval"):
+            if getattr(self, name) < 1:
+                out.append(f"trainer.{name}: must be >= 1")
+        if not 0 <= self.warmup_ratio < 1:
+            out.append("trainer.warmup_ratio: must be in [0, 1)")
+        if self.lr <= 0:
+            out.append("trainer.lr: must be > 0")
+        return out
+
+
+@dataclass
+class BootstrapConfig:
+    n_resamples: int = MISSING
+    seed: int = MISSING
+
+
+@dataclass
+class EvalConfig:
+    models: list[str] = MISSING
+    batch_size: int = MISSING
+    max_new_tokens: dict[str, int] = MISSING
+    stop_strings: list[str] = MISSING
+    max_examples: Optional[int] = MISSING
+    bootstrap: BootstrapConfig = MISSING
+
+    def problems(self) -> list[str]:
+        out = [f"eval.models: unknown model {m!r} (use base, tuned)" for m in self.models if m not in ("base", "tuned")]
+        if not self.models:
+            out.append("eval.models: list at least one of base, tuned")
+        out += [f"eval.max_new_tokens.{t}: missing" for t in TASK_TYPES if t not in self.max_new_tokens]
+        return out
+
+
+@dataclass
+class TrackingConfig:
+    experiment: str = MISSING
+
+
+@dataclass
+class PipelineConfig:
+    model: ModelConfig = MISSING
+    data: DataConfig = MISSING
+    prompt: PromptConfig = MISSING
+    finetune: FinetuneConfig = MISSING
+    trainer: TrainerConfig = MISSING
+    eval: EvalConfig = MISSING
+    seed: int = MISSING
+    tracking: TrackingConfig = MISSING
+
+
+def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> list[str]:
+    return [] if value in allowed else [f"{key}: {value!r} is not one of {', '.join(allowed)}"]
+
+
+def _missing_keys(node: Any, prefix: str = "") -> list[str]:
+    """Dotted keys still ``???`` in a structured config."""
+    out = []
+    for key in node:
+        path = f"{prefix}{key}"
+        if OmegaConf.is_missing(node, key):
+            out.append(f"{path}: missing")
+        elif OmegaConf.is_dict(node[key]) and OmegaConf.get_type(node[key]) not in (dict, None):
+            out += _missing_keys(node[key], path + ".")
+    return out
+
+
+def from_mapping(raw: Mapping[str, Any], source: str = "config") -> PipelineConfig:
+    """Validate a composed config mapping and return it typed; raise one ConfigError."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(PipelineConfig), raw)
+    except OmegaConfBaseException as err:  # unknown key or wrong type: name the key
+        key = getattr(err, "full_key", None) or ""
+        raise ConfigError([f"{key}: {err.msg if hasattr(err, 'msg') else err}".strip(": ")], source) from None
+    problems = _missing_keys(merged)
+    if problems:
+        raise ConfigError(problems, source)
+    cfg: PipelineConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    for section in (cfg.model, cfg.data, cfg.prompt, cfg.finetune, cfg.trainer, cfg.eval):
+        problems += section.problems()
+    if problems:
+        raise ConfigError(problems, source)
+    return cfg
+
+
+def load(path: str | Path = "params.yaml") -> PipelineConfig:
+    """Read a composed params file with a safe YAML loader and validate it."""
+    with open(path, encoding="utf-8") as fh:
+        raw = yaml.safe_load(fh) or {}
+    return from_mapping(raw, source=str(path))
+
+
+def to_dict(obj: Any) -> Any:
+    """Dataclass config -> plain dict (for saving next to weights, logging)."""
+    if is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in fields(obj)}
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}: the dotted names DVC uses for params."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+__all__ = [
+    "BootstrapConfig", "ConfigError", "DataConfig", "EvalConfig", "FinetuneConfig", "LoraConfig",
+    "ModelConfig", "PipelineConfig", "PromptConfig", "TrackingConfig", "TrainerConfig",
+    "flatten", "from_mapping", "load", "to_dict",
+]

@@ -1,0 +1,88 @@
+"""The one schema every source is normalized to, and the errors that point at bad rows.
+
+An :class:`Example` is what the prepare stage writes and every later stage reads.
+Problems in raw data are collected as :class:`Problem` (file, line, field, message) and
+raised together as one :class:`DataError`, so a user fixes a file in one pass instead
+of one traceback at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable
+
+TASK_TYPES = ("classification", "short_answer", "free_text")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One instruction-following example, normalized.
+
+    ``task`` names the task family (e.g. ``sentiment``); ``task_type`` picks the
+    metrics (see ``TASK_TYPES``); ``source`` says where the row came from.
+    """
+
+    id: str
+    task: str
+    task_type: str
+    instruction: str
+    input: str
+    output: str
+    source: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, row: dict[str, Any]) -> "Example":
+        return cls(**{k: row[k] for k in cls.__dataclass_fields__ if k in row})
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One problem in raw data: where it is and what is wrong."""
+
+    file: str
+    line: int | None
+    field: str | None
+    message: str
+
+    def __str__(self) -> str:
+        where = self.file if self.line is None else f"{self.file}:{self.line}"
+        return f"{where}: {self.field}: {self.message}" if self.field else f"{where}: {self.message}"
+
+
+class DataError(ValueError):
+    """Raised with every collected :class:`Problem` (up to a limit) at once."""
+
+    def __init__(self, problems: Iterable[Problem], truncated: bool = False):
+        self.problems = list(problems)
+        self.truncated = truncated
+        lines = [f"  {p}" for p in self.problems]
+        more = "\n  ... (stopped after this many problems)" if truncated else ""
+        super().__init__(f"{len(self.problems)} problem(s) in the raw data:\n" + "\n".join(lines) + more)
+
+
+class ProblemCollector:
+    """Collects problems until ``limit``, then raises them all.
+
+    Usage::
+
+        problems = ProblemCollector(limit=20)
+        problems.add(Problem(...))   # raises DataError when a problem past the limit arrives
+        problems.raise_if_any()      # at the end
+    """
+
+    def __init__(self, limit: int = 20):
+        self.limit = limit
+        self.problems: list[Problem] = []
+
+    def add(self, problem: Problem) -> None:
+        if len(self.problems) >= self.limit:  # a problem past the limit: report the first `limit`
+            raise DataError(self.problems, truncated=True)
+        self.problems.append(problem)
+
+    def raise_if_any(self) -> None:
+        if self.problems:
+            raise DataError(self.problems)

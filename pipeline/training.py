@@ -1,0 +1,130 @@
+"""Lightning pieces for fine-tuning: data module, a thin LightningModule, a loss-curve callback.
+
+Building the model (and its LoRA wrapper) is :mod:`pipeline.models`' job; the module
+here only runs steps, logs and configures the optimizer.
+"""
+
+from __future__ import annotations
+
+import csv
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from pipeline.config import TrainerConfig
+from pipeline.files import read_jsonl
+from pipeline.models import IGNORE_INDEX, completion_loss
+
+
+def collate(rows: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch to its longest row (dynamic padding); padding carries no loss."""
+    width = max(len(r["input_ids"]) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        ids[i, :n] = torch.tensor(r["input_ids"])
+        labels[i, :n] = torch.tensor(r["labels"])
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+class RenderedData(L.LightningDataModule):
+    """Train/val rows written by the render stage, shuffled by a seeded generator."""
+
+    def __init__(self, rendered: Path, batch_size: int, pad_id: int, seed: int, num_workers: int = 0):
+        super().__init__()
+        self.rendered, self.batch_size, self.pad_id = rendered, batch_size, pad_id
+        self.seed, self.num_workers = seed, num_workers
+        self.train_rows: list[dict[str, Any]] = []
+        self.val_rows: list[dict[str, Any]] = []
+
+    def setup(self, stage: str | None = None) -> None:
+        keep = ("input_ids", "labels")
+        self.train_rows = [{k: r[k] for k in keep} for r in read_jsonl(self.rendered / "train.jsonl")]
+        self.val_rows = [{k: r[k] for k in keep} for r in read_jsonl(self.rendered / "val.jsonl")]
+
+    def _loader(self, rows: list[dict[str, Any]], shuffle: bool) -> DataLoader:
+        return DataLoader(rows, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
+                          collate_fn=lambda b: collate(b, self.pad_id),
+                          generator=torch.Generator().manual_seed(self.seed) if shuffle else None)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_rows, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._loader(self.val_rows, shuffle=False) if self.val_rows else []
+
+
+class InstructionTuner(L.LightningModule):
+    """Completion-only cross-entropy, AdamW with linear warmup and cosine decay."""
+
+    def __init__(self, model: torch.nn.Module, cfg: TrainerConfig):
+        super().__init__()
+        self.model, self.cfg = model, cfg
+        self.model.train()  # from_pretrained returns eval mode, which would disable LoRA dropout
+        self._step_start = time.perf_counter()
+
+    def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return completion_loss(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self._loss(batch)
+        now = time.perf_counter()
+        elapsed, self._step_start = now - self._step_start, now
+        tokens = batch["attention_mask"].sum().item()
+        self.log("train_loss", loss, prog_bar=True, batch_size=len(batch["input_ids"]))
+        self.log("tokens_per_s", tokens / max(elapsed, 1e-9), prog_bar=True)
+        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        # Token-weighted mean over the whole split, whatever the batch sizes.
+        losses = completion_loss(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                 reduction="none")
+        self.log("val_loss", losses.mean(), prog_bar=True, batch_size=losses.numel())
+
+    def configure_optimizers(self) -> Any:
+        from transformers import get_cosine_schedule_with_warmup
+
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        warmup = int(self.cfg.warmup_ratio * self.cfg.max_steps)
+        scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, self.cfg.max_steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class LossCurve(L.Callback):
+    """Writes ``train_loss.csv`` and ``val_loss.csv`` (step, loss) for DVC plots."""
+
+    def __init__(self, out_dir: Path):
+        self.out_dir = out_dir
+        self.train: list[tuple[int, float]] = []
+        self.val: list[tuple[int, float]] = []
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        loss = trainer.callback_metrics.get("train_loss")
+        if loss is not None:
+            self.train.append((trainer.global_step, float(loss)))
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        loss = trainer.callback_metrics.get("val_loss")
+        if loss is not None and not trainer.sanity_checking:
+            self.val.append((trainer.global_step, float(loss)))
+
+    def on_train_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if trainer.is_global_zero:
+            self.write()
+
+    def write(self) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        for name, rows in (("train_loss.csv", self.train), ("val_loss.csv", self.val)):
+            with open(self.out_dir / name, "w", newline="") as fh:
+                writer = csv.writer(fh)
+                writer.writerow(["step", "loss"])
+                writer.writerows(rows)
