@@ -24,6 +24,10 @@ from pipeline.files import atomic_dir, write_json, write_jsonl
 SPLITS = ("train", "val", "test")
 
 
+class SplitError(ValueError):
+    """The data cannot be split into non-empty train and test sets."""
+
+
 def load(cfg: config.DataConfig) -> list[Example]:
     """Raw examples from the configured source, normalized and validated."""
     if cfg.source == "embedded":
@@ -111,7 +115,10 @@ def run(data_cfg: config.DataConfig, seed: int, out: Path, stats_path: Path) -> 
     kept, dropped = deduplicate(examples) if data_cfg.dedup else (examples, [])
     splits = split(kept, data_cfg.val_fraction, data_cfg.test_fraction, seed)
     if not splits["train"] or not splits["test"]:
-        raise ValueError(f"prepare: {len(kept)} examples are too few to split into train and test")
+        n_tasks = len({e.task for e in kept})
+        raise SplitError(
+            f"no task has >= 3 examples ({n_tasks} tasks, {len(kept)} examples), so nothing is left for val/test; "
+            "set data.task=NAME to treat the file as one task, or add examples")
     report = stats(len(examples), splits, dropped)
     with atomic_dir(out) as tmp:
         for name, rows in splits.items():
@@ -130,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = config.load(args.params)
     try:
         report = run(cfg.data, cfg.seed, args.out, args.stats)
-    except DataError as err:
+    except (DataError, SplitError) as err:
         print(f"prepare: {err}", file=sys.stderr)
         return 1
     print(f"prepare: {report['kept']} examples ({report['splits']}), dropped {report['dropped'] or 'none'}")

@@ -45,7 +45,7 @@ def run(cfg: config.PipelineConfig, params: dict[str, Any], rendered: Path, base
         curves: Path, checkpoints: Path, tracking: Tracking) -> dict[str, Any]:
     """Train, save the result to ``out`` atomically, log everything to one MLflow run."""
     import lightning as L
-    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
     from lightning.pytorch.loggers import MLFlowLogger
     from mlflow.tracking import MlflowClient
 
@@ -78,7 +78,8 @@ def run(cfg: config.PipelineConfig, params: dict[str, Any], rendered: Path, base
             val_check_interval=t.val_check_interval * t.accumulate_grad_batches, check_val_every_n_epoch=None,
             num_sanity_val_steps=0, log_every_n_steps=t.log_every_n_steps, deterministic=True,
             logger=MLFlowLogger(experiment_name=cfg.tracking.experiment, tracking_uri=tracking.uri, run_id=run_id),
-            callbacks=[curve, ModelCheckpoint(dirpath=checkpoints, save_last=True, save_top_k=0,
+            # tqdm, not rich: it still draws when DVC pipes the output to a non-terminal.
+            callbacks=[curve, TQDMProgressBar(refresh_rate=1), ModelCheckpoint(dirpath=checkpoints, save_last=True, save_top_k=0,
                                               every_n_train_steps=t.val_check_interval)],
             enable_model_summary=False, default_root_dir=checkpoints,
         )

@@ -254,7 +254,8 @@ def _examples_from_rows(rows: list[Row], format: str, ctx: _Context) -> list[Exa
             problems.add(Problem(ctx.file, line, None, f"expected an object, got {_describe(row)}"))
     if not rows and not problems.problems:
         problems.add(Problem(ctx.file, None, None, "the file has no rows"))
-    problems.raise_if_any()
+    if not mapped:  # otherwise keep collecting: field problems are reported with parse problems
+        problems.raise_if_any()
     if format == "auto":
         format = _detect(mapped[0], ctx) if mapped else "alpaca"
     examples: list[Example] = []

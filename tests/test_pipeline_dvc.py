@@ -1,0 +1,146 @@
+"""The whole spine, for real: `dvc exp run -S +experiment=smoke` in a temporary git repo.
+
+Checks the files every stage produces, the metric keys, that training changed the
+adapter, the MLflow run (params, tags, metrics, artifacts) through the MLflow client,
+and that a second `dvc repro` does nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _copy_tracked(dst: Path) -> None:
+    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                           capture_output=True, text=True, check=True).stdout.split("\0")
+    for name in filter(None, files):
+        src = REPO / name
+        if src.is_file() and not name.startswith(("data/prepared", "data/rendered", "models/", "reports/")):
+            (dst / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst / name)
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # `python` = this venv
+    env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@localhost", GIT_COMMITTER_NAME="t",
+               GIT_COMMITTER_EMAIL="t@localhost")
+    return env
+
+
+def _sh(cmd: list[str], cwd: Path) -> str:
+    proc = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def smoke_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    repo = tmp_path_factory.mktemp("repo")
+    _copy_tracked(repo)
+    _sh(["git", "init", "-q"], repo)
+    _sh(["git", "add", "-A"], repo)
+    _sh(["git", "commit", "-qm", "init"], repo)
+    _sh([sys.executable, "-m", "dvc", "exp", "run", "-S", "+experiment=smoke"], repo)
+    return repo
+
+
+def test_every_stage_writes_its_outputs(smoke_repo: Path) -> None:
+    expected = [
+        "models/base/model.safetensors", "models/base/tokenizer.json", "models/base/chat_template.jinja",
+        "data/prepared/train.jsonl", "data/prepared/val.jsonl", "data/prepared/test.jsonl",
+        "reports/prepare/stats.json", "data/rendered/train.jsonl", "data/rendered/template.json",
+        "reports/render/report.json", "models/finetuned/adapter/adapter_model.safetensors",
+        "models/finetuned/template.json", "models/finetuned/config.yaml", "models/finetuned/run.json",
+        "reports/train/train_loss.csv", "reports/train/val_loss.csv", "reports/train/loss.png",
+        "reports/eval/metrics.json", "reports/eval/intervals.json", "reports/eval/predictions.jsonl",
+        "reports/eval/report.md", "reports/eval/plots/per_task.png", "reports/eval/plots/confusion_topic.png",
+    ]
+    missing = [p for p in expected if not (smoke_repo / p).is_file()]
+    assert not missing, missing
+    # The smoke override reached every stage through the composed params.yaml.
+    info = json.loads((smoke_repo / "models/base/model_info.json").read_text())
+    assert info["num_hidden_layers"] == 2 and info["init"] == "random"
+
+
+def test_metric_keys_per_model_and_task(smoke_repo: Path) -> None:
+    metrics = json.loads((smoke_repo / "reports/eval/metrics.json").read_text())
+    assert set(metrics) == {"base", "tuned", "delta"}
+    for model in ("base", "tuned"):
+        assert set(metrics[model]) == {"topic", "qa", "past_tense", "summary", "overall"}
+        assert {"accuracy", "macro_f1", "unmatched_rate", "perplexity"} <= set(metrics[model]["topic"])
+        assert {"exact_match", "token_f1", "perplexity"} <= set(metrics[model]["qa"])
+        assert {"rougeL", "rouge1", "rouge2", "bleu", "chrf"} <= set(metrics[model]["summary"])
+    assert metrics["delta"]["topic"]["accuracy"] == pytest.approx(
+        metrics["tuned"]["topic"]["accuracy"] - metrics["base"]["topic"]["accuracy"])
+    rows = [json.loads(line) for line in (smoke_repo / "reports/eval/predictions.jsonl").read_text().splitlines()]
+    test_rows = (smoke_repo / "data/prepared/test.jsonl").read_text().splitlines()
+    assert len(rows) == len(test_rows)
+    assert {"id", "task", "prompt", "reference", "base_prediction", "tuned_prediction", "tuned_scores"} <= set(rows[0])
+
+
+def test_training_changed_the_adapter(smoke_repo: Path) -> None:
+    from safetensors.torch import load_file
+
+    weights = load_file(smoke_repo / "models/finetuned/adapter/adapter_model.safetensors")
+    lora_b = {k: v for k, v in weights.items() if "lora_B" in k}
+    assert lora_b, "no LoRA B matrices saved"
+    # peft initialises every B matrix to zero: a non-zero B means the optimizer moved it.
+    assert all(v.abs().sum() > 0 for v in lora_b.values())
+
+
+def test_mlflow_run_has_params_tags_metrics_artifacts(smoke_repo: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    run_id = json.loads((smoke_repo / "models/finetuned/run.json").read_text())["run_id"]
+    client = MlflowClient(f"sqlite:///{smoke_repo / 'mlflow.db'}")
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["trainer.max_steps"] == "6"
+    assert run.data.params["model.config_overrides.num_hidden_layers"] == "2"
+    assert run.data.params["finetune.method"] == "lora"
+    tags = run.data.tags
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=smoke_repo, capture_output=True, text=True).stdout
+    assert tags["git.commit"] == head.strip()
+    assert tags["git.dirty"] in ("true", "false")
+    assert len(tags["data.hash"]) == 64
+    assert tags["template.hash"] == json.loads((smoke_repo / "data/rendered/template.json").read_text())["hash"]
+    assert tags.get("dvc.exp_name"), "dvc exp run should name the run's experiment"
+    metrics = run.data.metrics
+    for key in ("train_loss", "val_loss", "lr", "tokens_per_s", "eval.tuned.topic.accuracy",
+                "eval.base.topic.accuracy", "eval.delta.overall.score", "eval.tuned.qa.perplexity"):
+        assert key in metrics, key
+    history = client.get_metric_history(run_id, "train_loss")
+    assert len(history) == 6
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert {"config.yaml", "template.json", "adapter", "plots", "eval"} <= artifacts
+    eval_files = {a.path for a in client.list_artifacts(run_id, "eval")}
+    assert "eval/predictions.json" in eval_files and "eval/metrics.json" in eval_files
+
+
+def test_second_repro_is_a_no_op(smoke_repo: Path) -> None:
+    out = _sh([sys.executable, "-m", "dvc", "repro"], smoke_repo)
+    assert "Running stage" not in out
+    status = _sh([sys.executable, "-m", "dvc", "status"], smoke_repo)
+    assert "up to date" in status
+
+
+def test_eval_change_does_not_retrain(smoke_repo: Path) -> None:
+    out = _sh([sys.executable, "-m", "dvc", "exp", "run", "-S", "+experiment=smoke", "-S", "eval.batch_size=4"],
+              smoke_repo)
+    assert "Running stage 'evaluate'" in out
+    for stage in ("base_model", "prepare", "render", "train"):
+        assert f"Running stage '{stage}'" not in out
+    proc = subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json"], cwd=smoke_repo, env=_env(),
+                          capture_output=True, text=True, check=True)
+    shown = json.dumps(json.loads(proc.stdout))
+    assert '"eval.batch_size"' in shown or '"batch_size": 4' in shown, "dvc exp show lists the new experiment"

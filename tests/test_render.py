@@ -1,0 +1,130 @@
+"""Tokenizing and masking with the real SmolLM2 tokenizer: exact label masks, overflow handling,
+and the render stage's files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline import render
+from pipeline.config import PromptConfig
+from pipeline.files import read_json, read_jsonl, write_jsonl
+from pipeline.models import IGNORE_INDEX, load_tokenizer
+from pipeline.prompts import Template, make_template
+from pipeline.prompts import render as render_text
+
+
+def example(i: int, output: str = "positive", input: str = "The food was great.") -> dict:
+    return {"id": f"ex-{i}", "task": "sentiment", "task_type": "classification",
+            "instruction": "Classify the sentiment of the review.", "input": input, "output": output}
+
+
+EXAMPLES = [example(0), example(1, "negative", "Cold soup, rude staff."), example(2, "It is fine.", "")]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smoke_base: Path):
+    return load_tokenizer(smoke_base)
+
+
+@pytest.fixture(scope="module")
+def chat(tokenizer, smoke_cfg) -> Template:
+    return make_template(smoke_cfg.prompt, tokenizer.chat_template, tokenizer.bos_token, tokenizer.eos_token)
+
+
+def ids(tokenizer, text: str, special: bool = True) -> list[int]:
+    return tokenizer(text, add_special_tokens=special)["input_ids"]
+
+
+def test_labels_mask_exactly_the_prompt(tokenizer, chat) -> None:
+    rows, report = render.tokenize_split(EXAMPLES, chat, tokenizer, max_length=256, overflow="truncate")
+    assert [r["id"] for r in rows] == ["ex-0", "ex-1", "ex-2"]
+    for ex, row in zip(EXAMPLES, rows):
+        prompt, completion = render_text(ex, chat)
+        p_ids, c_ids = ids(tokenizer, prompt), ids(tokenizer, completion, special=False)
+        assert (row["prompt"], row["completion"]) == (prompt, completion)
+        assert row["input_ids"] == p_ids + c_ids
+        assert row["labels"] == [IGNORE_INDEX] * len(p_ids) + c_ids
+        assert tokenizer.decode([t for t in row["labels"] if t != IGNORE_INDEX]) == ex["output"] + "<|im_end|>"
+    assert report["truncated"] == report["dropped"] == 0 and report["dropped_rows"] == []
+
+
+def test_report_counts_tokens_and_loss_fraction(tokenizer, chat) -> None:
+    rows, report = render.tokenize_split(EXAMPLES, chat, tokenizer, max_length=256, overflow="truncate")
+    pairs = [render_text(ex, chat) for ex in EXAMPLES]
+    prompt_lens = [len(ids(tokenizer, p)) for p, _ in pairs]
+    completion_lens = [len(ids(tokenizer, c, special=False)) for _, c in pairs]
+    lengths = sorted(p + c for p, c in zip(prompt_lens, completion_lens))
+    assert report["rows"] == 3
+    assert report["tokens"] == sum(lengths)
+    assert report["loss_token_fraction"] == pytest.approx(sum(completion_lens) / sum(lengths), abs=1e-12)
+    assert report["max_length_seen"] == lengths[-1]
+    assert report["median_length"] == lengths[1]
+    # "positive<|im_end|>" is two tokens, so the hand count is easy to read off
+    assert completion_lens[0] == 2
+
+
+def test_empty_split_reports_zeros(tokenizer, chat) -> None:
+    rows, report = render.tokenize_split([], chat, tokenizer, max_length=256, overflow="truncate")
+    assert rows == []
+    assert report == {"rows": 0, "tokens": 0, "loss_token_fraction": 0.0, "max_length_seen": 0,
+                      "median_length": 0, "truncated": 0, "dropped": 0, "dropped_rows": []}
+
+
+def test_truncate_cuts_the_prompt_start_and_keeps_the_completion(tokenizer, chat) -> None:
+    prompt, completion = render_text(EXAMPLES[0], chat)
+    p_ids, c_ids = ids(tokenizer, prompt), ids(tokenizer, completion, special=False)
+    max_length = len(p_ids) + len(c_ids) - 5
+    rows, report = render.tokenize_split(EXAMPLES[:1], chat, tokenizer, max_length=max_length, overflow="truncate")
+    assert report["truncated"] == 1 and report["dropped"] == 0
+    assert rows[0]["input_ids"] == p_ids[5:] + c_ids
+    assert rows[0]["labels"] == [IGNORE_INDEX] * (len(p_ids) - 5) + c_ids
+    assert len(rows[0]["input_ids"]) == max_length
+
+
+def test_drop_removes_over_long_rows_and_says_why(tokenizer, chat) -> None:
+    prompt, completion = render_text(EXAMPLES[0], chat)
+    too_long = len(ids(tokenizer, prompt)) + len(ids(tokenizer, completion, special=False)) - 1
+    rows, report = render.tokenize_split(EXAMPLES, chat, tokenizer, max_length=too_long, overflow="drop")
+    assert "ex-0" not in [r["id"] for r in rows]
+    assert {"id": "ex-0", "reason": f"longer than max_length={too_long}"} in report["dropped_rows"]
+    assert report["dropped"] == len(report["dropped_rows"]) == 3 - len(rows)
+    assert report["truncated"] == 0
+
+
+def test_completion_longer_than_max_length_is_dropped_even_when_truncating(tokenizer, chat) -> None:
+    long = example(9, output=" ".join(["word"] * 40))
+    rows, report = render.tokenize_split([EXAMPLES[0], long], chat, tokenizer, max_length=30, overflow="truncate")
+    assert [r["id"] for r in rows] == ["ex-0"]
+    assert report["dropped_rows"] == [{"id": "ex-9", "reason": "longer than max_length=30"}]
+    assert report["truncated"] == 1  # ex-0's ~50-token prompt is cut to fit
+
+
+def test_run_writes_every_split_and_the_template(tmp_path: Path, smoke_base: Path, smoke_cfg) -> None:
+    prepared = tmp_path / "prepared"
+    prepared.mkdir()
+    for split, rows in {"train": EXAMPLES, "val": EXAMPLES[:1], "test": EXAMPLES[1:]}.items():
+        write_jsonl(prepared / f"{split}.jsonl", rows)
+    out, report_path = tmp_path / "rendered", tmp_path / "report" / "render.json"
+    report = render.run(smoke_cfg.prompt, prepared, smoke_base, out, report_path)
+
+    assert sorted(p.name for p in out.iterdir()) == ["template.json", "test.jsonl", "train.jsonl", "val.jsonl"]
+    saved = read_json(out / "template.json")
+    assert saved["hash"] == report["template_hash"] == Template.from_dict(saved).hash()
+    assert read_json(report_path) == report
+    assert {s: r["rows"] for s, r in report["splits"].items()} == {"train": 3, "val": 1, "test": 2}
+    assert [r["id"] for r in read_jsonl(out / "test.jsonl")] == ["ex-1", "ex-2"]
+
+
+def test_run_with_another_template_changes_the_hash(tmp_path: Path, smoke_base: Path, smoke_cfg) -> None:
+    prepared = tmp_path / "prepared"
+    prepared.mkdir()
+    for split in render.SPLITS:
+        write_jsonl(prepared / f"{split}.jsonl", EXAMPLES)
+    chat = render.run(smoke_cfg.prompt, prepared, smoke_base, tmp_path / "a", tmp_path / "a.json")
+    plain_cfg = PromptConfig(name="plain", kind="jinja", system=None, template="{{ instruction }}\nAnswer:",
+                             max_length=64, overflow="drop")
+    plain = render.run(plain_cfg, prepared, smoke_base, tmp_path / "b", tmp_path / "b.json")
+    assert chat["template_hash"] != plain["template_hash"]
+    assert read_jsonl(tmp_path / "b" / "train.jsonl")[0]["prompt"] == "Classify the sentiment of the review.\nAnswer:"
