@@ -10,9 +10,13 @@ evaluation renders prompts identically and logs into the same run. Loss curves g
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -41,20 +45,64 @@ class Tracking:
         return cls(default_uri(root), root / "mlartifacts", root, os.environ.get("DVC_EXP_NAME"))
 
 
+def fingerprint(params: dict[str, Any], rendered: Path, base_model: Path) -> str:
+    """What a checkpoint must match to be resumed: training config, data and base weights."""
+    relevant = json.dumps({k: params.get(k) for k in ("finetune", "trainer", "seed")}, sort_keys=True)
+    data = hash_files([rendered / "train.jsonl", rendered / "val.jsonl"])
+    weights = hash_files([base_model / "config.json", base_model / "model.safetensors"])
+    return hashlib.sha256(f"{relevant}|{data}|{weights}".encode()).hexdigest()
+
+
+def _resume_state(checkpoints: Path, expected: str, client: Any) -> dict[str, Any] | None:
+    """The run to resume, or None (then stale checkpoints are removed and their run closed)."""
+    state_file = checkpoints / "resume.json"
+    state = read_json(state_file) if state_file.exists() else None
+    if state and state["fingerprint"] == expected and (checkpoints / "last.ckpt").exists():
+        return state
+    if state:  # a killed run that will never be resumed must not stay RUNNING in MLflow
+        try:
+            if client.get_run(state["run_id"]).info.status == "RUNNING":
+                client.set_terminated(state["run_id"], "KILLED")
+        except Exception:  # the run lives in another store: nothing to close here
+            pass
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    return None
+
+
+class Terminated(SystemExit):
+    """SIGTERM outside ``Trainer.fit`` (loading, saving, logging): stop and mark the run KILLED."""
+
+
+def _handle_sigterm(fitting: list[bool]) -> None:
+    """Inside fit, Lightning's own handler stops at the next batch and we checkpoint;
+    elsewhere SIGTERM would kill the process with the MLflow run left RUNNING."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if not fitting[0]:
+            raise Terminated(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def run(cfg: config.PipelineConfig, params: dict[str, Any], rendered: Path, base_model: Path, out: Path,
         curves: Path, checkpoints: Path, tracking: Tracking) -> dict[str, Any]:
     """Train, save the result to ``out`` atomically, log everything to one MLflow run."""
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
     from lightning.pytorch.loggers import MLFlowLogger
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
     from mlflow.tracking import MlflowClient
 
     from pipeline import tracking as mlf
     from pipeline.models import apply_finetune, load_causal_lm, load_tokenizer
     from pipeline.plots import loss_curve
-    from pipeline.training import InstructionTuner, LossCurve, RenderedData
+    from pipeline.training import CheckpointOnSigterm, InstructionTuner, LossCurve, RenderedData, RngState
 
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    # Our sampler resumes mid-epoch itself (EpochSampler.skip), which Lightning cannot see.
+    warnings.filterwarnings("ignore", ".*your dataloader is not resumable.*")
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # the one place global RNGs are seeded
     template = read_json(rendered / "template.json")
     tokenizer = load_tokenizer(base_model)
@@ -63,11 +111,23 @@ def run(cfg: config.PipelineConfig, params: dict[str, Any], rendered: Path, base
     total = sum(p.numel() for p in model.parameters())
     print(f"train: {cfg.finetune.method}, {trainable:,} trainable of {total:,} parameters", flush=True)
 
-    tags = mlf.run_tags(tracking.repo_root, hash_files([rendered / "train.jsonl", rendered / "val.jsonl"]),
-                        template["hash"], tracking.dvc_exp_name)
-    run_id = mlf.start_run(tracking.uri, cfg.tracking.experiment, tracking.artifact_root, params, tags,
-                           run_name=tracking.dvc_exp_name)
+    fitting = [False]
+    _handle_sigterm(fitting)
     client = MlflowClient(tracking.uri)
+    expected = fingerprint(params, rendered, base_model)
+    resume = _resume_state(checkpoints, expected, client)
+    if resume:
+        run_id = resume["run_id"]
+        client.update_run(run_id, status="RUNNING")
+        client.set_tag(run_id, "resumed", "true")
+        print(f"train: resuming MLflow run {run_id} from {checkpoints / 'last.ckpt'}", flush=True)
+    else:
+        tags = mlf.run_tags(tracking.repo_root, hash_files([rendered / "train.jsonl", rendered / "val.jsonl"]),
+                            template["hash"], tracking.dvc_exp_name)
+        run_id = mlf.start_run(tracking.uri, cfg.tracking.experiment, tracking.artifact_root, params, tags,
+                               run_name=tracking.dvc_exp_name)
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        write_json(checkpoints / "resume.json", {"fingerprint": expected, "run_id": run_id})
     try:
         t = cfg.trainer
         curve = LossCurve(curves)
@@ -79,14 +139,24 @@ def run(cfg: config.PipelineConfig, params: dict[str, Any], rendered: Path, base
             num_sanity_val_steps=0, log_every_n_steps=t.log_every_n_steps, deterministic=True,
             logger=MLFlowLogger(experiment_name=cfg.tracking.experiment, tracking_uri=tracking.uri, run_id=run_id),
             # tqdm, not rich: it still draws when DVC pipes the output to a non-terminal.
-            callbacks=[curve, TQDMProgressBar(refresh_rate=1), ModelCheckpoint(dirpath=checkpoints, save_last=True, save_top_k=0,
-                                              every_n_train_steps=t.val_check_interval)],
+            callbacks=[curve, RngState(), CheckpointOnSigterm(checkpoints / "last.ckpt"),
+                       TQDMProgressBar(refresh_rate=1),
+                       # Saved after each validation run, so the checkpoint holds its val loss too.
+                       # one rolling checkpoint, last.ckpt links to it
+                       ModelCheckpoint(dirpath=checkpoints, filename="step-{step}", save_last="link",
+                                       save_top_k=1, save_on_train_epoch_end=False)],
             enable_model_summary=False, default_root_dir=checkpoints,
         )
         data = RenderedData(rendered, t.batch_size, tokenizer.pad_token_id, cfg.seed, t.num_workers)
         start = time.perf_counter()
-        trainer.fit(InstructionTuner(model, t), datamodule=data)
+        # Only checkpoints this stage wrote itself are loaded, and with weights_only=True.
+        fitting[0] = True
+        trainer.fit(InstructionTuner(model, t), datamodule=data,
+                    ckpt_path=str(checkpoints / "last.ckpt") if resume else None, weights_only=True)
+        fitting[0] = False
         seconds = time.perf_counter() - start
+        if trainer.is_global_zero:  # also when a resumed run had nothing left to do
+            curve.write()
 
         summary = {
             "method": cfg.finetune.method, "trainable_parameters": trainable, "parameters": total,
@@ -110,13 +180,17 @@ def run(cfg: config.PipelineConfig, params: dict[str, Any], rendered: Path, base
         client.log_artifacts(run_id, str(out / ("adapter" if cfg.finetune.method == "lora" else "model")),
                              artifact_path="adapter" if cfg.finetune.method == "lora" else "model")
         client.log_artifacts(run_id, str(curves), artifact_path="plots")
-    except KeyboardInterrupt:
+    except SIGTERMException:  # a SystemExit with code 0: DVC must not take it for success
+        client.set_terminated(run_id, "KILLED")
+        raise Terminated(128 + signal.SIGTERM) from None
+    except (KeyboardInterrupt, SystemExit):
         client.set_terminated(run_id, "KILLED")
         raise
     except BaseException:
         client.set_terminated(run_id, "FAILED")
         raise
     client.set_terminated(run_id, "FINISHED")
+    shutil.rmtree(checkpoints, ignore_errors=True)  # finished: nothing left to resume
     print(f"train: {summary['steps']} steps in {seconds:.0f}s, final train loss {summary['train_loss']}, "
           f"val loss {summary['val_loss']}; MLflow run {run_id}", flush=True)
     return summary

@@ -7,11 +7,13 @@ here only runs steps, logs and configures the optimizer.
 from __future__ import annotations
 
 import csv
+import random
 import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -34,8 +36,34 @@ def collate(rows: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+class EpochSampler(torch.utils.data.Sampler[int]):
+    """A permutation that depends only on (seed, epoch), able to start mid-epoch.
+
+    Lightning calls ``set_epoch`` before every epoch. After a resume, ``skip`` samples of
+    the resumed epoch are left out once, so the run continues with exactly the batches an
+    uninterrupted run would have seen next.
+    """
+
+    def __init__(self, n: int, seed: int, shuffle: bool = True):
+        self.n, self.seed, self.shuffle = n, seed, shuffle
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        # The full epoch: Lightning counts the skipped batches as already done when it resumes.
+        return self.n
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        order = (torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+                 if self.shuffle else list(range(self.n)))
+        skip, self.skip = self.skip, 0
+        return iter(order[skip:])
+
+
 class RenderedData(L.LightningDataModule):
-    """Train/val rows written by the render stage, shuffled by a seeded generator."""
+    """Train/val rows written by the render stage; the train order survives a resume."""
 
     def __init__(self, rendered: Path, batch_size: int, pad_id: int, seed: int, num_workers: int = 0):
         super().__init__()
@@ -43,22 +71,38 @@ class RenderedData(L.LightningDataModule):
         self.seed, self.num_workers = seed, num_workers
         self.train_rows: list[dict[str, Any]] = []
         self.val_rows: list[dict[str, Any]] = []
+        self.resume_batches = 0  # batches already consumed by the run being resumed
+
+    def state_dict(self) -> dict[str, Any]:
+        # Checkpoints are written at optimizer-step boundaries, so the consumed batches
+        # follow from the step count.
+        return {"consumed_batches": self.trainer.global_step * self.trainer.accumulate_grad_batches}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.resume_batches = state["consumed_batches"]
 
     def setup(self, stage: str | None = None) -> None:
         keep = ("input_ids", "labels")
         self.train_rows = [{k: r[k] for k in keep} for r in read_jsonl(self.rendered / "train.jsonl")]
         self.val_rows = [{k: r[k] for k in keep} for r in read_jsonl(self.rendered / "val.jsonl")]
 
-    def _loader(self, rows: list[dict[str, Any]], shuffle: bool) -> DataLoader:
-        return DataLoader(rows, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
+    def _loader(self, rows: list[dict[str, Any]], sampler: EpochSampler) -> DataLoader:
+        # A private generator: creating an iterator would otherwise draw from the global RNG
+        # (which drives dropout), and a resumed run creates iterators at different times.
+        return DataLoader(rows, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
                           collate_fn=lambda b: collate(b, self.pad_id),
-                          generator=torch.Generator().manual_seed(self.seed) if shuffle else None)
+                          generator=torch.Generator().manual_seed(self.seed))
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_rows, shuffle=True)
+        sampler = EpochSampler(len(self.train_rows), self.seed)
+        per_epoch = -(-len(self.train_rows) // self.batch_size)
+        sampler.set_epoch(self.resume_batches // per_epoch)
+        sampler.skip = (self.resume_batches % per_epoch) * self.batch_size
+        return self._loader(self.train_rows, sampler)
 
     def val_dataloader(self) -> DataLoader | list:
-        return self._loader(self.val_rows, shuffle=False) if self.val_rows else []
+        return self._loader(self.val_rows, EpochSampler(len(self.val_rows), self.seed, shuffle=False)) \
+            if self.val_rows else []
 
 
 class InstructionTuner(L.LightningModule):
@@ -99,6 +143,26 @@ class InstructionTuner(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
+class RngState(L.Callback):
+    """Puts the RNG states (torch, numpy, python) in every checkpoint and restores them.
+
+    Lightning restores model, optimizer, scheduler and loops but not the generators that
+    drive dropout; without them a resumed run is close to, not equal to, an uninterrupted one.
+    """
+
+    # Stored as tensors, ints and tuples only, so checkpoints load with weights_only=True.
+    def state_dict(self) -> dict[str, Any]:
+        name, keys, pos, has_gauss, gauss = np.random.get_state()
+        return {"torch": torch.get_rng_state(), "python": random.getstate(),
+                "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        name, keys, pos, has_gauss, gauss = state_dict["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+        random.setstate(state_dict["python"])
+        torch.set_rng_state(state_dict["torch"])
+
+
 class LossCurve(L.Callback):
     """Writes ``train_loss.csv`` and ``val_loss.csv`` (step, loss) for DVC plots."""
 
@@ -106,6 +170,13 @@ class LossCurve(L.Callback):
         self.out_dir = out_dir
         self.train: list[tuple[int, float]] = []
         self.val: list[tuple[int, float]] = []
+
+    def state_dict(self) -> dict[str, Any]:  # so a resumed run's curves start where they stopped
+        return {"train": self.train, "val": self.val}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.train = [tuple(x) for x in state_dict["train"]]  # type: ignore[misc]
+        self.val = [tuple(x) for x in state_dict["val"]]  # type: ignore[misc]
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
         loss = trainer.callback_metrics.get("train_loss")
@@ -117,10 +188,6 @@ class LossCurve(L.Callback):
         if loss is not None and not trainer.sanity_checking:
             self.val.append((trainer.global_step, float(loss)))
 
-    def on_train_end(self, trainer: L.Trainer, *args: Any) -> None:
-        if trainer.is_global_zero:
-            self.write()
-
     def write(self) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         for name, rows in (("train_loss.csv", self.train), ("val_loss.csv", self.val)):
@@ -128,3 +195,20 @@ class LossCurve(L.Callback):
                 writer = csv.writer(fh)
                 writer.writerow(["step", "loss"])
                 writer.writerows(rows)
+
+
+class CheckpointOnSigterm(L.Callback):
+    """On SIGTERM (a scheduler's pre-emption notice) write ``last.ckpt`` before exiting.
+
+    Lightning turns SIGTERM into an exception at the next batch boundary; with no
+    gradient accumulation that boundary is an optimizer step, which is what a resume needs.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        if isinstance(exception, SIGTERMException) and trainer.accumulate_grad_batches == 1:
+            trainer.save_checkpoint(self.path, weights_only=False)

@@ -1,0 +1,110 @@
+"""Resume after SIGKILL: a killed training run continues from its last checkpoint and ends
+bit for bit where an uninterrupted run ends, in the same MLflow run; a SIGTERM writes a
+checkpoint and marks the run KILLED.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline import prepare, render
+from pipeline.config import from_mapping
+from pipeline.files import read_json
+from pipeline.params import compose
+
+OVERRIDES = ["+experiment=smoke", "trainer.max_steps=40", "trainer.val_check_interval=5", "trainer.batch_size=2",
+             "finetune.lora.dropout=0.1"]  # dropout makes the RNG state matter
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory, smoke_base: Path) -> Path:
+    root = tmp_path_factory.mktemp("resume")
+    raw = compose(OVERRIDES)
+    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    long = compose([*OVERRIDES, "trainer.max_steps=5000"])  # still training when SIGTERM arrives
+    (root / "long.yaml").write_text(yaml.safe_dump(long, sort_keys=False))
+    cfg = from_mapping(raw)
+    prepare.run(cfg.data, cfg.seed, root / "prepared", root / "stats.json")
+    render.run(cfg.prompt, root / "prepared", smoke_base, root / "rendered", root / "render.json")
+    (root / "base").symlink_to(smoke_base)
+    return root
+
+
+def _train(root: Path, name: str, params: str = "params.yaml") -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    cmd = [sys.executable, "-m", "pipeline.train", "--params", params, "--rendered", "rendered",
+           "--base-model", "base", "--out", f"{name}/model", "--curves", f"{name}/curves",
+           "--checkpoints", f"{name}/ckpt"]
+    log = open(root / f"{name}.log", "a")  # a file, not a pipe: a full pipe would block the progress bar
+    return subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+
+
+def _log(root: Path, name: str) -> str:
+    return (root / f"{name}.log").read_text()
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"training ended before {path} appeared"
+        assert time.monotonic() < deadline, f"{path} did not appear"
+        time.sleep(0.02)
+
+
+def test_sigkill_then_rerun_equals_uninterrupted(workdir: Path) -> None:
+    from mlflow.tracking import MlflowClient
+    from safetensors.torch import load_file
+
+    full = _train(workdir, "full")
+    assert full.wait() == 0, _log(workdir, "full")
+
+    killed = _train(workdir, "killed")
+    _wait_for(workdir / "killed/ckpt/last.ckpt", killed)
+    killed.send_signal(signal.SIGKILL)
+    assert killed.wait() == -signal.SIGKILL
+    assert not (workdir / "killed/model").exists(), "a killed stage must leave no output"
+    import torch
+
+    step = torch.load(workdir / "killed/ckpt/last.ckpt", weights_only=True)["global_step"]
+    assert 0 < step < 40, f"the kill should land mid-training, not at step {step}"
+    run_id = read_json(workdir / "killed/ckpt/resume.json")["run_id"]
+
+    resumed = _train(workdir, "killed")
+    assert resumed.wait() == 0, _log(workdir, "killed")
+    assert "resuming MLflow run" in _log(workdir, "killed")
+
+    a = load_file(workdir / "full/model/adapter/adapter_model.safetensors")
+    b = load_file(workdir / "killed/model/adapter/adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert (a[key] == b[key]).all(), f"{key} differs after resume"
+    assert (workdir / "full/curves/train_loss.csv").read_text() == (workdir / "killed/curves/train_loss.csv").read_text()
+    assert read_json(workdir / "killed/model/run.json")["run_id"] == run_id
+
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["resumed"] == "true"
+    assert not (workdir / "killed/ckpt").exists(), "checkpoints are removed once training finished"
+
+
+def test_sigterm_checkpoints_and_marks_the_run_killed(workdir: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    proc = _train(workdir, "term", params="long.yaml")
+    _wait_for(workdir / "term/ckpt/resume.json", proc)
+    _wait_for(workdir / "term/ckpt/last.ckpt", proc)
+    before = (workdir / "term/ckpt/last.ckpt").stat().st_mtime_ns
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) != 0, _log(workdir, "term")
+    run_id = read_json(workdir / "term/ckpt/resume.json")["run_id"]
+    assert MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}").get_run(run_id).info.status == "KILLED"
+    assert (workdir / "term/ckpt/last.ckpt").stat().st_mtime_ns > before, "SIGTERM should write a fresh checkpoint"
+    assert not (workdir / "term/model").exists()
