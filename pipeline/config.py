@@ -154,12 +154,21 @@ class EvalConfig:
     stop_strings: list[str] = MISSING
     max_examples: Optional[int] = MISSING
     bootstrap: BootstrapConfig = MISSING
+    task_types: dict[str, str] = MISSING  # task -> task type, overriding the data's
 
     def problems(self) -> list[str]:
         out = [f"eval.models: unknown model {m!r} (use base, tuned)" for m in self.models if m not in ("base", "tuned")]
         if not self.models:
             out.append("eval.models: list at least one of base, tuned")
         out += [f"eval.max_new_tokens.{t}: missing" for t in TASK_TYPES if t not in self.max_new_tokens]
+        for task, task_type in self.task_types.items():
+            out += _choice(f"eval.task_types.{task}", task_type, TASK_TYPES)
+        if self.batch_size < 1:
+            out.append("eval.batch_size: must be >= 1")
+        if self.bootstrap.n_resamples < 1:
+            out.append("eval.bootstrap.n_resamples: must be >= 1")
+        if self.max_examples is not None and self.max_examples < 1:
+            out.append("eval.max_examples: must be >= 1 or null")
         return out
 
 

@@ -22,6 +22,8 @@ from numpy.typing import ArrayLike
 from rouge_score import rouge_scorer
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 
+from pipeline.resampling import interval, paired, resample_indices
+
 UNMATCHED = "<unmatched>"
 
 # Quotes a chatty model wraps its answer in, beyond ASCII punctuation.
@@ -172,11 +174,6 @@ def corpus_scores(
     return scores
 
 
-def _resample_indices(n: int, n_resamples: int, seed: int) -> np.ndarray:
-    """An (n_resamples, n) matrix of indices drawn with replacement, drawn once."""
-    return np.random.default_rng(seed).integers(0, n, size=(n_resamples, n))
-
-
 def bootstrap_ci(
     values: ArrayLike,
     statistic: Callable[..., np.ndarray] = np.mean,
@@ -192,9 +189,9 @@ def bootstrap_ci(
     values = np.asarray(values, dtype=float)
     if values.size == 0:
         return 0.0, 0.0, 0.0
-    stats = statistic(values[_resample_indices(values.size, n_resamples, seed)], axis=1)
-    low, high = np.quantile(stats, [alpha / 2, 1 - alpha / 2])
-    return float(statistic(values)), float(low), float(high)
+    stats = statistic(values[resample_indices(values.size, n_resamples, seed)], axis=1)
+    low, high = interval(stats, alpha)
+    return float(statistic(values)), low, high
 
 
 def paired_bootstrap(
@@ -214,11 +211,8 @@ def paired_bootstrap(
     if a.size == 0:
         return {"delta": 0.0, "low": 0.0, "high": 0.0, "p_value": 1.0}
     diffs = b - a
-    deltas = diffs[_resample_indices(diffs.size, n_resamples, seed)].mean(axis=1)
-    low, high = np.quantile(deltas, [alpha / 2, 1 - alpha / 2])
-    tail = min(np.sum(deltas <= 0), np.sum(deltas >= 0))
-    p_value = min(1.0, 2 * (tail + 1) / (n_resamples + 1))
-    return {"delta": float(diffs.mean()), "low": float(low), "high": float(high), "p_value": float(p_value)}
+    deltas = diffs[resample_indices(diffs.size, n_resamples, seed)].mean(axis=1)
+    return paired(float(diffs.mean()), deltas, alpha)
 
 
 def bootstrap_metric(
@@ -243,7 +237,7 @@ def bootstrap_metric(
     refs_arr, preds_arr = np.asarray(refs, dtype=object), np.asarray(preds, dtype=object)
     stats = [
         metric_fn(refs_arr[row].tolist(), preds_arr[row].tolist())
-        for row in _resample_indices(len(refs), n_resamples, seed)
+        for row in resample_indices(len(refs), n_resamples, seed)
     ]
-    low, high = np.quantile(stats, [alpha / 2, 1 - alpha / 2])
-    return float(metric_fn(list(refs), list(preds))), float(low), float(high)
+    low, high = interval(np.asarray(stats), alpha)
+    return float(metric_fn(list(refs), list(preds))), low, high

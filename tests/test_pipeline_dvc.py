@@ -64,6 +64,7 @@ def test_every_stage_writes_its_outputs(smoke_repo: Path) -> None:
         "reports/train/train_loss.csv", "reports/train/val_loss.csv", "reports/train/loss.png",
         "reports/eval/metrics.json", "reports/eval/intervals.json", "reports/eval/predictions.jsonl",
         "reports/eval/report.md", "reports/eval/plots/per_task.png", "reports/eval/plots/confusion_topic.png",
+        "reports/eval/per_task.json", "reports/eval/confusion/topic_base.json", "reports/eval/confusion/topic_tuned.json",
     ]
     missing = [p for p in expected if not (smoke_repo / p).is_file()]
     assert not missing, missing
@@ -125,6 +126,21 @@ def test_mlflow_run_has_params_tags_metrics_artifacts(smoke_repo: Path) -> None:
     assert {"config.yaml", "template.json", "adapter", "plots", "eval"} <= artifacts
     eval_files = {a.path for a in client.list_artifacts(run_id, "eval")}
     assert "eval/predictions.json" in eval_files and "eval/metrics.json" in eval_files
+
+
+def test_dvc_plots_show_renders_eval_plots(smoke_repo: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "dvc", "plots", "show", "--json"], cwd=smoke_repo, env=_env(),
+                          capture_output=True, text=True, check=True)
+    shown = json.loads(proc.stdout)["data"]
+    for model in ("base", "tuned"):
+        [confusion] = shown[f"reports/eval/confusion/topic_{model}.json"]
+        encoding = confusion["content"]["spec"]["encoding"]
+        assert (encoding["x"]["field"], encoding["y"]["field"]) == ("actual", "predicted")
+    [bars] = shown["reports/eval/per_task.json"]
+    assert bars["content"]["mark"]["type"] == "bar"
+    assert {row["bar"] for row in bars["content"]["data"]["values"]} == {
+        f"{t} · {m}" for t in ("topic", "qa", "past_tense", "summary") for m in ("base", "tuned")}
+    assert "reports/eval/plots/per_task.png" in shown
 
 
 def test_second_repro_is_a_no_op(smoke_repo: Path) -> None:

@@ -1,0 +1,115 @@
+"""Evaluation generation: the batched path against a per-example ``generate()`` loop.
+
+Both paths run in this process on the same model and the same test prompts (the
+embedded default's test split, rendered with the configured prompt template, an equal
+share per task), greedy, with each task type's ``eval.max_new_tokens`` and the model's
+EOS. Generated tokens are the new token ids up to and including EOS; the script also
+reports how many answers the two paths agree on (greedy: all, up to float rounding).
+
+    python benchmarks/eval_throughput.py                    # the 135M model in models/base
+    python benchmarks/eval_throughput.py --smoke            # tiny random model, 8 prompts, seconds
+
+Settings not given on the command line come from conf/ (the same composition as the pipeline).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from pipeline import base_model, prepare
+from pipeline.config import PipelineConfig, from_mapping
+from pipeline.generation import generate_ids, until_eos
+from pipeline.models import load_causal_lm, load_tokenizer
+from pipeline.params import compose
+from pipeline.prompts import make_template
+from pipeline.render import tokenize_split
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_prompts(cfg: PipelineConfig, tokenizer: Any, n: int) -> tuple[list[list[int]], list[int]]:
+    """``n`` rendered test prompts, an equal share per task, and each one's token budget."""
+    splits = prepare.split(prepare.load(cfg.data), cfg.data.val_fraction, cfg.data.test_fraction, cfg.seed)
+    tasks = sorted({e.task for e in splits["test"]})
+    per_task = -(-n // len(tasks))
+    chosen = [e for t in tasks for e in [x for x in splits["test"] if x.task == t][:per_task]][:n]
+    template = make_template(cfg.prompt, tokenizer.chat_template, tokenizer.bos_token, tokenizer.eos_token)
+    rows, _ = tokenize_split([e.to_dict() for e in chosen], template, tokenizer, cfg.prompt.max_length,
+                             cfg.prompt.overflow)
+    prompts = [r["input_ids"][: r["labels"].index(next(t for t in r["labels"] if t != -100))] for r in rows]
+    return prompts, [cfg.eval.max_new_tokens[r["task_type"]] for r in rows]
+
+
+def one_by_one(model: Any, tokenizer: Any, prompts: list[list[int]], budgets: list[int],
+               stop_strings: Sequence[str]) -> list[list[int]]:
+    """The baseline: ``model.generate`` on each prompt alone (no padding, batch of one)."""
+    extra = {"stop_strings": list(stop_strings), "tokenizer": tokenizer} if stop_strings else {}
+    out = []
+    with torch.inference_mode():
+        for ids, budget in zip(prompts, budgets):
+            x = torch.tensor([ids])
+            y = model.generate(input_ids=x, attention_mask=torch.ones_like(x), do_sample=False, use_cache=True,
+                               max_new_tokens=budget, pad_token_id=tokenizer.pad_token_id,
+                               eos_token_id=tokenizer.eos_token_id, **extra)
+            out.append(until_eos(y[0, len(ids):].tolist(), tokenizer.eos_token_id))
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=None,
+                        help="a base_model stage output (default: models/base, or a fresh smoke model with --smoke)")
+    parser.add_argument("--n", type=int, default=None, help="prompts (default 64, 8 with --smoke)")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: eval.batch_size from conf/")
+    parser.add_argument("--smoke", action="store_true", help="tiny random model and 8 prompts: seconds")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. eval.max_new_tokens.free_text=20")
+    args = parser.parse_args(argv)
+    cfg = from_mapping(compose((["+experiment=smoke"] if args.smoke else []) + list(args.overrides)))
+    n = args.n or (8 if args.smoke else 64)
+    batch_size = args.batch_size or cfg.eval.batch_size
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = args.model or (REPO / "models" / "base")
+        if args.smoke and args.model is None:
+            model_dir = Path(tmp) / "base"
+            base_model.run(cfg.model, cfg.seed, model_dir)
+        tokenizer, model = load_tokenizer(model_dir), load_causal_lm(model_dir).eval()
+    prompts, budgets = test_prompts(cfg, tokenizer, n)
+    print(f"{len(prompts)} prompts, {sum(map(len, prompts))} prompt tokens, budgets {sorted(set(budgets))}, "
+          f"batch size {batch_size}, {torch.get_num_threads()} threads, model {model_dir}")
+    generate_ids(model, tokenizer, prompts[:2], budgets[:2], batch_size, cfg.eval.stop_strings, desc="warm-up")
+
+    # Interleaved: each batch the batched path forms (same sort as generate_ids) is timed, then
+    # the per-example loop on the same prompts, so background load hits both paths alike.
+    order = sorted(range(len(prompts)), key=lambda i: (budgets[i], len(prompts[i])))
+    batched: list[list[int]] = []
+    single: list[list[int]] = []
+    t_batched = t_single = 0.0
+    for k in range(0, len(order), batch_size):
+        chunk = order[k:k + batch_size]
+        p, b = [prompts[i] for i in chunk], [budgets[i] for i in chunk]
+        start = time.perf_counter()
+        batched += generate_ids(model, tokenizer, p, b, batch_size, cfg.eval.stop_strings, desc="batched")
+        t_batched += time.perf_counter() - start
+        start = time.perf_counter()
+        single += one_by_one(model, tokenizer, p, b, cfg.eval.stop_strings)
+        t_single += time.perf_counter() - start
+        print(f"batch {k // batch_size + 1}: batched {t_batched:.1f}s, per-example {t_single:.1f}s so far", flush=True)
+
+    tok_batched, tok_single = sum(map(len, batched)), sum(map(len, single))
+    same = sum(a == b for a, b in zip(batched, single))
+    print(f"per-example loop: {tok_single} tokens in {t_single:.2f}s = {tok_single / t_single:.1f} tokens/s")
+    print(f"batched:          {tok_batched} tokens in {t_batched:.2f}s = {tok_batched / t_batched:.1f} tokens/s")
+    print(f"ratio (batched / per-example tokens/s): {(tok_batched / t_batched) / (tok_single / t_single):.2f}x")
+    print(f"identical answers: {same}/{len(prompts)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

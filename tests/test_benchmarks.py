@@ -1,0 +1,27 @@
+"""The benchmark scripts keep working: their smoke modes run in seconds on the smoke model."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+def test_eval_throughput_smoke(smoke_base: Path, capsys) -> None:
+    bench = load("eval_throughput")
+    assert bench.main(["--smoke", "--model", str(smoke_base)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("8 prompts")
+    counts = [int(n) for n in re.findall(r"(\d+) tokens in", out)]
+    assert len(counts) == 2 and counts[0] == counts[1] > 0  # both paths generated the same tokens
+    assert re.search(r"ratio \(batched / per-example tokens/s\): \d+\.\d+x", out)
+    assert "identical answers: 8/8" in out

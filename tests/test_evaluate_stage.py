@@ -1,0 +1,114 @@
+"""The evaluate stage on the smoke model and the embedded smoke data: the zero-shot baseline through
+the CLI (no trained model, its own MLflow run), base vs an identical 'tuned' model, task-type overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import pytest
+
+from pipeline import evaluate, prepare, render
+from pipeline.config import ConfigError, PipelineConfig
+from pipeline.files import read_json, read_jsonl
+from pipeline.params import compose, dump
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory, smoke_cfg: PipelineConfig, smoke_base: Path) -> Path:
+    root = tmp_path_factory.mktemp("eval_data")
+    prepare.run(smoke_cfg.data, smoke_cfg.seed, root / "prepared", root / "stats.json")
+    render.run(smoke_cfg.prompt, root / "prepared", smoke_base, root / "rendered", root / "render.json")
+    return root
+
+
+def with_eval(cfg: PipelineConfig, **changes) -> PipelineConfig:
+    return dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, **changes))
+
+
+def test_zero_shot_baseline_from_the_cli_without_a_tuned_model(tmp_path: Path, monkeypatch, data: Path,
+                                                              smoke_base: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    params = tmp_path / "params.yaml"
+    params.write_text(dump(compose(["+experiment=smoke", "eval.models=[base]"])))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("DVC_EXP_NAME", "baseline-exp")
+    out = tmp_path / "eval"
+    code = evaluate.main(["--params", str(params), "--rendered", str(data / "rendered"), "--prepared",
+                          str(data / "prepared"), "--base-model", str(smoke_base), "--out", str(out)])
+    assert code == 0
+    metrics = read_json(out / "metrics.json")
+    assert set(metrics) == {"base"}  # no tuned model, so no delta
+    assert set(metrics["base"]) == {"topic", "qa", "past_tense", "summary", "overall"}
+    intervals = read_json(out / "intervals.json")["intervals"]["base"]
+    for task, values in metrics["base"].items():
+        assert set(intervals[task]) == set(values), task  # an interval on every reported metric
+    rows = read_jsonl(out / "predictions.jsonl")
+    assert len(rows) == len(read_jsonl(data / "rendered" / "test.jsonl"))
+    topic = next(r for r in rows if r["task"] == "topic")
+    assert set(topic["base_scores"]) == {"correct", "unmatched"} and "base_label" in topic
+    assert "tuned_prediction" not in topic
+    for name in ("per_task.json", "confusion/topic_base.json", "plots/per_task.png", "plots/confusion_topic.png",
+                 "report.md"):
+        assert (out / name).is_file(), name
+    assert {"actual", "predicted"} == set(read_json(out / "confusion" / "topic_base.json")[0])
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    [run] = client.search_runs([client.get_experiment_by_name("instruction-tuning").experiment_id])
+    assert run.data.tags["eval.baseline"] == "zero-shot"
+    assert run.data.tags["dvc.exp_name"] == "baseline-exp"
+    assert run.data.tags["template.hash"] == read_json(data / "rendered" / "template.json")["hash"]
+    assert run.data.params["eval.models"] == "['base']"
+    assert run.data.metrics["eval.base.topic.accuracy"] == metrics["base"]["topic"]["accuracy"]
+    assert "eval.base.overall.score" in run.data.metrics
+    assert {"eval/predictions.json", "eval/metrics.json", "eval/plots"} <= {
+        a.path for a in client.list_artifacts(run.info.run_id, "eval")}
+
+
+def test_tuned_requested_without_a_tuned_model_fails_clearly(tmp_path: Path, data: Path, smoke_base: Path,
+                                                            capsys) -> None:
+    params = tmp_path / "params.yaml"
+    params.write_text(dump(compose(["+experiment=smoke"])))
+    code = evaluate.main(["--params", str(params), "--rendered", str(data / "rendered"), "--prepared",
+                          str(data / "prepared"), "--base-model", str(smoke_base), "--tuned", str(tmp_path / "nope"),
+                          "--out", str(tmp_path / "eval")])
+    assert code == 1
+    assert "eval.models=[base]" in capsys.readouterr().err
+    assert not (tmp_path / "eval").exists()
+
+
+def test_identical_tuned_model_has_zero_deltas_and_task_type_override(tmp_path: Path, data: Path,
+                                                                     smoke_base: Path, smoke_cfg) -> None:
+    from pipeline.models import load_causal_lm
+
+    tuned = tmp_path / "tuned"
+    load_causal_lm(smoke_base).save_pretrained(tuned / "model")  # full weights, equal to the base
+    shutil.copy(data / "rendered" / "template.json", tuned / "template.json")
+    cfg = with_eval(smoke_cfg, task_types={"past_tense": "short_answer"})
+    metrics = evaluate.run(cfg, data / "rendered", data / "prepared", smoke_base, tuned, tmp_path / "eval", None)
+    assert set(metrics) == {"base", "tuned", "delta"}
+    assert {"exact_match", "token_f1", "perplexity"} == set(metrics["base"]["past_tense"])  # now short_answer
+    assert metrics["tuned"] == metrics["base"]
+    deltas = read_json(tmp_path / "eval" / "intervals.json")["intervals"]["delta"]
+    assert set(deltas["topic"]) == set(metrics["base"]["topic"])  # a paired test on every metric
+    for task, per in deltas.items():
+        for metric, d in per.items():
+            assert d["delta"] == 0.0 and d["p_value"] == 1.0, (task, metric)
+    assert read_json(tmp_path / "eval" / "intervals.json")["task_types"]["past_tense"] == "short_answer"
+
+
+def test_task_type_override_must_name_a_task(data: Path) -> None:
+    rows = read_jsonl(data / "rendered" / "test.jsonl")
+    assert evaluate.resolve_task_types(rows, {"qa": "free_text"})["qa"] == "free_text"
+    with pytest.raises(ConfigError, match=r"eval.task_types.nope: no task 'nope'"):
+        evaluate.resolve_task_types(rows, {"nope": "classification"})
+
+
+def test_config_rejects_an_unknown_task_type(smoke_cfg) -> None:
+    from pipeline.config import from_mapping
+
+    with pytest.raises(ConfigError, match="eval.task_types.qa: 'essay' is not one of"):
+        from_mapping(compose(["+experiment=smoke", "+eval.task_types.qa=essay"]))
