@@ -3,12 +3,12 @@ and the render stage's files."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
 from pipeline import render
-from pipeline.config import PromptConfig
 from pipeline.files import read_json, read_jsonl, write_jsonl
 from pipeline.models import IGNORE_INDEX, load_tokenizer
 from pipeline.prompts import Template, make_template
@@ -123,8 +123,8 @@ def test_run_with_another_template_changes_the_hash(tmp_path: Path, smoke_base: 
     for split in render.SPLITS:
         write_jsonl(prepared / f"{split}.jsonl", EXAMPLES)
     chat = render.run(smoke_cfg.prompt, prepared, smoke_base, tmp_path / "a", tmp_path / "a.json")
-    plain_cfg = PromptConfig(name="plain", kind="jinja", system=None, template="{{ instruction }}\nAnswer:",
-                             max_length=64, overflow="drop")
+    plain_cfg = dataclasses.replace(smoke_cfg.prompt, name="plain", kind="jinja", template="{{ instruction }}\nAnswer:",
+                                    max_length=64, overflow="drop")
     plain = render.run(plain_cfg, prepared, smoke_base, tmp_path / "b", tmp_path / "b.json")
     assert chat["template_hash"] != plain["template_hash"]
     assert read_jsonl(tmp_path / "b" / "train.jsonl")[0]["prompt"] == "Classify the sentiment of the review.\nAnswer:"
