@@ -61,14 +61,16 @@ class DedupConfig:
         out = []
         for key in ("exact", "near", "contamination"):
             out += _choice(f"data.dedup.{key}", getattr(self, key), DEDUP_ACTIONS)
-        for key in ("near_threshold", "ngram_threshold"):
-            if not 0 < getattr(self, key) <= 1:
-                out.append(f"data.dedup.{key}: must be in (0, 1]")
+        # MinHash LSH needs at least two bands, which rules out thresholds near 1 (use exact for those).
+        if not 0 < self.near_threshold <= 0.95:
+            out.append("data.dedup.near_threshold: must be in (0, 0.95]; exact duplicates are data.dedup.exact")
+        if not 0 < self.ngram_threshold <= 1:
+            out.append("data.dedup.ngram_threshold: must be in (0, 1]")
         for key in ("shingle", "ngram"):
             if getattr(self, key) < 1:
                 out.append(f"data.dedup.{key}: must be >= 1")
-        if self.num_perm < 16:
-            out.append("data.dedup.num_perm: must be >= 16")
+        if self.num_perm < 64:
+            out.append("data.dedup.num_perm: must be >= 64")
         return out
 
 
