@@ -1,0 +1,24 @@
+"""The benchmark scripts keep working: each runs in its few-second --smoke mode."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+def test_prepare_render_throughput_smoke(smoke_base: Path, capsys) -> None:
+    bench = load("prepare_render_throughput")
+    assert bench.main(["--smoke", "--base-model", str(smoke_base)]) == 0
+    out = capsys.readouterr().out
+    assert "examples: 1000" in out
+    assert "prepare + render, near-dup off:" in out and "prepare + render, near-dup on:" in out
+    assert "for the tokenizer's own call" in out
