@@ -8,7 +8,7 @@ only in ``conf/``; the dataclasses carry types, not defaults.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, is_dataclass
+from dataclasses import dataclass, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -41,6 +41,69 @@ class ModelConfig:
         return _choice("model.init", self.init, ("pretrained", "random"))
 
 
+DEDUP_ACTIONS = ("remove", "report", "off")
+
+
+@dataclass
+class DedupConfig:
+    """What prepare does about duplicates and train/eval overlap: each check removes, reports or is off."""
+
+    exact: str = MISSING  # exact duplicates after normalization
+    near: str = MISSING  # MinHash near-duplicates
+    near_threshold: float = MISSING  # estimated Jaccard similarity of word shingles
+    shingle: int = MISSING  # words per shingle
+    num_perm: int = MISSING  # MinHash permutations
+    contamination: str = MISSING  # train rows overlapping val/test (exact or n-gram)
+    ngram: int = MISSING
+    ngram_threshold: float = MISSING  # fraction of a train row's n-grams seen in val/test
+
+    def problems(self) -> list[str]:
+        out = []
+        for key in ("exact", "near", "contamination"):
+            out += _choice(f"data.dedup.{key}", getattr(self, key), DEDUP_ACTIONS)
+        # MinHash LSH needs at least two bands, which rules out thresholds near 1 (use exact for those).
+        if not 0 < self.near_threshold <= 0.95:
+            out.append("data.dedup.near_threshold: must be in (0, 0.95]; exact duplicates are data.dedup.exact")
+        if not 0 < self.ngram_threshold <= 1:
+            out.append("data.dedup.ngram_threshold: must be in (0, 1]")
+        for key in ("shingle", "ngram"):
+            if getattr(self, key) < 1:
+                out.append(f"data.dedup.{key}: must be >= 1")
+        if self.num_perm < 64:
+            out.append("data.dedup.num_perm: must be >= 64")
+        return out
+
+
+@dataclass
+class SourceConfig:
+    """One source of a mixture. A ``None`` key inherits the ``data.<key>`` value."""
+
+    name: str = MISSING
+    source: str = MISSING  # embedded | local | hub
+    path: Optional[str] = None
+    format: Optional[str] = None
+    task: Optional[str] = None
+    task_type: Optional[str] = None
+    columns: Optional[dict[str, str]] = None
+    hub_split: Optional[str] = None
+    hub_config: Optional[str] = None
+    hub_revision: Optional[str] = None
+    weight: Optional[float] = None  # share of the mixture (all sources give one, or none does)
+    cap: Optional[int] = None  # at most this many examples from this source
+
+    def problems(self, where: str) -> list[str]:
+        out = _choice(f"{where}.source", self.source, ("embedded", "local", "hub"))
+        if self.source in ("local", "hub") and not self.path:
+            out.append(f"{where}.path: required when source={self.source}")
+        if self.task_type is not None:
+            out += _choice(f"{where}.task_type", self.task_type, TASK_TYPES)
+        if self.weight is not None and self.weight <= 0:
+            out.append(f"{where}.weight: must be > 0")
+        if self.cap is not None and self.cap < 1:
+            out.append(f"{where}.cap: must be >= 1")
+        return out
+
+
 @dataclass
 class DataConfig:
     source: str = MISSING
@@ -56,11 +119,19 @@ class DataConfig:
     hub_revision: Optional[str] = MISSING
     val_fraction: float = MISSING
     test_fraction: float = MISSING
-    dedup: bool = MISSING
+    on_error: str = MISSING  # fail | skip
+    dedup: DedupConfig = MISSING
     max_problems: int = MISSING
+    sources: list[SourceConfig] = MISSING  # mixture only
 
     def problems(self) -> list[str]:
-        out = _choice("data.source", self.source, ("embedded", "local", "hub"))
+        out = _choice("data.source", self.source, ("embedded", "local", "hub", "mixture"))
+        out += _choice("data.on_error", self.on_error, ("fail", "skip"))
+        out += self.dedup.problems()
+        if self.source == "mixture":
+            out += self._mixture_problems()
+        elif self.sources:
+            out.append(f"data.sources: only used when data.source=mixture (it is {self.source!r})")
         if self.source in ("local", "hub") and not self.path:
             out.append(f"data.path: required when data.source={self.source}")
         if self.task_type is not None:
@@ -71,6 +142,24 @@ class DataConfig:
             out.append("data.n_per_task: must be >= 1")
         return out
 
+    def _mixture_problems(self) -> list[str]:
+        if not self.sources:
+            return ["data.sources: list at least one source when data.source=mixture"]
+        out = []
+        for i, src in enumerate(self.sources):
+            out += src.problems(f"data.sources[{i}]")
+        names = [s.name for s in self.sources]
+        out += [f"data.sources: name {n!r} is used twice" for n in sorted({n for n in names if names.count(n) > 1})]
+        if len({s.weight is None for s in self.sources}) > 1:
+            out.append("data.sources: give every source a weight, or none")
+        return out
+
+    def resolve(self, src: SourceConfig) -> "DataConfig":
+        """This data config with one mixture source's keys in place of the inherited ones."""
+        changes = {k: v for k, v in vars(src).items()
+                   if v is not None and k not in ("name", "weight", "cap") and hasattr(self, k)}
+        return replace(self, **changes, sources=[])
+
 
 @dataclass
 class PromptConfig:
@@ -78,14 +167,21 @@ class PromptConfig:
     kind: str = MISSING  # chat | jinja
     system: Optional[str] = MISSING
     template: Optional[str] = MISSING
+    template_file: Optional[str] = MISSING  # a Jinja file that replaces `template`
+    train_on: str = MISSING  # all_assistant | last_assistant (multi-turn conversations)
+    k_shot: int = MISSING
+    shot_seed: int = MISSING
     max_length: int = MISSING
     overflow: str = MISSING  # truncate | drop
 
     def problems(self) -> list[str]:
         out = _choice("prompt.kind", self.kind, ("chat", "jinja"))
         out += _choice("prompt.overflow", self.overflow, ("truncate", "drop"))
-        if self.kind == "jinja" and not self.template:
-            out.append("prompt.template: required when prompt.kind=jinja")
+        out += _choice("prompt.train_on", self.train_on, ("all_assistant", "last_assistant"))
+        if self.kind == "jinja" and not (self.template or self.template_file):
+            out.append("prompt.template: required when prompt.kind=jinja (or set prompt.template_file)")
+        if self.k_shot < 0:
+            out.append("prompt.k_shot: must be >= 0")
         if self.max_length < 8:
             out.append("prompt.max_length: must be >= 8")
         return out
@@ -254,7 +350,7 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 __all__ = [
-    "BootstrapConfig", "ConfigError", "DataConfig", "EvalConfig", "FinetuneConfig", "LoraConfig",
+    "BootstrapConfig", "ConfigError", "DataConfig", "DedupConfig", "SourceConfig", "EvalConfig", "FinetuneConfig", "LoraConfig",
     "ModelConfig", "PipelineConfig", "PromptConfig", "TrackingConfig", "TrainerConfig",
     "flatten", "from_mapping", "load", "to_dict",
 ]

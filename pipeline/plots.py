@@ -88,3 +88,25 @@ def confusion(matrix: Sequence[Sequence[int]], labels: Sequence[str], title: str
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
+
+
+def length_histograms(lengths: Mapping[str, Sequence[int]], xlabel: str, out: Path,
+                      limit: int | None = None) -> None:
+    """Overlaid histograms of lengths, one per split; ``limit`` draws the max-length line."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    every = [n for values in lengths.values() for n in values]
+    bins = min(40, max(every) - min(every) + 1) if every else 1
+    for name, values in lengths.items():
+        if values:
+            ax.hist(values, bins=bins, range=(min(every), max(every) + 1), alpha=0.5, label=f"{name} ({len(values)})")
+    if limit is not None:
+        ax.axvline(limit, color="red", linestyle="--", label=f"max_length={limit}")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("examples")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)

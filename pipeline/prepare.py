@@ -1,14 +1,17 @@
-"""Stage 2, prepare: load raw data, normalize, validate, deduplicate, split, report.
+"""Stage 2, prepare: load raw data (one source or a mixture), validate, deduplicate, split, report.
 
 Reads ``data`` and ``seed`` from params.yaml. Writes ``train/val/test.jsonl`` (one
-normalized :class:`~pipeline.data.schema.Example` per line) to ``--out`` and a stats
-report to ``--stats``. Every dropped row is counted with its reason; invalid raw data
-stops the stage with every problem listed as file:line: field, and nothing is written.
+normalized :class:`~pipeline.data.schema.Example` per line) to ``--out``, a stats report
+to ``--stats`` and a length histogram to ``--plot``. Every removed or flagged row is
+counted with its reason. Invalid raw data stops the stage with every problem listed as
+file:line: field and nothing written (``data.on_error: fail``), or goes to
+``quarantine.jsonl`` and is counted (``skip``).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import random
 import sys
 from collections import Counter, defaultdict
@@ -18,49 +21,59 @@ from typing import Any, Sequence
 import numpy as np
 
 from pipeline import config
-from pipeline.data.schema import DataError, Example
+from pipeline.data import dedup, mixture
+from pipeline.data.schema import DataError, Example, Problem, ProblemCollector
 from pipeline.files import atomic_dir, write_json, write_jsonl
 
 SPLITS = ("train", "val", "test")
+# The reasons data.dedup checks give; each is always in the stats, found or not.
+CHECKS = ("exact_duplicate", "near_duplicate", "contamination_exact", "contamination_ngram")
 
 
 class SplitError(ValueError):
     """The data cannot be split into non-empty train and test sets."""
 
 
-def load(cfg: config.DataConfig) -> list[Example]:
-    """Raw examples from the configured source, normalized and validated."""
+def load_source(cfg: config.DataConfig, problems: ProblemCollector, name: str | None = None) -> list[Example]:
+    """Raw examples from one configured source, normalized and validated."""
     if cfg.source == "embedded":
         from pipeline.data import embedded
 
-        return embedded.generate(cfg.generator_seed, cfg.n_per_task)
+        rows = embedded.generate(cfg.generator_seed, cfg.n_per_task)
+        return [dataclasses.replace(e, source=name) for e in rows] if name else rows
     from pipeline.data import formats
 
     common = dict(format=cfg.format, task=cfg.task, task_type=cfg.task_type, columns=dict(cfg.columns),
-                  max_problems=cfg.max_problems)
+                  max_problems=cfg.max_problems, source=name, problems=problems)
     if cfg.source == "local":
         return formats.load_file(cfg.path, **common)  # type: ignore[arg-type]
     return formats.load_hub(cfg.path, split=cfg.hub_split, config=cfg.hub_config,  # type: ignore[arg-type]
                             revision=cfg.hub_revision, **common)
 
 
-def _key(ex: Example) -> tuple[str, ...]:
-    """Exact-duplicate key: content after whitespace normalization, ignoring ids."""
-    return tuple(" ".join(s.split()) for s in (ex.task, ex.instruction, ex.input, ex.output))
+def load(cfg: config.DataConfig, seed: int, problems: ProblemCollector) -> tuple[list[Example], dict[str, Any]]:
+    """Every configured source, mixed; return the rows and per-source counts."""
+    if cfg.source != "mixture":
+        rows = load_source(cfg, problems)
+        return rows, {name: {"loaded": n, "used": n} for name, n in Counter(e.source for e in rows).items()}
+    parts = []
+    for src in cfg.sources:
+        # Ids are prefixed with the source name: two files may both have a row "1".
+        rows = [dataclasses.replace(e, id=f"{src.name}/{e.id}")
+                for e in load_source(cfg.resolve(src), problems, src.name)]
+        parts.append(mixture.Part(src.name, rows, src.weight, src.cap))
+    return mixture.mix(parts, seed)
 
 
-def deduplicate(examples: list[Example]) -> tuple[list[Example], list[dict[str, str]]]:
-    """Keep the first of each exact duplicate; return the kept rows and the dropped ones."""
-    seen: dict[tuple[str, ...], str] = {}
-    kept, dropped = [], []
-    for ex in examples:
-        key = _key(ex)
-        if key in seen:
-            dropped.append({"id": ex.id, "reason": "exact_duplicate", "duplicate_of": seen[key]})
-        else:
-            seen[key] = ex.id
-            kept.append(ex)
-    return kept, dropped
+def apply(action: str, rows: list[Example], flags: list[dict[str, Any]],
+          dropped: list[dict[str, Any]], flagged: list[dict[str, Any]]) -> list[Example]:
+    """Remove the flagged rows (``remove``) or only record them (``report``)."""
+    if action == "remove":
+        dropped += flags
+        gone = {f["id"] for f in flags}
+        return [e for e in rows if e.id not in gone]
+    flagged += flags
+    return rows
 
 
 def split(examples: list[Example], val_fraction: float, test_fraction: float, seed: int) -> dict[str, list[Example]]:
@@ -91,40 +104,81 @@ def _percentiles(values: list[int]) -> dict[str, float]:
     return {"p50": float(p[0]), "p90": float(p[1]), "p99": float(p[2]), "max": float(p[3])}
 
 
-def stats(loaded: int, splits: dict[str, list[Example]], dropped: list[dict[str, str]]) -> dict[str, Any]:
-    """Counts per task and split, drops by reason, and length percentiles in words."""
-    counts = {s: dict(sorted(Counter(e.task for e in rows).items())) for s, rows in splits.items()}
+def _counts(rows: list[dict[str, Any]]) -> dict[str, int]:
+    return dict(sorted(Counter(d["reason"] for d in rows).items()))
+
+
+def quarantine_rows(problems: list[Problem]) -> list[dict[str, Any]]:
+    """One record per problem, with the raw row it was found in."""
+    return [{"file": p.file, "line": p.line, "field": p.field, "reason": p.message, "raw": p.raw} for p in problems]
+
+
+def stats(loaded: int, splits: dict[str, list[Example]], dropped: list[dict[str, Any]],
+          flagged: list[dict[str, Any]] = (), quarantined: list[dict[str, Any]] = (),  # type: ignore[assignment]
+          sources: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Counts per source, task and split; removed and reported rows by reason; quarantine; lengths in words."""
     every = [e for rows in splits.values() for e in rows]
     return {
         "loaded": loaded,
         "kept": len(every),
-        "dropped": dict(Counter(d["reason"] for d in dropped)),
+        "dropped": _counts(dropped),
+        "flagged": _counts(flagged),  # found by a check set to `report`, kept
+        "dedup": {reason: {"found": _counts(dropped).get(reason, 0) + _counts(flagged).get(reason, 0),
+                           "removed": _counts(dropped).get(reason, 0)} for reason in CHECKS},
+        "quarantine": {"rows": len({(q["file"], q["line"]) for q in quarantined}), "problems": len(quarantined)},
         "splits": {s: len(rows) for s, rows in splits.items()},
-        "per_task": counts,
+        "sources": sources or {},
+        "per_source": {s: dict(sorted(Counter(e.source for e in rows).items())) for s, rows in splits.items()},
+        "per_task": {s: dict(sorted(Counter(e.task for e in rows).items())) for s, rows in splits.items()},
         "task_types": dict(sorted({e.task: e.task_type for e in every}.items())),
         "length_words": {
-            "prompt": _percentiles([len(f"{e.instruction} {e.input}".split()) for e in every]),
+            "prompt": _percentiles([len(dedup.prompt_text(e).split()) for e in every]),
             "output": _percentiles([len(e.output.split()) for e in every]),
         },
     }
 
 
-def run(data_cfg: config.DataConfig, seed: int, out: Path, stats_path: Path) -> dict[str, Any]:
-    """Prepare the dataset into ``out`` (atomically) and write the stats report."""
-    examples = load(data_cfg)
-    kept, dropped = deduplicate(examples) if data_cfg.dedup else (examples, [])
+def run(data_cfg: config.DataConfig, seed: int, out: Path, stats_path: Path,
+        plot_path: Path | None = None) -> dict[str, Any]:
+    """Prepare the dataset into ``out`` (atomically), write the stats report and the length plot.
+
+    ``out`` holds ``train/val/test.jsonl``, ``dropped.jsonl`` (rows removed, with why),
+    ``flagged.jsonl`` (rows a check set to ``report`` found, kept) and ``quarantine.jsonl``
+    (invalid raw rows, with ``data.on_error: skip``).
+    """
+    problems = ProblemCollector(limit=data_cfg.max_problems, skip=data_cfg.on_error == "skip")
+    examples, sources = load(data_cfg, seed, problems)
+    problems.raise_if_any()
+    cfg, dropped, flagged = data_cfg.dedup, [], []  # type: ignore[var-annotated]
+    kept = examples
+    if cfg.exact != "off":
+        kept = apply(cfg.exact, kept, dedup.exact_duplicates(kept), dropped, flagged)
+    if cfg.near != "off":
+        found = dedup.near_duplicates(kept, cfg.near_threshold, cfg.shingle, cfg.num_perm)
+        kept = apply(cfg.near, kept, found, dropped, flagged)
     splits = split(kept, data_cfg.val_fraction, data_cfg.test_fraction, seed)
     if not splits["train"] or not splits["test"]:
         n_tasks = len({e.task for e in kept})
         raise SplitError(
             f"no task has >= 3 examples ({n_tasks} tasks, {len(kept)} examples), so nothing is left for val/test; "
             "set data.task=NAME to treat the file as one task, or add examples")
-    report = stats(len(examples), splits, dropped)
+    if cfg.contamination != "off":  # removed from train: val/test stay the fixed yardstick
+        found = dedup.contamination(splits["train"], splits["val"] + splits["test"], cfg.ngram, cfg.ngram_threshold)
+        splits["train"] = apply(cfg.contamination, splits["train"], found, dropped, flagged)
+    quarantined = quarantine_rows(problems.problems)
+    report = stats(len(examples), splits, dropped, flagged, quarantined, sources)
     with atomic_dir(out) as tmp:
         for name, rows in splits.items():
             write_jsonl(tmp / f"{name}.jsonl", (e.to_dict() for e in rows))
         write_jsonl(tmp / "dropped.jsonl", dropped)
+        write_jsonl(tmp / "flagged.jsonl", flagged)
+        write_jsonl(tmp / "quarantine.jsonl", quarantined)
     write_json(stats_path, report)
+    if plot_path is not None:
+        from pipeline.plots import length_histograms
+
+        length_histograms({s: [len(dedup.full_text(e).split()) for e in rows] for s, rows in splits.items()},
+                          "words per example (prompt + answer)", plot_path)
     return report
 
 
@@ -133,14 +187,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--out", type=Path, required=True, help="directory for train/val/test.jsonl")
     parser.add_argument("--stats", type=Path, required=True, help="stats JSON to write")
+    parser.add_argument("--plot", type=Path, help="PNG histogram of example lengths in words")
     args = parser.parse_args(argv)
     cfg = config.load(args.params)
     try:
-        report = run(cfg.data, cfg.seed, args.out, args.stats)
+        report = run(cfg.data, cfg.seed, args.out, args.stats, args.plot)
     except (DataError, SplitError) as err:
         print(f"prepare: {err}", file=sys.stderr)
         return 1
-    print(f"prepare: {report['kept']} examples ({report['splits']}), dropped {report['dropped'] or 'none'}")
+    print(f"prepare: {report['kept']} examples ({report['splits']}), dropped {report['dropped'] or 'none'}, "
+          f"flagged {report['flagged'] or 'none'}, quarantined {report['quarantine']['rows']} rows")
     return 0
 
 

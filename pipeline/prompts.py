@@ -1,10 +1,17 @@
 """Prompt design, as pure string formatting: ``(example, template) -> (prompt, completion)``.
 
-A :class:`Template` is either the tokenizer's chat template (``kind: chat``) or a Jinja
-template from ``conf/prompt/`` (``kind: jinja``). Its :meth:`Template.hash` travels with
-the rendered data and the trained weights, so evaluation can refuse prompts rendered
-differently from the ones the model was trained on. Tokenization and masking are not
-done here (see the render stage).
+A :class:`Template` is either a chat template over ``messages`` (``kind: chat``: the
+tokenizer's own, or one from ``conf/prompt/`` such as chatml) or a Jinja template of
+``instruction``/``input`` (``kind: jinja``: alpaca, plain, a user's file). Its
+:meth:`Template.hash` travels with the rendered data and the trained weights, so
+evaluation can refuse prompts rendered differently from the ones the model was trained on.
+
+:func:`segments` splits the full text into pieces the model reads and pieces it learns
+(every assistant turn of a multi-turn conversation); :func:`render` is its single-answer
+view. Jinja templates render single-turn examples only: a multi-turn conversation is
+refused with a message naming ``prompt=chat``/``prompt=chatml``, because pasting turns
+into an instruction template would invent a format no model was trained on.
+Tokenization and masking are not done here (see the render stage).
 """
 
 from __future__ import annotations
@@ -12,8 +19,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from dataclasses import asdict, dataclass
-from typing import Any, Mapping
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Mapping, Sequence
 
 import jinja2
 from jinja2 import StrictUndefined, TemplateError
@@ -37,6 +45,9 @@ class Template:
     chat_template: str | None  # the tokenizer's chat template (kind=chat)
     bos_token: str
     eos_token: str
+    train_on: str = "all_assistant"  # all_assistant | last_assistant: labels, so part of the identity
+    k_shot: int = 0
+    shot_seed: int = 0
 
     def hash(self) -> str:
         """Content hash of the template: equal hashes render equal text."""
@@ -47,22 +58,51 @@ class Template:
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> "Template":
-        return cls(**{k: raw[k] for k in cls.__dataclass_fields__})
+        return cls(**{k: raw[k] for k in cls.__dataclass_fields__ if k in raw})
+
+
+def read_template_file(cfg: PromptConfig) -> PromptConfig:
+    """The config with ``template`` replaced by the text of ``template_file`` (when set).
+
+    Called by the render entry point: the file's text, not its path, is what the
+    template hash covers, so editing the file invalidates everything rendered from it.
+    """
+    if not cfg.template_file:
+        return cfg
+    try:
+        text = Path(cfg.template_file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise PromptError(f"prompt.template_file: cannot read {cfg.template_file}: {err}") from None
+    return replace(cfg, template=text)
 
 
 def make_template(cfg: PromptConfig, chat_template: str | None, bos_token: str | None, eos_token: str) -> Template:
-    """Bind a prompt config to a tokenizer's chat template and special tokens."""
-    if cfg.kind == "chat" and not chat_template:
+    """Bind a prompt config to a tokenizer's chat template and special tokens.
+
+    ``kind=chat`` uses ``cfg.template`` when it is set (e.g. chatml) and the tokenizer's
+    chat template otherwise.
+    """
+    own = cfg.template if cfg.kind == "chat" else None
+    if cfg.kind == "chat" and not (own or chat_template):
         raise PromptError(f"prompt={cfg.name}: kind=chat but the tokenizer has no chat template; "
-                          "choose prompt=alpaca or prompt=plain")
+                          "choose prompt=chatml, prompt=alpaca or prompt=plain")
+    for source in (own, cfg.template if cfg.kind == "jinja" else None):
+        if source:
+            try:
+                _compile(source)
+            except TemplateError as err:
+                raise PromptError(f"prompt={cfg.name}: the template does not parse: {err}") from None
     return Template(
         name=cfg.name,
         kind=cfg.kind,
         system=cfg.system,
         template=cfg.template if cfg.kind == "jinja" else None,
-        chat_template=chat_template if cfg.kind == "chat" else None,
+        chat_template=(own or chat_template) if cfg.kind == "chat" else None,
         bos_token=bos_token or "",
         eos_token=eos_token,
+        train_on=cfg.train_on,
+        k_shot=cfg.k_shot,
+        shot_seed=cfg.shot_seed,
     )
 
 
@@ -85,33 +125,79 @@ def user_message(example: Mapping[str, Any]) -> str:
     return example["instruction"] + (f"\n\n{example['input']}" if example.get("input") else "")
 
 
-def render(example: Mapping[str, Any], template: Template) -> tuple[str, str]:
-    """Return ``(prompt, completion)`` for one example.
+Segment = tuple[str, bool]  # (text, learnt): learnt text is an assistant turn and gets labels
 
-    ``prompt + completion`` is the full training text; the completion ends with the
-    end-of-turn token so the tuned model learns to stop.
+
+def segments(example: Mapping[str, Any], template: Template, shots: Sequence[Mapping[str, Any]] = ()) -> list[Segment]:
+    """The full training text of one example, cut into read and learnt pieces, in order.
+
+    Every assistant turn of the example is a learnt piece ending with the end-of-turn
+    token (the caller may unlearn all but the last: ``train_on``); everything else,
+    including the ``shots`` (exemplars, rendered as earlier turns or earlier prompts),
+    is read only. ``"".join(text for text, _ in segments(...))`` is the training text.
     """
     try:
         if template.kind == "chat":
-            messages = [{"role": "system", "content": template.system}] if template.system else []
-            messages.append({"role": "user", "content": user_message(example)})
-            compiled = _compile(template.chat_template or "")
-            special = {"bos_token": template.bos_token, "eos_token": template.eos_token}
-            prompt = compiled.render(messages=messages, add_generation_prompt=True, **special)
-            full = compiled.render(
-                messages=[*messages, {"role": "assistant", "content": example["output"]}],
-                add_generation_prompt=False, **special,
-            )
-            if not full.startswith(prompt):
-                raise PromptError(f"prompt={template.name}: the chat template renders the prompt differently "
-                                  "with and without the answer, so prompt tokens cannot be masked exactly")
-            # Keep everything up to the end-of-turn token; trailing newlines carry no signal.
-            return prompt, full[len(prompt):].rstrip("\n")
-        context = {"instruction": example["instruction"], "input": example.get("input", ""),
-                   "system": template.system, "task": example.get("task", "")}
-        prompt = _compile(template.template or "").render(**context)
-        return prompt, example["output"] + template.eos_token
+            return _chat_segments(example, template, shots)
+        if example.get("messages"):
+            raise PromptError(f"prompt={template.name}: example {example.get('id')!r} is a {len(example['messages'])}-"
+                              "turn conversation, and Jinja instruction templates render single-turn examples "
+                              "only; use prompt=chat or prompt=chatml for conversations")
+        compiled = _compile(template.template or "")
+        prefix = "".join(_jinja_prompt(compiled, shot, template) + shot["output"] + "\n\n" for shot in shots)
+        return [(prefix + _jinja_prompt(compiled, example, template), False),
+                (example["output"] + template.eos_token, True)]
     except PromptError:
         raise
     except TemplateError as err:  # an undefined variable, a syntax error, raise_exception()
         raise PromptError(f"prompt={template.name}: cannot render example {example.get('id')!r}: {err}") from None
+
+
+def render(example: Mapping[str, Any], template: Template, shots: Sequence[Mapping[str, Any]] = ()) -> tuple[str, str]:
+    """Return ``(prompt, completion)`` for one example: the last answer, and all text before it.
+
+    ``prompt + completion`` is the full training text; the completion ends with the
+    end-of-turn token so the tuned model learns to stop.
+    """
+    pieces = segments(example, template, shots)
+    return "".join(text for text, _ in pieces[:-1]), pieces[-1][0]
+
+
+def _jinja_prompt(compiled: "jinja2.Template", example: Mapping[str, Any], template: Template) -> str:
+    return compiled.render(instruction=example["instruction"], input=example.get("input", ""),
+                           system=template.system, task=example.get("task", ""))
+
+
+def conversation(example: Mapping[str, Any], template: Template,
+                 shots: Sequence[Mapping[str, Any]] = ()) -> tuple[list[dict[str, str]], int]:
+    """The messages a chat template renders, and the index of the first turn that can be learnt."""
+    turns = example.get("messages") or [{"role": "user", "content": user_message(example)},
+                                        {"role": "assistant", "content": example["output"]}]
+    system = [t for t in turns[:1] if t["role"] == "system"]  # the data's own system turn wins
+    if not system and template.system:
+        system = [{"role": "system", "content": template.system}]
+    shown = [turn for shot in shots for turn in ({"role": "user", "content": user_message(shot)},
+                                                  {"role": "assistant", "content": shot["output"]})]
+    head = system + shown
+    return head + [t for t in turns if t["role"] != "system"], len(head)
+
+
+def _chat_segments(example: Mapping[str, Any], template: Template, shots: Sequence[Mapping[str, Any]]) -> list[Segment]:
+    messages, first = conversation(example, template, shots)
+    compiled = _compile(template.chat_template or "")
+    special = {"bos_token": template.bos_token, "eos_token": template.eos_token}
+    out: list[Segment] = []
+    done = ""  # the text covered by `out` so far
+    for i in range(first, len(messages)):
+        if messages[i]["role"] != "assistant":
+            continue
+        prompt = compiled.render(messages=messages[:i], add_generation_prompt=True, **special)
+        full = compiled.render(messages=messages[:i + 1], add_generation_prompt=False, **special)
+        if not (full.startswith(prompt) and prompt.startswith(done)):
+            raise PromptError(f"prompt={template.name}: the chat template renders a conversation's start "
+                              "differently once later turns are added, so turns cannot be masked exactly")
+        # Keep everything up to the end-of-turn token; the newline after it belongs to the next turn.
+        answer = full[len(prompt):].rstrip("\n")
+        out += [(prompt[len(done):], False), (answer, True)]
+        done = prompt + answer
+    return out

@@ -2,9 +2,12 @@
 
 Reads ``prompt`` from params.yaml, the prepared splits and the base tokenizer. Writes
 per split ``<split>.jsonl`` rows ``{id, task, task_type, prompt, completion, input_ids,
-labels}`` where ``labels`` is ``-100`` on every prompt token, plus ``template.json``
-(the template and its hash) to ``--out``, and a report of lengths, truncations, drops
-and the fraction of loss-bearing tokens to ``--report``.
+labels}`` where ``labels`` is ``-100`` on every token that is not an assistant answer,
+plus ``template.json`` (the template and its hash) to ``--out``, a report of lengths,
+truncations, drops and the fraction of loss-bearing tokens to ``--report``, and a
+token-length histogram to ``--plot``. A ``prompt.template_file`` is read here, at the
+entry point. DVC re-runs this stage only when the prepared data, the tokenizer, this
+code or the ``prompt`` params change: that is the render cache.
 """
 
 from __future__ import annotations
@@ -14,47 +17,83 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from tqdm import tqdm
+
 from pipeline import config
 from pipeline.files import atomic_dir, read_jsonl, write_json, write_jsonl
 from pipeline.models import IGNORE_INDEX, load_tokenizer
-from pipeline.prompts import Template, make_template, render
+from pipeline.prompts import PromptError, Template, make_template, read_template_file, segments
+from pipeline.shots import ShotPool
 
 SPLITS = ("train", "val", "test")
 
 
-def tokenize_split(examples: list[dict[str, Any]], template: Template, tokenizer: Any,
-                   max_length: int, overflow: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def tokenize_split(examples: list[dict[str, Any]], template: Template, tokenizer: Any, max_length: int,
+                   overflow: str, last_only: bool = False,
+                   pool: ShotPool | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Render, tokenize (batched, fast tokenizer) and mask one split.
 
-    Prompt and completion are tokenized separately and concatenated, so the label mask
-    is exact and generation at evaluation time starts from exactly these prompt ids.
-    Over-long rows keep the completion whole and lose prompt tokens from the start
-    (``truncate``) or are removed (``drop``); both are counted.
+    Each read and learnt piece of the text (see :func:`pipeline.prompts.segments`) is
+    tokenized on its own and the pieces concatenated, so the label mask is exact and
+    generation at evaluation time starts from exactly the ids before the last answer.
+    Labels cover every assistant turn (``train_on: all_assistant``) or only the last
+    (``last_assistant``, or ``last_only``). Over-long rows keep the last answer whole
+    and lose tokens from the start (``truncate``) or are removed (``drop``); both are counted.
     """
-    pairs = [render(ex, template) for ex in examples]
-    prompt_ids = tokenizer([p for p, _ in pairs])["input_ids"] if pairs else []
-    completion_ids = tokenizer([c for _, c in pairs], add_special_tokens=False)["input_ids"] if pairs else []
+    pieces = [segments(ex, template, pool.draw(ex, template.k_shot, template.shot_seed) if pool else ())
+              for ex in examples]
+    last_only = last_only or template.train_on == "last_assistant"
+    # Two batched calls for the whole split: first pieces get the tokenizer's special tokens (BOS).
+    first_ids = encode(tokenizer, [p[0][0] for p in pieces], special=True)
+    rest_ids = iter(encode(tokenizer, [t for p in pieces for t, _ in p[1:]], special=False))
     rows, truncated, dropped = [], [], []
-    for ex, (prompt, completion), p_ids, c_ids in zip(examples, pairs, prompt_ids, completion_ids):
-        overflow_by = len(p_ids) + len(c_ids) - max_length
+    for ex, parts, head in zip(examples, pieces, first_ids):
+        ids, labels = list(head), [IGNORE_INDEX] * len(head)
+        for k, (_, learnt) in enumerate(parts[1:], start=1):
+            piece = next(rest_ids)
+            ids += piece
+            labels += piece if learnt and (k == len(parts) - 1 or not last_only) else [IGNORE_INDEX] * len(piece)
+        n_answer = len(piece) if len(parts) > 1 else 0
+        if not n_answer:
+            raise ValueError(f"render: example {ex['id']!r} has no completion tokens (empty output?)")
+        overflow_by = len(ids) - max_length
         if overflow_by > 0:
-            if overflow == "drop" or len(c_ids) >= max_length:
+            if overflow == "drop" or n_answer >= max_length:
                 dropped.append({"id": ex["id"], "reason": f"longer than max_length={max_length}"})
                 continue
-            p_ids = p_ids[overflow_by:]
+            ids, labels = ids[overflow_by:], labels[overflow_by:]
             truncated.append(ex["id"])
-        if not c_ids:
-            raise ValueError(f"render: example {ex['id']!r} has no completion tokens (empty output?)")
         rows.append({
             "id": ex["id"], "task": ex["task"], "task_type": ex["task_type"],
-            "prompt": prompt, "completion": completion,
-            "input_ids": p_ids + c_ids,
-            "labels": [IGNORE_INDEX] * len(p_ids) + c_ids,
+            "prompt": "".join(t for t, _ in parts[:-1]), "completion": parts[-1][0],
+            "input_ids": ids, "labels": labels,
         })
+    return rows, {**_report(rows, truncated, dropped), "dropped_rows": dropped}
+
+
+def encode(tokenizer: Any, texts: list[str], special: bool) -> list[list[int]]:
+    """Token ids of ``texts``, as ``tokenizer(texts, add_special_tokens=special)`` gives them, faster.
+
+    Each distinct text is tokenized once (answers such as a class label repeat thousands
+    of times), and a fast tokenizer's Rust backend is called directly: the Python
+    wrapper around it costs as much as the tokenization itself on short texts.
+    """
+    unique = list(dict.fromkeys(texts))
+    if not unique:
+        return []
+    if getattr(tokenizer, "is_fast", False):
+        encoded = [e.ids for e in tokenizer.backend_tokenizer.encode_batch(unique, add_special_tokens=special)]
+    else:
+        encoded = tokenizer(unique, add_special_tokens=special)["input_ids"]
+    ids = dict(zip(unique, encoded))
+    return [ids[t] for t in texts]
+
+
+def _report(rows: list[dict[str, Any]], truncated: list[str], dropped: list[dict[str, Any]]) -> dict[str, Any]:
     total = sum(len(r["input_ids"]) for r in rows)
     loss_tokens = sum(sum(1 for t in r["labels"] if t != IGNORE_INDEX) for r in rows)
     lengths = sorted(len(r["input_ids"]) for r in rows)
-    report = {
+    return {
         "rows": len(rows),
         "tokens": total,
         "loss_token_fraction": loss_tokens / total if total else 0.0,
@@ -63,22 +102,34 @@ def tokenize_split(examples: list[dict[str, Any]], template: Template, tokenizer
         "truncated": len(truncated),
         "dropped": len(dropped),
     }
-    return rows, {**report, "dropped_rows": dropped}
 
 
-def run(prompt_cfg: config.PromptConfig, prepared: Path, base_model: Path, out: Path, report_path: Path) -> dict[str, Any]:
-    """Render every split of ``prepared`` into ``out`` atomically; write the report."""
+def run(prompt_cfg: config.PromptConfig, prepared: Path, base_model: Path, out: Path, report_path: Path,
+        plot_path: Path | None = None) -> dict[str, Any]:
+    """Render every split of ``prepared`` into ``out`` atomically; write the report and the length plot.
+
+    The test split's labels are its last answer only, whatever ``train_on`` says: that
+    is the answer evaluation generates and scores. k-shot exemplars come from train.
+    """
     tokenizer = load_tokenizer(base_model)
     template = make_template(prompt_cfg, tokenizer.chat_template, tokenizer.bos_token, tokenizer.eos_token)
     report: dict[str, Any] = {"template": template.name, "template_hash": template.hash(), "splits": {}}
+    splits = {split: read_jsonl(prepared / f"{split}.jsonl") for split in SPLITS}
+    pool = ShotPool(splits["train"]) if template.k_shot else None
+    lengths = {}
     with atomic_dir(out) as tmp:
-        for split in SPLITS:
-            rows, split_report = tokenize_split(read_jsonl(prepared / f"{split}.jsonl"), template, tokenizer,
-                                                prompt_cfg.max_length, prompt_cfg.overflow)
+        for split, examples in tqdm(splits.items(), desc="render", unit="split", disable=None):
+            rows, split_report = tokenize_split(examples, template, tokenizer, prompt_cfg.max_length,
+                                                prompt_cfg.overflow, last_only=split == "test", pool=pool)
             write_jsonl(tmp / f"{split}.jsonl", rows)
             report["splits"][split] = split_report
+            lengths[split] = [len(r["input_ids"]) for r in rows]
         write_json(tmp / "template.json", template.to_dict())
     write_json(report_path, report)
+    if plot_path is not None:
+        from pipeline.plots import length_histograms
+
+        length_histograms(lengths, "tokens per example", plot_path, limit=prompt_cfg.max_length)
     return report
 
 
@@ -89,9 +140,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--base-model", type=Path, required=True, help="base_model stage output (tokenizer)")
     parser.add_argument("--out", type=Path, required=True, help="directory for rendered <split>.jsonl")
     parser.add_argument("--report", type=Path, required=True, help="render report JSON to write")
+    parser.add_argument("--plot", type=Path, help="PNG histogram of token lengths per split")
     args = parser.parse_args(argv)
     cfg = config.load(args.params)
-    report = run(cfg.prompt, args.prepared, args.base_model, args.out, args.report)
+    try:
+        prompt_cfg = read_template_file(cfg.prompt)
+        report = run(prompt_cfg, args.prepared, args.base_model, args.out, args.report, args.plot)
+    except PromptError as err:
+        print(f"render: {err}", file=sys.stderr)
+        return 1
     for split, r in report["splits"].items():
         print(f"render: {split}: {r['rows']} rows, {r['tokens']} tokens, "
               f"{r['loss_token_fraction']:.1%} loss-bearing, {r['truncated']} truncated, {r['dropped']} dropped")

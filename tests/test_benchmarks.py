@@ -1,4 +1,4 @@
-"""The benchmark scripts keep working: their smoke modes run in seconds on the smoke model."""
+"""The benchmark scripts keep working: each runs in its few-second --smoke mode on the smoke model."""
 
 from __future__ import annotations
 
@@ -25,3 +25,12 @@ def test_eval_throughput_smoke(smoke_base: Path, capsys) -> None:
     assert len(counts) == 2 and counts[0] == counts[1] > 0  # both paths generated the same tokens
     assert re.search(r"ratio \(batched / per-example tokens/s\): \d+\.\d+x", out)
     assert "identical answers: 8/8" in out
+
+
+def test_prepare_render_throughput_smoke(smoke_base: Path, capsys) -> None:
+    bench = load("prepare_render_throughput")
+    assert bench.main(["--smoke", "--base-model", str(smoke_base)]) == 0
+    out = capsys.readouterr().out
+    assert "examples: 1000" in out
+    assert "prepare + render, near-dup off:" in out and "prepare + render, near-dup on:" in out
+    assert "for the tokenizer's own call" in out

@@ -16,8 +16,8 @@ from pipeline.config import ConfigError, PipelineConfig, from_mapping
 from pipeline.params import CONF_DIR, compose
 
 REPO = Path(__file__).resolve().parents[1]
-# data/base.yaml is the parent every data option lists in its defaults, not a choice of its own.
-ABSTRACT = {("data", "base")}
+# data/base.yaml and prompt/base.yaml are the parents every option of their group lists in its defaults, not a choice of its own.
+ABSTRACT = {("data", "base"), ("prompt", "base")}
 OPTIONS = sorted((p.parent.name, p.stem) for p in CONF_DIR.glob("*/*.yaml") if (p.parent.name, p.stem) not in ABSTRACT)
 
 

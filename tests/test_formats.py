@@ -150,8 +150,9 @@ def test_ambiguous_format(tmp_path: Path) -> None:
 def test_explicit_format_reports_missing_fields(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "m.jsonl", [{"instruction": "i", "output": "o"}])
     assert f"{path}:1: completion: missing" in error_text(path, format="prompt_completion")
+    assert f"{path}:1: conversations: missing" in error_text(path, format="sharegpt")
     with pytest.raises(ValueError, match="unknown format"):
-        load_file(path, format="sharegpt")
+        load_file(path, format="vicuna")
 
 
 # ------------------------------------------------------------------ column mapping
@@ -329,7 +330,8 @@ def test_problem_limit(tmp_path: Path) -> None:
 # ------------------------------------------------------------------ property
 
 KNOWN_KEYS = ["id", "instruction", "input", "output", "response", "context", "category", "prompt",
-              "completion", "instances", "name", "is_classification", "task", "task_type"]
+              "completion", "instances", "name", "is_classification", "task", "task_type", "conversations",
+              "messages"]
 scalar = st.one_of(st.text(max_size=20), st.integers(), st.none())
 instance = st.dictionaries(st.sampled_from(["input", "output"]), st.one_of(st.text(min_size=1), scalar))
 value = st.one_of(st.text(min_size=1), scalar, st.lists(st.one_of(scalar, instance), max_size=3),
@@ -338,13 +340,21 @@ random_row = st.dictionaries(st.sampled_from(KNOWN_KEYS), value, max_size=8)
 good_instance = st.fixed_dictionaries({"input": st.text(), "output": st.text(min_size=1)})
 
 
+def turn(role_key: str, text_key: str, roles: list[str]) -> st.SearchStrategy[Any]:
+    return st.fixed_dictionaries({role_key: st.sampled_from(roles), text_key: st.one_of(st.text(min_size=1), scalar)})
+
+
 def likely_valid(key: str) -> st.SearchStrategy[Any]:
-    good = st.lists(good_instance, min_size=1, max_size=2) if key == "instances" else st.text(min_size=1)
+    good = {"instances": st.lists(good_instance, min_size=1, max_size=2),
+            "messages": st.lists(turn("role", "content", ["user", "assistant", "system", "bot"]), min_size=1,
+                                 max_size=4),
+            "conversations": st.lists(turn("from", "value", ["human", "gpt", "system", "x"]), min_size=1,
+                                      max_size=4)}.get(key, st.text(min_size=1))
     # Mostly well-typed, sometimes anything (one_of would flatten `value` and drown `good`).
     return st.sampled_from([good, good, good, value]).flatmap(lambda strategy: strategy)
 # Rows shaped like one format (its identifying keys present) so the success path is exercised too.
 shaped_row = st.sampled_from([("instruction", "output"), ("instruction", "response"), ("prompt", "completion"),
-                              ("instruction", "instances")]).flatmap(
+                              ("instruction", "instances"), ("messages",), ("conversations",)]).flatmap(
     lambda keys: st.builds(lambda base, extra: {**extra, **base},
                            st.fixed_dictionaries({k: likely_valid(k) for k in keys}),
                            st.dictionaries(st.sampled_from(KNOWN_KEYS), value, max_size=2)))
@@ -363,3 +373,6 @@ def test_random_rows_load_or_raise_data_error(tmp_path: Path, rows: list[dict[st
         assert all(isinstance(getattr(ex, f), str) for f in ("id", "task", "task_type", "instruction", "input", "output"))
         assert ex.output.strip() and ex.task_type in TASK_TYPES
         json.dumps(ex.meta)
+        if ex.messages is not None:
+            assert ex.messages[-1] == {"role": "assistant", "content": ex.output}
+            assert ex.instruction == next(m["content"] for m in ex.messages if m["role"] == "user")

@@ -11,6 +11,7 @@ import yaml
 
 from conftest import SHARED
 from pipeline import prepare
+from pipeline.data import dedup
 from pipeline.data.schema import Example
 from pipeline.files import read_json, read_jsonl
 from pipeline.params import compose
@@ -24,18 +25,17 @@ def ex(i: int, task: str = "a", instruction: str = "Do it.", input: str = "", ou
 # --- deduplicate ------------------------------------------------------------------
 
 
-def test_deduplicate_keeps_the_first_of_whitespace_equal_rows() -> None:
-    rows = [ex(0, output="same"), ex(1, instruction="  Do   it.\n", output="same "), ex(2, output="other"),
-            ex(3, task="b", output="same"), ex(4, instruction="Do it.", output="same")]
-    kept, dropped = prepare.deduplicate(rows)
-    assert [e.id for e in kept] == ["a-0", "a-2", "b-3"]  # another task is not a duplicate
-    assert dropped == [{"id": "a-1", "reason": "exact_duplicate", "duplicate_of": "a-0"},
-                       {"id": "a-4", "reason": "exact_duplicate", "duplicate_of": "a-0"}]
+def test_exact_duplicates_flag_later_rows_equal_after_normalization() -> None:
+    rows = [ex(0, output="same"), ex(1, instruction="  DO   it.\n", output="same "), ex(2, output="other"),
+            ex(3, task="b", output="same"), ex(4, instruction="Do it.", output="ｓａｍｅ")]  # full-width: NFKC
+    assert dedup.exact_duplicates(rows) == [  # another task is not a duplicate
+        {"id": "a-1", "reason": "exact_duplicate", "duplicate_of": "a-0"},
+        {"id": "a-4", "reason": "exact_duplicate", "duplicate_of": "a-0"}]
 
 
-def test_deduplicate_distinguishes_input_from_output() -> None:
-    kept, dropped = prepare.deduplicate([ex(0, input="x", output="y"), ex(1, input="y", output="x")])
-    assert len(kept) == 2 and dropped == []
+def test_exact_duplicates_keep_fields_apart() -> None:
+    assert dedup.exact_duplicates([ex(0, input="x", output="y"), ex(1, input="y", output="x")]) == []
+    assert dedup.exact_duplicates([ex(0, instruction="a b", input=""), ex(1, instruction="a", input="b")]) == []
 
 
 # --- split ------------------------------------------------------------------------
@@ -138,10 +138,15 @@ def test_good_file_is_prepared_with_counts_and_drops(tmp_path: Path, capsys) -> 
 
     code = prepare.main(["--params", str(params_for(tmp_path, good)), "--out", str(out), "--stats", str(stats)])
     assert code == 0, capsys.readouterr().err
-    assert sorted(p.name for p in out.iterdir()) == ["dropped.jsonl", "test.jsonl", "train.jsonl", "val.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == ["dropped.jsonl", "flagged.jsonl", "quarantine.jsonl",
+                                                     "test.jsonl", "train.jsonl", "val.jsonl"]
     report = read_json(stats)
     assert report["loaded"] == 22 and report["kept"] == 20
     assert report["dropped"] == {"exact_duplicate": 2}
+    assert report["dedup"]["exact_duplicate"] == {"found": 2, "removed": 2}
+    assert report["quarantine"] == {"rows": 0, "problems": 0}
+    assert report["sources"] == {"good.jsonl": {"loaded": 22, "used": 22}}
+    assert report["per_source"]["test"] == {"good.jsonl": 4}
     assert report["splits"] == {"train": 14, "val": 2, "test": 4}
     assert report["per_task"]["test"] == {"geo": 2, "math": 2}
     assert report["task_types"] == {"geo": "free_text", "math": "free_text"}

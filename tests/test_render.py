@@ -3,12 +3,12 @@ and the render stage's files."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
 from pipeline import render
-from pipeline.config import PromptConfig
 from pipeline.files import read_json, read_jsonl, write_jsonl
 from pipeline.models import IGNORE_INDEX, load_tokenizer
 from pipeline.prompts import Template, make_template
@@ -123,8 +123,86 @@ def test_run_with_another_template_changes_the_hash(tmp_path: Path, smoke_base: 
     for split in render.SPLITS:
         write_jsonl(prepared / f"{split}.jsonl", EXAMPLES)
     chat = render.run(smoke_cfg.prompt, prepared, smoke_base, tmp_path / "a", tmp_path / "a.json")
-    plain_cfg = PromptConfig(name="plain", kind="jinja", system=None, template="{{ instruction }}\nAnswer:",
-                             max_length=64, overflow="drop")
+    plain_cfg = dataclasses.replace(smoke_cfg.prompt, name="plain", kind="jinja", template="{{ instruction }}\nAnswer:",
+                                    max_length=64, overflow="drop")
     plain = render.run(plain_cfg, prepared, smoke_base, tmp_path / "b", tmp_path / "b.json")
     assert chat["template_hash"] != plain["template_hash"]
     assert read_jsonl(tmp_path / "b" / "train.jsonl")[0]["prompt"] == "Classify the sentiment of the review.\nAnswer:"
+
+
+# --- prompt design: a user's template file, k-shot exemplars --------------------------
+
+
+def write_prepared(tmp_path: Path, splits: dict[str, list[dict]]) -> Path:
+    prepared = tmp_path / "prepared"
+    prepared.mkdir(exist_ok=True)
+    for split, rows in splits.items():
+        write_jsonl(prepared / f"{split}.jsonl", rows)
+    return prepared
+
+
+def test_template_file_is_read_by_the_entry_point_and_hashed_by_content(tmp_path: Path, smoke_base: Path,
+                                                                         smoke_cfg) -> None:
+    import yaml
+
+    from pipeline.params import compose
+
+    prepared = write_prepared(tmp_path, {"train": EXAMPLES, "val": EXAMPLES[:1], "test": EXAMPLES[1:]})
+    mine = tmp_path / "mine.jinja"
+    hashes = []
+    for text in ("Q: {{ instruction }} {{ input }}\nA:", "Question: {{ instruction }} {{ input }}\nA:"):
+        mine.write_text(text, encoding="utf-8")
+        params = tmp_path / "params.yaml"
+        params.write_text(yaml.safe_dump(compose(["+experiment=smoke", "prompt=plain",
+                                                  f"prompt.template_file={mine}"])))
+        out, report = tmp_path / "rendered", tmp_path / "report.json"
+        assert render.main(["--params", str(params), "--prepared", str(prepared), "--base-model", str(smoke_base),
+                            "--out", str(out), "--report", str(report), "--plot", str(tmp_path / "len.png")]) == 0
+        first = read_jsonl(out / "train.jsonl")[0]
+        assert first["prompt"] == text.split("{{")[0] + "Classify the sentiment of the review. The food was great.\nA:"
+        saved = read_json(out / "template.json")
+        assert saved["template"] == text
+        hashes.append(saved["hash"])
+    assert hashes[0] != hashes[1]
+    assert (tmp_path / "len.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_missing_template_file_is_a_clean_error(tmp_path: Path, smoke_base: Path, capsys) -> None:
+    import yaml
+
+    from pipeline.params import compose
+
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(compose(["prompt=plain", f"prompt.template_file={tmp_path / 'nope.jinja'}"])))
+    code = render.main(["--params", str(params), "--prepared", str(tmp_path), "--base-model", str(smoke_base),
+                        "--out", str(tmp_path / "o"), "--report", str(tmp_path / "r.json")])
+    assert code == 1 and "prompt.template_file: cannot read" in capsys.readouterr().err
+
+
+def test_k_shot_exemplars_come_from_train_only_and_follow_the_seed(tmp_path: Path, smoke_base: Path,
+                                                                   smoke_cfg) -> None:
+    train = [example(i, f"label{i}", f"train review {i}") for i in range(10)]
+    test = [example(100 + i, f"secret{i}", f"test review {i}") for i in range(4)]
+    prepared = write_prepared(tmp_path, {"train": train, "val": test[:2], "test": test})
+
+    def rendered(seed: int, option: str = "chat") -> list[dict]:
+        cfg = dataclasses.replace(smoke_cfg.prompt, k_shot=3, shot_seed=seed, max_length=1024)
+        if option == "plain":
+            cfg = dataclasses.replace(cfg, kind="jinja", template="{{ instruction }}\n{{ input }}\nAnswer: ")
+        out = tmp_path / f"r{seed}{option}"
+        render.run(cfg, prepared, smoke_base, out, tmp_path / "report.json")
+        return read_jsonl(out / "test.jsonl")
+
+    rows = rendered(0)
+    for row in rows:
+        shown = [f"label{i}" for i in range(10) if f"label{i}<|im_end|>" in row["prompt"]]
+        assert len(shown) == 3  # three exemplars, each answered, all from train
+        assert "secret" not in row["prompt"]  # never a val/test answer
+        assert row["prompt"].count("<|im_start|>user") == 4
+        assert [t for t in row["labels"] if t != IGNORE_INDEX]  # only the real answer is learnt
+    assert [r["prompt"] for r in rendered(0)] == [r["prompt"] for r in rows]
+    assert [r["prompt"] for r in rendered(1)] != [r["prompt"] for r in rows]
+    plain = rendered(0, "plain")[0]["prompt"]
+    assert plain.count("Answer: ") == 4 and "secret" not in plain
+    train_rows = read_jsonl(tmp_path / "r0chat" / "train.jsonl")
+    assert all(f"label{r['id'][3:]}<|im_end|>" not in r["prompt"] for r in train_rows)  # never its own answer

@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping
 
 from pipeline.data.schema import TASK_TYPES, DataError, Example, Problem, ProblemCollector
 
-FORMATS = ("alpaca", "dolly", "prompt_completion", "self_instruct_seed", "auto")
+FORMATS = ("alpaca", "dolly", "prompt_completion", "self_instruct_seed", "sharegpt", "openai_chat", "auto")
 
 # The keys that identify a format; a row matching exactly one of these sets is that format.
 _SIGNATURES: dict[str, frozenset[str]] = {
@@ -27,11 +27,17 @@ _SIGNATURES: dict[str, frozenset[str]] = {
     "dolly": frozenset({"instruction", "response"}),
     "prompt_completion": frozenset({"prompt", "completion"}),
     "self_instruct_seed": frozenset({"instruction", "instances"}),
+    "sharegpt": frozenset({"conversations"}),
+    "openai_chat": frozenset({"messages"}),
 }
 # Keys each format consumes (its signature plus optional ones); the rest of a row goes to meta.
 _USED = {**_SIGNATURES, "alpaca": _SIGNATURES["alpaca"] | {"input"}, "dolly": _SIGNATURES["dolly"] | {"context"}}
 # Tokenizer end-of-text markers some exports leave on completions; they are not the answer.
 _EOT_MARKERS = ("<|endoftext|>", "</s>", "<|im_end|>", "<|eot_id|>")
+# Speaker names in ShareGPT exports (from FastChat, Vicuna, ...) -> OpenAI roles.
+_SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
+                   "assistant": "assistant", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant"}
+_CHAT_KEYS = {"sharegpt": ("conversations", "from", "value"), "openai_chat": ("messages", "role", "content")}
 _JSON_WS = re.compile(r"[ \t\n\r]*")
 
 Row = tuple[int, Any]
@@ -40,20 +46,23 @@ Report = Callable[[str | None, str], None]
 
 def load_file(path: str | Path, *, format: str = "auto", task: str | None = None, task_type: str | None = None,
               columns: Mapping[str, str] | None = None, max_problems: int = 20,
-              max_field_chars: int = 20000) -> list[Example]:
+              max_field_chars: int = 20000, source: str | None = None,
+              problems: ProblemCollector | None = None) -> list[Example]:
     """Load a .json (array of objects), .jsonl, .csv, .tsv or .parquet file as Examples.
 
     ``line`` in problems is the physical line for JSON Lines, JSON arrays (where the
     object starts) and CSV/TSV (the header is line 1; a record's first line), and the
     row index + 1 for parquet. A .json file whose first line is an object is read as JSON Lines.
     ``columns`` maps our field names to the file's (``{"output": "answer"}``).
-    ``task``/``task_type`` override what rows say. Raises :class:`DataError` listing every
-    problem found (up to ``max_problems``).
+    ``task``/``task_type`` override what rows say; ``source`` names the source in
+    ``Example.source`` (default: the file name). Raises :class:`DataError` listing every
+    problem found (up to ``max_problems``). Pass a ``problems`` collector made with
+    ``skip=True`` to get the valid rows back and the bad ones (with their raw text) in it.
     """
     path = Path(path)
-    problems = ProblemCollector(limit=max_problems)
+    problems = problems or ProblemCollector(limit=max_problems)
     rows = _read_rows(path, problems)
-    ctx = _Context(str(path), path.name, path.stem, path.stem, dict(columns or {}), task, task_type,
+    ctx = _Context(str(path), source or path.name, path.stem, path.stem, dict(columns or {}), task, task_type,
                    max_field_chars, problems)
     return _examples_from_rows(rows, format, ctx)
 
@@ -61,7 +70,8 @@ def load_file(path: str | Path, *, format: str = "auto", task: str | None = None
 def load_hub(name: str, *, split: str = "train", config: str | None = None, revision: str | None = None,
              format: str = "auto", task: str | None = None, task_type: str | None = None,
              columns: Mapping[str, str] | None = None, max_problems: int = 20,
-             max_field_chars: int = 20000) -> list[Example]:
+             max_field_chars: int = 20000, source: str | None = None,
+             problems: ProblemCollector | None = None) -> list[Example]:
     """Load a hub dataset (or a local ``save_to_disk`` directory) split as Examples.
 
     Validation is the same as :func:`load_file`, with ``file = name`` and ``line = row
@@ -78,9 +88,9 @@ def load_hub(name: str, *, split: str = "train", config: str | None = None, revi
             loaded = loaded[split]
     else:
         loaded = datasets.load_dataset(name, config, split=split, revision=revision)
-    problems = ProblemCollector(limit=max_problems)
+    problems = problems or ProblemCollector(limit=max_problems)
     base = local.name or name
-    ctx = _Context(name, name, base, f"{base}-{split}", dict(columns or {}), task, task_type,
+    ctx = _Context(name, source or name, base, f"{base}-{split}", dict(columns or {}), task, task_type,
                    max_field_chars, problems)
     return _examples_from_rows(list(enumerate(loaded, start=1)), format, ctx)
 
@@ -98,7 +108,7 @@ def _read_rows(path: Path, problems: ProblemCollector) -> list[Row]:
     lines = _decode_lines(path.read_bytes(), file, problems)
     if suffix == ".jsonl" or (suffix == ".json" and _is_json_object(next((ln for ln in lines if ln), ""))):
         return _jsonl_rows(lines, file, problems)  # a .json file holding JSON Lines is common enough
-    problems.raise_if_any()  # a whole-file format cannot be parsed around an undecodable line
+    problems.stop()  # a whole-file format cannot be parsed around an undecodable line
     text = "\n".join(line or "" for line in lines)
     if suffix == ".json":
         return _json_array_rows(text, file, problems)
@@ -113,7 +123,7 @@ def _decode_lines(data: bytes, file: str, problems: ProblemCollector) -> list[st
             lines.append(raw.decode("utf-8"))
         except UnicodeDecodeError as e:
             problems.add(Problem(file, number, None, f"not valid UTF-8: byte 0x{raw[e.start]:02x} "
-                                 f"at column {e.start + 1}"))
+                                 f"at column {e.start + 1}", raw.decode("utf-8", "backslashreplace")))
             lines.append(None)
     if lines and lines[0]:
         lines[0] = lines[0].removeprefix("\ufeff")  # spreadsheet exports often start with a BOM
@@ -135,9 +145,9 @@ def _jsonl_rows(lines: list[str | None], file: str, problems: ProblemCollector) 
         try:
             rows.append((number, json.loads(line)))
         except json.JSONDecodeError as e:
-            problems.add(Problem(file, number, None, f"invalid JSON: {e.msg} at column {e.colno}"))
+            problems.add(Problem(file, number, None, f"invalid JSON: {e.msg} at column {e.colno}", line))
         except RecursionError:
-            problems.add(Problem(file, number, None, "invalid JSON: nested too deeply"))
+            problems.add(Problem(file, number, None, "invalid JSON: nested too deeply", line))
     return rows
 
 
@@ -156,8 +166,8 @@ def _json_array_rows(text: str, file: str, problems: ProblemCollector) -> list[R
 
     def fail(at_line: int, message: str) -> list[Row]:
         problems.add(Problem(file, at_line, None, message))
-        problems.raise_if_any()
-        return rows  # unreachable: raise_if_any raised
+        problems.stop()
+        return rows  # unreachable: stop raised
 
     i = skip(0)
     if i == len(text):
@@ -198,12 +208,13 @@ def _csv_rows(text: str, delimiter: str, file: str, problems: ProblemCollector) 
             if not any(cell.strip() for cell in cells):
                 continue
             if len(cells) > len(header):
-                problems.add(Problem(file, number, None, f"{len(cells)} cells but the header has {len(header)}"))
+                problems.add(Problem(file, number, None, f"{len(cells)} cells but the header has {len(header)}",
+                                     cells))
                 continue
             rows.append((number, dict(zip(header, cells))))  # a short row simply lacks keys
     except csv.Error as e:  # e.g. a NUL byte, or a field over csv.field_size_limit()
         problems.add(Problem(file, reader.line_num, None, f"invalid CSV/TSV: {e}"))
-        problems.raise_if_any()
+        problems.stop()
     return rows
 
 
@@ -246,25 +257,25 @@ def _examples_from_rows(rows: list[Row], format: str, ctx: _Context) -> list[Exa
     problems = ctx.problems
     if ctx.task_type is not None and ctx.task_type not in TASK_TYPES:
         problems.add(Problem(ctx.file, None, "task_type", f"{ctx.task_type!r} is not one of {TASK_TYPES}"))
-    mapped: list[Row] = []
+    mapped: list[tuple[int, dict[str, Any], Any]] = []  # line, renamed row, row as read
     for line, row in rows:
         if isinstance(row, dict):
-            mapped.append((line, _rename(row, ctx.columns)))
+            mapped.append((line, _rename(row, ctx.columns), row))
         else:
-            problems.add(Problem(ctx.file, line, None, f"expected an object, got {_describe(row)}"))
+            problems.add(Problem(ctx.file, line, None, f"expected an object, got {_describe(row)}", _json_safe(row)))
     if not rows and not problems.problems:
         problems.add(Problem(ctx.file, None, None, "the file has no rows"))
     if not mapped:  # otherwise keep collecting: field problems are reported with parse problems
-        problems.raise_if_any()
+        problems.stop()
     if format == "auto":
-        format = _detect(mapped[0], ctx) if mapped else "alpaca"
+        format = _detect((mapped[0][0], mapped[0][1]), ctx) if mapped else "alpaca"
     examples: list[Example] = []
     first_line: dict[str, int] = {}
-    for line, row in mapped:
-        for example in _normalize(row, line, format, ctx):
+    for line, row, raw in mapped:
+        for example in _normalize(row, line, format, ctx, raw):
             if example.id in first_line:  # report the second occurrence, pointing at the first
                 problems.add(Problem(ctx.file, line, "id", f"duplicate id {example.id!r} "
-                                     f"(first at line {first_line[example.id]})"))
+                                     f"(first at line {first_line[example.id]})", _json_safe(raw)))
                 break
             first_line[example.id] = line
             examples.append(example)
@@ -292,16 +303,16 @@ def _detect(first: Row, ctx: _Context) -> str:
         message = (f"cannot detect the format from keys {sorted(keys)}; known formats: {known}; "
                    "pass format= or columns= to map your column names")
     ctx.problems.add(Problem(ctx.file, line, None, message))
-    ctx.problems.raise_if_any()
+    ctx.problems.stop()
     return ""  # unreachable
 
 
-def _normalize(row: dict[str, Any], line: int, format: str, ctx: _Context) -> list[Example]:
+def _normalize(row: dict[str, Any], line: int, format: str, ctx: _Context, raw: Any = None) -> list[Example]:
     """One row -> its Examples; on any problem in the row, report it and return none."""
     before = len(ctx.problems.problems)
 
     def report(field: str | None, message: str) -> None:
-        ctx.problems.add(Problem(ctx.file, line, field, message))
+        ctx.problems.add(Problem(ctx.file, line, field, message, _json_safe(row if raw is None else raw)))
 
     def text(key: str, required: bool = True, data: dict[str, Any] = row, label: str = "") -> str | None:
         return _text(data, key, report, ctx.max_chars, label or ctx.label(key), required)
@@ -312,7 +323,12 @@ def _normalize(row: dict[str, Any], line: int, format: str, ctx: _Context) -> li
     task = ctx.task or text("task", False) or None
     task_type = ctx.task_type or text("task_type", False) or None
     pieces: list[tuple[str, str | None, str | None, str | None, dict[str, Any]]] = []  # id, ins, inp, out, extra
-    if format == "self_instruct_seed":
+    messages: list[dict[str, str]] | None = None
+    if format in _CHAT_KEYS:
+        messages = _conversation(row, format, ctx, report)
+        first_user = next((m["content"] for m in messages if m["role"] == "user"), None)
+        pieces.append((row_id, first_user, "", messages[-1]["content"] if messages else None, {}))
+    elif format == "self_instruct_seed":
         if not task:
             task = text("name", False) or None
             used.add("name")
@@ -354,8 +370,50 @@ def _normalize(row: dict[str, Any], line: int, format: str, ctx: _Context) -> li
         return []
     meta = {k: _json_safe(v) for k, v in row.items() if k not in used}
     return [Example(id=ex_id, task=task or ctx.task_default, task_type=task_type, instruction=ins or "",
-                    input=inp or "", output=out or "", source=ctx.source, meta={**meta, **_json_safe(extra)})
+                    input=inp or "", output=out or "", source=ctx.source, meta={**meta, **_json_safe(extra)},
+                    messages=messages)
             for ex_id, ins, inp, out, extra in pieces]
+
+
+def _conversation(row: dict[str, Any], format: str, ctx: _Context, report: Report) -> list[dict[str, str]]:
+    """A ShareGPT ``conversations`` or OpenAI ``messages`` list as validated OpenAI-style turns.
+
+    A conversation is an optional leading system turn, then user and assistant turns
+    starting with a user turn and ending with an assistant turn (the answer that is
+    learnt and evaluated). Problems name the turn: ``messages[2].content``.
+    """
+    key, role_key, text_key = _CHAT_KEYS[format]
+    turns = row.get(key)
+    label = ctx.label(key)
+    if not isinstance(turns, list) or not turns:
+        report(label, "missing" if turns is None else f"expected a non-empty list of turns, got {_describe(turns)}")
+        return []
+    out: list[dict[str, str]] = []
+    for k, turn in enumerate(turns):
+        where = f"{label}[{k}]"
+        if not isinstance(turn, dict):
+            report(where, f"expected an object with {role_key!r} and {text_key!r}, got {_describe(turn)}")
+            continue
+        speaker = turn.get(role_key)
+        role = (_SHAREGPT_ROLES.get(speaker.lower()) if format == "sharegpt" else
+                speaker if speaker in ("system", "user", "assistant") else None) if isinstance(speaker, str) else None
+        if role is None:
+            allowed = sorted(_SHAREGPT_ROLES) if format == "sharegpt" else ["assistant", "system", "user"]
+            report(f"{where}.{role_key}", f"{_describe(speaker)} is not one of {', '.join(allowed)}")
+            continue
+        content = _text(turn, text_key, report, ctx.max_chars, f"{where}.{text_key}", role != "system")
+        if content is None:
+            continue
+        if role == "system" and k > 0:
+            report(f"{where}.{role_key}", "a system turn may only come first")
+        out.append({"role": role, "content": content})
+    if len(out) == len(turns):
+        dialogue = [m["role"] for m in out if m["role"] != "system"]
+        if not dialogue or dialogue[0] != "user":
+            report(label, "the conversation must start with a user turn (after an optional system turn)")
+        elif dialogue[-1] != "assistant":
+            report(label, "the conversation must end with an assistant turn")
+    return out
 
 
 def _text(data: dict[str, Any], key: str, report: Report, max_chars: int, label: str,

@@ -20,6 +20,10 @@ class Example:
 
     ``task`` names the task family (e.g. ``sentiment``); ``task_type`` picks the
     metrics (see ``TASK_TYPES``); ``source`` says where the row came from.
+    ``messages`` holds a multi-turn conversation (``[{"role", "content"}]``, roles
+    ``system``/``user``/``assistant``, ending with an assistant turn); for those,
+    ``instruction`` is the first user turn and ``output`` the last assistant turn, so
+    every single-turn consumer (dedup, metrics, references) still sees meaningful text.
     """
 
     id: str
@@ -30,9 +34,13 @@ class Example:
     output: str
     source: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
+    messages: list[dict[str, str]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        row = asdict(self)
+        if row["messages"] is None:  # single-turn rows keep the original shape
+            del row["messages"]
+        return row
 
     @classmethod
     def from_dict(cls, row: dict[str, Any]) -> "Example":
@@ -47,6 +55,7 @@ class Problem:
     line: int | None
     field: str | None
     message: str
+    raw: Any = field(default=None, compare=False, repr=False)  # the offending row, for quarantine
 
     def __str__(self) -> str:
         where = self.file if self.line is None else f"{self.file}:{self.line}"
@@ -71,18 +80,29 @@ class ProblemCollector:
 
         problems = ProblemCollector(limit=20)
         problems.add(Problem(...))   # raises DataError when a problem past the limit arrives
-        problems.raise_if_any()      # at the end
+        problems.raise_if_any()      # at the end of a source: raises if any row was bad
+        problems.stop()              # the file as a whole is unreadable: raises in any mode
+
+    With ``skip=True`` (``data.on_error: skip``) bad rows are only recorded, without a
+    limit: the caller writes them to a quarantine file and counts them, and only
+    problems that make a whole file unreadable (:meth:`stop`) still raise.
     """
 
-    def __init__(self, limit: int = 20):
+    def __init__(self, limit: int = 20, skip: bool = False):
         self.limit = limit
+        self.skip = skip
         self.problems: list[Problem] = []
 
     def add(self, problem: Problem) -> None:
-        if len(self.problems) >= self.limit:  # a problem past the limit: report the first `limit`
+        if not self.skip and len(self.problems) >= self.limit:  # past the limit: report the first `limit`
             raise DataError(self.problems, truncated=True)
         self.problems.append(problem)
 
     def raise_if_any(self) -> None:
-        if self.problems:
+        if self.problems and not self.skip:
             raise DataError(self.problems)
+
+    def stop(self) -> None:
+        """Raise every problem so far when there is one, whatever the mode."""
+        if self.problems:
+            raise DataError(self.problems[-self.limit:])

@@ -1,0 +1,130 @@
+"""Duplicates and train/eval contamination: exact after normalization, near (MinHash), n-gram overlap.
+
+Each check returns the rows it flags as ``{"id", "reason", ...}`` records; the prepare
+stage decides (from ``data.dedup``) whether flagged rows are removed or only reported.
+Texts are compared after :func:`normalize` (Unicode NFKC, case folding, whitespace), so
+"Hello  World" and "hello world" are the same row.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from typing import Any, Iterable
+
+from pipeline.data.schema import Example
+
+Flag = dict[str, Any]
+
+
+def normalize(text: str) -> str:
+    """Text as compared: NFKC (full-width and ligature forms folded), case-folded, single spaces."""
+    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+
+
+def prompt_text(ex: Example) -> str:
+    """What the model is asked: every turn but the last answer, or instruction + input."""
+    if ex.messages:
+        return "\n".join(m["content"] for m in ex.messages[:-1])
+    return f"{ex.instruction}\n{ex.input}"
+
+
+def full_text(ex: Example) -> str:
+    """The prompt and the answer together."""
+    return f"{prompt_text(ex)}\n{ex.output}"
+
+
+def exact_duplicates(examples: Iterable[Example]) -> list[Flag]:
+    """Rows whose task and normalized text equal an earlier row's (ids are ignored)."""
+    seen: dict[tuple[str, ...], str] = {}
+    flags = []
+    for ex in examples:
+        key = _exact_key(ex)
+        if key in seen:
+            flags.append({"id": ex.id, "reason": "exact_duplicate", "duplicate_of": seen[key]})
+        else:
+            seen[key] = ex.id
+    return flags
+
+
+def _exact_key(ex: Example) -> tuple[str, ...]:
+    # Fields stay apart: ("a b", "") and ("a", "b") as instruction and input are different rows.
+    turns = tuple(f"{m['role']}: {normalize(m['content'])}" for m in ex.messages or ())
+    return (ex.task, normalize(ex.instruction), normalize(ex.input), normalize(ex.output), *turns)
+
+
+def _shingles(text: str, size: int) -> set[bytes]:
+    words = normalize(text).split()
+    if len(words) <= size:
+        return {" ".join(words).encode()}
+    return {" ".join(words[i:i + size]).encode() for i in range(len(words) - size + 1)}
+
+
+def near_duplicates(examples: list[Example], threshold: float, shingle: int, num_perm: int,
+                    seed: int = 1) -> list[Flag]:
+    """Rows whose word-shingle set is about as similar as ``threshold`` (Jaccard) to an earlier row
+    of the same task, found with MinHash LSH (datasketch); each flag names the row it repeats and
+    the estimated similarity. The earlier row is kept, so the result does not depend on which
+    pairs LSH happens to bucket together.
+    """
+    from datasketch import MinHash, MinHashLSH
+
+    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+    hashes = MinHash.bulk((_shingles(full_text(ex), shingle) for ex in examples), num_perm=num_perm, seed=seed)
+    kept: dict[str, tuple[Example, Any]] = {}
+    flags = []
+    for ex, mh in zip(examples, hashes):
+        best, best_sim = None, 0.0
+        for key in lsh.query(mh):
+            other, other_mh = kept[key]
+            sim = mh.jaccard(other_mh)
+            if other.task == ex.task and sim >= threshold and sim > best_sim:
+                best, best_sim = other.id, sim
+        if best is None:
+            key = str(len(kept))  # ids need not be unique across sources; insertion order is
+            lsh.insert(key, mh)
+            kept[key] = (ex, mh)
+        else:
+            flags.append({"id": ex.id, "reason": "near_duplicate", "duplicate_of": best,
+                          "similarity": round(best_sim, 3)})
+    return flags
+
+
+def _ngrams(text: str, n: int) -> set[tuple[str, ...]]:
+    words = normalize(text).split()
+    return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
+
+
+def contamination(train: list[Example], held_out: list[Example], ngram: int, threshold: float) -> list[Flag]:
+    """Train rows that leak a val/test row: the same prompt exactly, or at least ``threshold`` of
+    the train row's word ``ngram``-grams occurring in some val/test row.
+
+    N-grams come from the example-specific text (input and answer, or the instruction and
+    answer when there is no input): an instruction shared by a whole task family would
+    otherwise make every row of that task look contaminated.
+    """
+    prompts = {_prompt_key(ex): ex.id for ex in held_out}
+    held_grams: set[tuple[str, ...]] = set()
+    for ex in held_out:
+        held_grams |= _ngrams(_specific_text(ex), ngram)
+    flags = []
+    for ex in train:
+        same = prompts.get(_prompt_key(ex))
+        if same is not None:
+            flags.append({"id": ex.id, "reason": "contamination_exact", "overlaps": same})
+            continue
+        grams = _ngrams(_specific_text(ex), ngram)
+        if grams:
+            ratio = len(grams & held_grams) / len(grams)
+            if ratio >= threshold:
+                flags.append({"id": ex.id, "reason": "contamination_ngram", "overlap_ratio": round(ratio, 3)})
+    return flags
+
+
+def _prompt_key(ex: Example) -> tuple[str, ...]:
+    return _exact_key(ex)[1:3] if not ex.messages else tuple(normalize(m["content"]) for m in ex.messages[:-1])
+
+
+def _specific_text(ex: Example) -> str:
+    if ex.messages:
+        return full_text(ex)
+    return f"{ex.input or ex.instruction}\n{ex.output}"
