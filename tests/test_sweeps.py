@@ -141,15 +141,21 @@ def mlflow_server(grid: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
             time.sleep(0.5)
         yield url
     finally:
-        for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 15)):
-            if proc.poll() is not None:
-                break
-            os.killpg(proc.pid, sig)  # uvicorn/gunicorn workers are in the group we started
-            try:
-                proc.wait(timeout=wait)
-            except subprocess.TimeoutExpired:
-                continue
+        stop_group(proc)
         log.close()
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM the server's process group, then SIGKILL whatever is left (its job consumers linger)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)  # the group we created with start_new_session: only the server's processes
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            pass
 
 
 def _api(url: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
