@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline import base_model, config, evaluate, prepare, render, stage_cache, train
 from pipeline import tracking as mlf
 from pipeline.files import read_json, write_json
-from pipeline.sweeps import Objective, Parent, objective_value, read_parent
+from pipeline.sweeps import Objective, Parent, eval_metrics, objective_value, read_parent
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_STAGES = ("base_model", "prepare", "render")
@@ -115,8 +115,8 @@ def run_job(cfg: DictConfig) -> float | None:
     metrics = run_pipeline(pipeline_cfg, params, ctx)
     if ctx.objective is None:
         return None
-    if not ctx.sweeping and ctx.objective.metric not in str(list(metrics)):
-        return None
+    if not ctx.sweeping and ctx.objective.metric not in eval_metrics(metrics):
+        return None  # e.g. eval.models=[base] in a single run: nothing to optimize, nothing wrong
     return objective_value(ctx.objective, metrics)
 
 

@@ -31,6 +31,13 @@ def sh(cmd: Sequence[str], cwd: Path, timeout: float = 900, **extra_env: str) ->
     return out
 
 
+def stdout_of(cmd: Sequence[str], cwd: Path, timeout: float = 300) -> str:
+    """Only the stdout of a command that must succeed (for JSON; progress bars go to stderr)."""
+    proc = subprocess.run(list(cmd), cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
+    return proc.stdout
+
+
 def pipeline(*overrides: str) -> list[str]:
     return [sys.executable, "-m", "pipeline", *overrides]
 

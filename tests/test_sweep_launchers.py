@@ -166,5 +166,4 @@ def test_optuna_three_trials_best_value_on_the_parent(tmp_path: Path, smoke_base
     assert optuna["best_value"] == pytest.approx(min(values))
     best = client.get_run(parent.data.tags["best.run_id"])
     assert float(best.data.params["trainer.lr"]) == pytest.approx(optuna["best_params"]["trainer.lr"])
-    assert {a.path for a in client.list_artifacts(parent.info.run_id, "sweep")} >= {
-        "sweep/multirun.yaml", "sweep/optimization_results.yaml"}
+    assert "sweep/optimization_results.yaml" in {a.path for a in client.list_artifacts(parent.info.run_id, "sweep")}

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
-from sweep_helpers import REPO, env, free_port, pipeline, seed_base_model, sh
+from sweep_helpers import REPO, env, free_port, pipeline, seed_base_model, sh, stdout_of
 
 SMOKE = ["+experiment=smoke"]
 GRID = ["trainer.lr=1e-3,3e-3", "finetune.lora.r=4,8"]
@@ -77,9 +77,8 @@ def test_grid_built_shared_stages_once(grid: dict[str, Any]) -> None:
 
 def test_compare_sweep_names_the_swept_params(grid: dict[str, Any], tmp_path: Path) -> None:
     plot = tmp_path / "sweep.png"
-    out = sh([sys.executable, "-m", "pipeline.compare", "--sweep", grid["sweep_id"], "--tracking-uri", grid["uri"],
-              "--format", "json", "--plot", str(plot)], grid["cwd"])
-    report = json.loads(out[out.index("{"):out.rindex("}") + 1])
+    report = json.loads(stdout_of([sys.executable, "-m", "pipeline.compare", "--sweep", grid["sweep_id"],
+                                   "--tracking-uri", grid["uri"], "--format", "json", "--plot", str(plot)], grid["cwd"]))
     assert set(report["config"]) == {"trainer.lr", "finetune.lora.r"}
     assert sorted(report["config"]["trainer.lr"]) == ["0.001", "0.001", "0.003", "0.003"]
     assert report["swept"] == ["finetune.lora.r", "trainer.lr"] and report["metric"] == "eval.tuned.overall.score"
