@@ -167,3 +167,16 @@ def test_optuna_three_trials_best_value_on_the_parent(tmp_path: Path, smoke_base
     best = client.get_run(parent.data.tags["best.run_id"])
     assert float(best.data.params["trainer.lr"]) == pytest.approx(optuna["best_params"]["trainer.lr"])
     assert "sweep/optimization_results.yaml" in {a.path for a in client.list_artifacts(parent.info.run_id, "sweep")}
+
+
+def test_sweep_callback_config_instantiates() -> None:
+    from hydra.utils import instantiate
+
+    from pipeline.sweeps import MlflowSweep, Objective
+
+    cb = instantiate(_compose_hydra([]).hydra.callbacks.mlflow_sweep)
+    assert isinstance(cb, MlflowSweep) and cb.objective == Objective("eval.tuned.overall.score", "maximize")
+    assert cb.objective.best({"a": 0.2, "b": 0.5}) == ("b", 0.5)
+    assert Objective("m", "minimize").best({"a": 0.2, "b": 0.5}) == ("a", 0.2)
+    with pytest.raises(ValueError, match="direction"):
+        Objective("m", "up")
