@@ -3,27 +3,94 @@
 One MLflow run per experiment: train creates it (params, tags, step metrics, adapter),
 evaluate reopens it (eval metrics, predictions table, plots). The store defaults to
 ``sqlite:///mlflow.db`` with artifacts in ``mlartifacts/`` at the repository root; the
-entry points pass ``MLFLOW_TRACKING_URI`` in when it is set.
+entry points pass ``MLFLOW_TRACKING_URI`` in when it is set. A sweep adds a parent run
+(see :mod:`pipeline.sweeps`) and each job's run becomes its child.
+
+Parallel jobs share one SQLite file. SQLite allows one writer at a time and MLflow
+waits 20 s for a lock, but a fresh store's table creation and long bursts of writes can
+still fail with "database is locked"; the writes made here hold a file lock next to the
+database and retry with backoff (:func:`write_lock`, :func:`retry_locked`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import random
 import re
 import subprocess
+import time
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, TypeVar
 
 from pipeline.config import flatten
 
 SECRET_PARTS = re.compile(r"(^|[._-])(token|password|passwd|secret|key|apikey|api_key|credentials?)($|[._-])", re.I)
 REDACTED = "***"
+PARENT_TAG = "mlflow.parentRunId"  # what the MLflow UI nests runs by
+SWEEP_TAG = "sweep.id"
+T = TypeVar("T")
+
+
+def store_root(root: Path) -> Path:
+    """Where the default store lives: DVC's ``DVC_ROOT`` when set, else ``root``.
+
+    ``dvc exp run --queue`` / ``--temp`` run each experiment in a temporary copy of the
+    repository that is deleted afterwards; DVC points ``DVC_ROOT`` at the real
+    repository, so runs land in its ``mlflow.db`` instead of vanishing with the copy.
+    """
+    return Path(os.environ.get("DVC_ROOT") or root)
 
 
 def default_uri(root: Path) -> str:
-    """``MLFLOW_TRACKING_URI`` if set, else the SQLite store at ``root``."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(root / 'mlflow.db').resolve()}"
+    """``MLFLOW_TRACKING_URI`` if set, else the SQLite store at :func:`store_root`."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(store_root(root) / 'mlflow.db').resolve()}"
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI, else None."""
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
+@contextlib.contextmanager
+def write_lock(uri: str, timeout: float = 600.0) -> Iterator[None]:
+    """Hold ``<database>.lock`` while writing to a SQLite store (no-op for servers)."""
+    from filelock import FileLock
+
+    db = sqlite_path(uri)
+    if db is None:
+        yield
+        return
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(db) + ".lock", timeout=timeout):
+        yield
+
+
+def is_locked_error(err: BaseException) -> bool:
+    """True for SQLite's transient "database is locked" / "busy" errors, however MLflow wraps them."""
+    text = f"{err} {err.__cause__ or ''}".lower()
+    return "database is locked" in text or "database is busy" in text
+
+
+def retry_locked(fn: Callable[[], T], attempts: int = 8, first_delay: float = 0.2) -> T:
+    """Call ``fn``; on a locked-database error wait (exponential backoff, jitter) and retry."""
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except Exception as err:  # MlflowException or sqlalchemy's OperationalError
+            if attempt == attempts - 1 or not is_locked_error(err):
+                raise
+            time.sleep(first_delay * 2 ** attempt * (1 + random.random()))
+    raise AssertionError("unreachable")
+
+
+def locked_write(uri: str, fn: Callable[[], T]) -> T:
+    """``fn`` under the store's write lock, retried on a locked database."""
+    def attempt() -> T:
+        with write_lock(uri):
+            return fn()
+
+    return retry_locked(attempt)
 
 
 def redact(params: Mapping[str, Any]) -> dict[str, Any]:
@@ -54,18 +121,22 @@ def ensure_experiment(uri: str, name: str, artifact_root: Path) -> str:
     """Experiment id, creating it with artifacts under ``artifact_root`` for local stores."""
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    location = artifact_root.resolve().as_uri() if not uri.startswith(("http://", "https://", "databricks")) else None
-    try:
-        return client.create_experiment(name, artifact_location=location)
-    except Exception:  # another job created it between our get and create
+    def get_or_create() -> str:
+        # The client is built under the lock too: a fresh SQLite store creates its tables then.
+        client = MlflowClient(uri)
         exp = client.get_experiment_by_name(name)
-        if exp is None:
-            raise
-        return exp.experiment_id
+        if exp is not None:
+            return exp.experiment_id
+        location = artifact_root.resolve().as_uri() if not uri.startswith(("http://", "https://", "databricks")) else None
+        try:
+            return client.create_experiment(name, artifact_location=location)
+        except Exception:  # another process (e.g. on a server store) created it between our get and create
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+            return exp.experiment_id
+
+    return locked_write(uri, get_or_create)
 
 
 def start_run(uri: str, experiment: str, artifact_root: Path, params: Mapping[str, Any],
@@ -74,13 +145,17 @@ def start_run(uri: str, experiment: str, artifact_root: Path, params: Mapping[st
     from mlflow.entities import Param, RunTag
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(uri)
     exp_id = ensure_experiment(uri, experiment, artifact_root)
-    run = client.create_run(exp_id, run_name=run_name, tags=dict(tags))
     items = [Param(k, v) for k, v in params_for_logging(params).items()]
-    for i in range(0, len(items), 100):  # the REST API caps a batch at 100 params
-        client.log_batch(run.info.run_id, params=items[i:i + 100])
-    return run.info.run_id
+
+    def create() -> str:
+        client = MlflowClient(uri)
+        run = client.create_run(exp_id, run_name=run_name, tags=dict(tags))
+        for i in range(0, len(items), 100):  # the REST API caps a batch at 100 params
+            client.log_batch(run.info.run_id, params=items[i:i + 100])
+        return run.info.run_id
+
+    return locked_write(uri, create)
 
 
 @contextlib.contextmanager
@@ -101,9 +176,25 @@ def active_run(uri: str, run_id: str) -> Iterator[Any]:
     mlflow.end_run("FINISHED")
 
 
-def run_tags(root: Path, data_hash: str, template_hash: str, exp_name: str | None) -> dict[str, str]:
-    """The tags that tie a run to its code, data and prompt (and DVC experiment, if any)."""
+def run_tags(root: Path, data_hash: str, template_hash: str, exp_name: str | None,
+             parent_run_id: str | None = None, sweep_id: str | None = None) -> dict[str, str]:
+    """The tags that tie a run to its code, data and prompt (and DVC experiment or sweep, if any)."""
     tags = {**git_tags(root), "data.hash": data_hash, "template.hash": template_hash}
     if exp_name:
         tags["dvc.exp_name"] = exp_name
+    if parent_run_id:
+        tags[PARENT_TAG] = parent_run_id
+    if sweep_id:
+        tags[SWEEP_TAG] = sweep_id
     return tags
+
+
+def child_runs(uri: str, parent_run_id: str) -> list[Any]:
+    """Every run nested under ``parent_run_id`` (any status), oldest first."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    parent = client.get_run(parent_run_id)
+    runs = client.search_runs([parent.info.experiment_id], f"tags.`{PARENT_TAG}` = '{parent_run_id}'",
+                              max_results=50000, order_by=["attributes.start_time ASC"])
+    return list(runs)

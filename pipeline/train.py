@@ -37,12 +37,15 @@ class Tracking:
     artifact_root: Path
     repo_root: Path
     dvc_exp_name: str | None = None
+    parent_run_id: str | None = None  # set by a sweep: this run is nested under the sweep's run
+    sweep_id: str | None = None
+    run_name: str | None = None  # defaults to the DVC experiment name
 
     @classmethod
     def from_env(cls, root: Path) -> "Tracking":
-        from pipeline.tracking import default_uri
+        from pipeline.tracking import default_uri, store_root
 
-        return cls(default_uri(root), root / "mlartifacts", root, os.environ.get("DVC_EXP_NAME"))
+        return cls(default_uri(root), store_root(root) / "mlartifacts", root, os.environ.get("DVC_EXP_NAME"))
 
 
 def fingerprint(params: dict[str, Any], rendered: Path, base_model: Path) -> str:
@@ -123,9 +126,9 @@ def run(cfg: config.PipelineConfig, params: dict[str, Any], rendered: Path, base
         print(f"train: resuming MLflow run {run_id} from {checkpoints / 'last.ckpt'}", flush=True)
     else:
         tags = mlf.run_tags(tracking.repo_root, hash_files([rendered / "train.jsonl", rendered / "val.jsonl"]),
-                            template["hash"], tracking.dvc_exp_name)
+                            template["hash"], tracking.dvc_exp_name, tracking.parent_run_id, tracking.sweep_id)
         run_id = mlf.start_run(tracking.uri, cfg.tracking.experiment, tracking.artifact_root, params, tags,
-                               run_name=tracking.dvc_exp_name)
+                               run_name=tracking.run_name or tracking.dvc_exp_name)
         checkpoints.mkdir(parents=True, exist_ok=True)
         write_json(checkpoints / "resume.json", {"fingerprint": expected, "run_id": run_id})
     try:

@@ -1,0 +1,99 @@
+"""Across commits and DVC experiment queues, for real, in temporary git repos (both slow: each runs the
+smoke pipeline more than once), plus the store location rule that makes queued runs land in the repo."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from sweep_helpers import copy_checkout, sh, stdout_of
+
+from pipeline import tracking
+
+DVC = [sys.executable, "-m", "dvc"]
+
+
+def test_default_store_follows_dvc_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Queued experiments run in a throw-away copy; DVC_ROOT names the real repository."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    workspace, repo = tmp_path / ".dvc/tmp/exps/tmp123", tmp_path
+    assert tracking.default_uri(workspace) == f"sqlite:///{workspace.resolve() / 'mlflow.db'}"
+    monkeypatch.setenv("DVC_ROOT", str(repo))
+    assert tracking.default_uri(workspace) == f"sqlite:///{repo.resolve() / 'mlflow.db'}"
+    assert tracking.store_root(workspace) == repo
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert tracking.default_uri(workspace) == "http://127.0.0.1:5000"
+
+
+def _repo(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
+    repo = tmp_path_factory.mktemp(name)
+    copy_checkout(repo)
+    sh(["git", "init", "-q"], repo)
+    return repo
+
+
+def _smoke_lr(repo: Path, lr: str) -> None:
+    """Change one value in conf/ (the smoke experiment's learning rate) and regenerate params.yaml."""
+    smoke = repo / "conf/experiment/smoke.yaml"
+    smoke.write_text(re.sub(r"(?m)^  lr: .*$", f"  lr: {lr}", smoke.read_text()))
+    sh([sys.executable, "-m", "pipeline.params", "+experiment=smoke"], repo)
+
+
+@pytest.mark.slow
+def test_compare_two_commits_names_the_changed_value(tmp_path_factory: pytest.TempPathFactory) -> None:
+    repo = _repo(tmp_path_factory, "commits")
+    for lr in ("1.0e-3", "3.0e-3"):
+        _smoke_lr(repo, lr)
+        sh([*DVC, "repro"], repo)
+        sh(["git", "add", "-A"], repo)
+        sh(["git", "commit", "-qm", f"smoke lr={lr}"], repo)
+    report = json.loads(stdout_of([sys.executable, "-m", "pipeline.compare", "--revs", "HEAD~1", "HEAD",
+                                   "--format", "json", "--plot", str(repo / "compare.png")], repo))
+    assert report["config"] == {"trainer.lr": ["0.001", "0.003"]}
+    assert report["hashes"].keys() == {"git.commit"}, "same data and template, different commits"
+    metrics = report["metrics"]
+    assert "eval.tuned.topic.perplexity" in metrics and "eval.base.topic.perplexity" not in metrics
+    cells = metrics["eval.tuned.topic.perplexity"]["runs"]
+    assert all(isinstance(c["value"], float) for c in cells)
+    assert metrics["eval.tuned.topic.perplexity"]["diff"] == pytest.approx(cells[1]["value"] - cells[0]["value"])
+    for side in (0, 1):
+        assert any(m.startswith("eval.tuned.") and e["runs"][side]["value"] is not None for m, e in metrics.items())
+    md = sh([sys.executable, "-m", "pipeline.compare", "--revs", "HEAD~1", "HEAD", "--plot",
+             str(repo / "compare2.png")], repo)
+    assert "| `trainer.lr` | 0.001 | 0.003 |" in md and "eval.tuned.topic.perplexity" in md
+    assert (repo / "compare.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_dvc_queue_runs_land_in_the_repository_store(tmp_path_factory: pytest.TempPathFactory) -> None:
+    repo = _repo(tmp_path_factory, "queue")
+    sh(["git", "add", "-A"], repo)
+    sh(["git", "commit", "-qm", "init"], repo)
+    sh([*DVC, "exp", "run", "--queue", "-S", "+experiment=smoke", "-S", "trainer.lr=1e-4,3e-4"], repo)
+    sh([*DVC, "queue", "start"], repo)
+    deadline = time.monotonic() + 900
+    while True:
+        status = sh([*DVC, "queue", "status"], repo)
+        if not re.search(r"\b(Queued|Running)\b", status):
+            break
+        assert time.monotonic() < deadline, status
+        time.sleep(5)
+    assert status.count("Success") == 2, status
+    shown = json.loads(stdout_of([*DVC, "exp", "show", "--json"], repo))
+    exps = [e for baseline in shown for e in (baseline.get("experiments") or [])]
+    lrs = sorted(e["revs"][0]["data"]["params"]["params.yaml"]["data"]["trainer"]["lr"] for e in exps)
+    assert lrs == [1e-4, 3e-4]
+    assert all(e["revs"][0]["data"]["metrics"]["reports/eval/metrics.json"]["data"]["tuned"] for e in exps)
+    # Both queued runs logged into the repository's store, not into their deleted temp copies.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("instruction-tuning").experiment_id])
+    assert sorted(float(r.data.params["trainer.lr"]) for r in runs) == [1e-4, 3e-4]
+    assert {r.data.tags["dvc.exp_name"] for r in runs} == {e["revs"][0]["name"] for e in exps}
+    assert all("eval.tuned.overall.score" in r.data.metrics for r in runs)
