@@ -27,6 +27,7 @@ from pipeline import base_model, prepare
 from pipeline.config import PipelineConfig, from_mapping
 from pipeline.generation import generate_ids, until_eos
 from pipeline.models import load_causal_lm, load_tokenizer
+from pipeline.data.schema import ProblemCollector
 from pipeline.params import compose
 from pipeline.prompts import make_template
 from pipeline.render import tokenize_split
@@ -36,7 +37,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_prompts(cfg: PipelineConfig, tokenizer: Any, n: int) -> tuple[list[list[int]], list[int]]:
     """``n`` rendered test prompts, an equal share per task, and each one's token budget."""
-    splits = prepare.split(prepare.load(cfg.data), cfg.data.val_fraction, cfg.data.test_fraction, cfg.seed)
+    rows, _ = prepare.load(cfg.data, cfg.seed, ProblemCollector(cfg.data.max_problems))
+    splits = prepare.split(rows, cfg.data.val_fraction, cfg.data.test_fraction, cfg.seed)
     tasks = sorted({e.task for e in splits["test"]})
     per_task = -(-n // len(tasks))
     chosen = [e for t in tasks for e in [x for x in splits["test"] if x.task == t][:per_task]][:n]

@@ -76,7 +76,7 @@ def run_pipeline(cfg: config.PipelineConfig, params: dict[str, Any], ctx: JobCon
     tuned = job / "models" / "finetuned"
     train.run(cfg, params, rendered, base, tuned, job / "reports" / "train", job / "checkpoints", ctx.tracking)
     _tag_job(ctx, read_json(tuned / "run.json")["run_id"])
-    return evaluate.run(cfg, rendered, prepared, base, tuned, job / "reports" / "eval", ctx.tracking.uri)
+    return evaluate.run(cfg, rendered, prepared, base, tuned, job / "reports" / "eval", ctx.tracking)
 
 
 def _tag_job(ctx: JobContext, run_id: str) -> None:

@@ -39,4 +39,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from pipeline.cli import guard
+
+    sys.exit(guard("base_model", main))

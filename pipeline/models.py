@@ -121,10 +121,21 @@ def load_causal_lm(path: str | Path) -> "PreTrainedModel":
     import torch
     from transformers import AutoModelForCausalLM
 
+    from safetensors import SafetensorError
+
     try:
         return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, use_safetensors=True)
-    except (OSError, ValueError) as err:
-        raise ModelError(f"cannot load the model in {path}: {err}. Re-run the base_model stage.") from None
+    except (OSError, ValueError, SafetensorError) as err:  # missing, unreadable or corrupt (truncated) files
+        raise ModelError(f"cannot load the model in {path}: {type(err).__name__}: {err}. "
+                         "Re-run the base_model stage (dvc repro -f base_model).") from None
+
+
+def check_tokenizer(tokenizer: "PreTrainedTokenizerBase", model: "PreTrainedModel", where: str | Path) -> None:
+    """Refuse a tokenizer whose ids the model has no embeddings for (a mismatched pair)."""
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise ModelError(f"the tokenizer in {where} has {len(tokenizer)} tokens but the model has only {rows} "
+                         "embedding rows: tokenizer and model do not belong together")
 
 
 def apply_finetune(model: "PreTrainedModel", cfg: FinetuneConfig) -> "torch.nn.Module":

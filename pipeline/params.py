@@ -51,4 +51,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from pipeline.cli import guard
+
+    sys.exit(guard("params", main))

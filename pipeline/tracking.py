@@ -98,6 +98,14 @@ def redact(params: Mapping[str, Any]) -> dict[str, Any]:
     return {k: (REDACTED if SECRET_PARTS.search(k) and v not in (None, "") else v) for k, v in params.items()}
 
 
+def redact_tree(tree: Any, prefix: str = "") -> Any:
+    """``redact`` for a nested config, keeping its shape (for the saved config.yaml)."""
+    if isinstance(tree, Mapping):
+        return {k: redact_tree(v, f"{prefix}{k}.") for k, v in tree.items()}
+    key = prefix.rstrip(".")
+    return REDACTED if key and SECRET_PARTS.search(key) and tree not in (None, "") else tree
+
+
 def git_tags(cwd: Path) -> dict[str, str]:
     """Commit and dirty flag of the repository at ``cwd`` (empty outside git)."""
     def git(*args: str) -> str:

@@ -99,7 +99,7 @@ def run(cfg: config.PipelineConfig, params: dict[str, Any], rendered: Path, base
     from mlflow.tracking import MlflowClient
 
     from pipeline import tracking as mlf
-    from pipeline.models import apply_finetune, load_causal_lm, load_tokenizer
+    from pipeline.models import apply_finetune, check_tokenizer, load_causal_lm, load_tokenizer
     from pipeline.plots import loss_curve
     from pipeline.training import CheckpointOnSigterm, InstructionTuner, LossCurve, RenderedData, RngState
 
@@ -109,7 +109,9 @@ def run(cfg: config.PipelineConfig, params: dict[str, Any], rendered: Path, base
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # the one place global RNGs are seeded
     template = read_json(rendered / "template.json")
     tokenizer = load_tokenizer(base_model)
-    model = apply_finetune(load_causal_lm(base_model), cfg.finetune)
+    base = load_causal_lm(base_model)
+    check_tokenizer(tokenizer, base, base_model)
+    model = apply_finetune(base, cfg.finetune)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     print(f"train: {cfg.finetune.method}, {trainable:,} trainable of {total:,} parameters", flush=True)
@@ -174,7 +176,8 @@ def run(cfg: config.PipelineConfig, params: dict[str, Any], rendered: Path, base
                 model.save_pretrained(tmp / "model", safe_serialization=True)
                 tokenizer.save_pretrained(tmp / "model")
             write_json(tmp / "template.json", template)
-            (tmp / "config.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+            # Secret-looking keys never reach disk or MLflow (the file is logged as an artifact).
+            (tmp / "config.yaml").write_text(yaml.safe_dump(mlf.redact_tree(params), sort_keys=False))
             write_json(tmp / "run.json", {"run_id": run_id, "experiment": cfg.tracking.experiment})
             write_json(tmp / "summary.json", summary)
         loss_curve(curves / "train_loss.csv", curves / "val_loss.csv", curves / "loss.png")
@@ -218,4 +221,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from pipeline.cli import guard
+
+    sys.exit(guard("train", main))

@@ -43,7 +43,7 @@ def test_a_key_moves_with_its_stage_inputs_only(override: str, changed: set[str]
 
 
 def test_code_change_moves_the_key(tmp_path: Path) -> None:
-    for name in ("dvc.yaml", "pipeline"):
+    for name in ("dvc.yaml", "pipeline", "conf"):  # every dependency dvc.yaml names
         (shutil.copytree if (REPO / name).is_dir() else shutil.copy2)(REPO / name, tmp_path / name)
     before = keys([], tmp_path)
     with open(tmp_path / "pipeline/prompts.py", "a") as fh:
