@@ -193,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         report = run(cfg.data, cfg.seed, args.out, args.stats, args.plot)
     except (DataError, SplitError) as err:
-        print(f"prepare: {err}", file=sys.stderr)
+        print(f"prepare: error: {err}", file=sys.stderr)
         return 1
     print(f"prepare: {report['kept']} examples ({report['splits']}), dropped {report['dropped'] or 'none'}, "
           f"flagged {report['flagged'] or 'none'}, quarantined {report['quarantine']['rows']} rows")

@@ -147,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prompt_cfg = read_template_file(cfg.prompt)
         report = run(prompt_cfg, args.prepared, args.base_model, args.out, args.report, args.plot)
     except PromptError as err:
-        print(f"render: {err}", file=sys.stderr)
+        print(f"render: error: {err}", file=sys.stderr)
         return 1
     for split, r in report["splits"].items():
         print(f"render: {split}: {r['rows']} rows, {r['tokens']} tokens, "

@@ -116,7 +116,7 @@ def test_malformed_file_fails_naming_file_and_line_and_writes_nothing(tmp_path: 
 def test_missing_field_is_named_with_file_and_line(tmp_path: Path, capsys) -> None:
     code, bad, out, stats = run_main(tmp_path, b'{"instruction": "a", "output": "b"}\n{"instruction": "c"}\n')
     assert code == 1
-    assert capsys.readouterr().err == f"prepare: 1 problem(s) in the raw data:\n  {bad}:2: output: missing\n"
+    assert capsys.readouterr().err == f"prepare: error: 1 problem(s) in the raw data:\n  {bad}:2: output: missing\n"
     assert not out.exists() and not stats.exists()
 
 
