@@ -11,7 +11,7 @@ TORCH_SPEC ?= torch==2.13.0
 # dvc runs each stage's `python -m pipeline.<stage>` through the shell: use the venv's python.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: run test test-slow test-all mlflow-ui params clean-venv
+.PHONY: run test test-slow test-all mlflow-ui mlflow-server params clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,19 @@ params: $(STAMP)
 
 mlflow-ui: $(STAMP)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --port 5000
+
+# A tracking server for a team: runs in a database, artifacts proxied by the server
+# (clients need only MLFLOW_TRACKING_URI=http://<host>:$(MLFLOW_PORT), no storage credentials).
+# PostgreSQL: make mlflow-server MLFLOW_BACKEND=postgresql://mlflow:secret@db-host/mlflow
+# (pip install psycopg2-binary); S3 artifacts: MLFLOW_ARTIFACTS=s3://bucket/mlflow (pip install boto3).
+MLFLOW_HOST      ?= 127.0.0.1
+MLFLOW_PORT      ?= 5000
+MLFLOW_BACKEND   ?= sqlite:///$(CURDIR)/mlflow-server/mlflow.db
+MLFLOW_ARTIFACTS ?= $(CURDIR)/mlflow-server/artifacts
+mlflow-server: $(STAMP)
+	mkdir -p mlflow-server
+	$(BIN)/mlflow server --host $(MLFLOW_HOST) --port $(MLFLOW_PORT) \
+		--backend-store-uri $(MLFLOW_BACKEND) --artifacts-destination $(MLFLOW_ARTIFACTS) --serve-artifacts
 
 clean-venv:
 	rm -rf $(VENV)

@@ -208,9 +208,31 @@ class FinetuneConfig:
 
 
 @dataclass
+class StrategyConfig:
+    """How Lightning spreads one run over devices; built by :func:`pipeline.strategies.build`."""
+
+    name: str = MISSING  # auto | ddp | fsdp
+    process_group_backend: Optional[str] = MISSING  # null: nccl on GPUs, gloo on CPUs
+    auto_wrap: list[str] = MISSING  # fsdp: dotted class paths of the layers FSDP shards one by one
+    sharding: str = MISSING  # fsdp: FULL_SHARD | SHARD_GRAD_OP | NO_SHARD | HYBRID_SHARD
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.name not in STRATEGIES:
+            out.append(f"trainer.strategy.name: {self.name!r} is not one of {', '.join(STRATEGIES)}")
+        if self.name == "fsdp" and not self.auto_wrap:
+            out.append("trainer.strategy.auto_wrap: fsdp needs at least one layer class to wrap")
+        return out
+
+
+STRATEGIES = ("auto", "ddp", "fsdp")
+
+
+@dataclass
 class TrainerConfig:
     accelerator: str = MISSING
     devices: int = MISSING
+    strategy: StrategyConfig = MISSING
     precision: str = MISSING
     batch_size: int = MISSING
     accumulate_grad_batches: int = MISSING
@@ -233,7 +255,9 @@ class TrainerConfig:
             out.append("trainer.warmup_ratio: must be in [0, 1)")
         if self.lr <= 0:
             out.append("trainer.lr: must be > 0")
-        return out
+        if self.devices < 1:
+            out.append("trainer.devices: must be >= 1")
+        return out + self.strategy.problems()
 
 
 @dataclass

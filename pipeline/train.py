@@ -56,12 +56,20 @@ def fingerprint(params: dict[str, Any], rendered: Path, base_model: Path) -> str
     return hashlib.sha256(f"{relevant}|{data}|{weights}".encode()).hexdigest()
 
 
-def _resume_state(checkpoints: Path, expected: str, client: Any) -> dict[str, Any] | None:
-    """The run to resume, or None (then stale checkpoints are removed and their run closed)."""
+def _matching_state(checkpoints: Path, expected: str) -> dict[str, Any] | None:
+    """``resume.json`` if it belongs to this config and its checkpoint exists (read-only)."""
     state_file = checkpoints / "resume.json"
     state = read_json(state_file) if state_file.exists() else None
-    if state and state["fingerprint"] == expected and (checkpoints / "last.ckpt").exists():
+    return state if state and state["fingerprint"] == expected and (checkpoints / "last.ckpt").exists() else None
+
+
+def _resume_state(checkpoints: Path, expected: str, client: Any) -> dict[str, Any] | None:
+    """The run to resume, or None (then stale checkpoints are removed and their run closed)."""
+    state = _matching_state(checkpoints, expected)
+    if state:
         return state
+    state_file = checkpoints / "resume.json"
+    state = read_json(state_file) if state_file.exists() else None
     if state:  # a killed run that will never be resumed must not stay RUNNING in MLflow
         try:
             if client.get_run(state["run_id"]).info.status == "RUNNING":
@@ -89,15 +97,38 @@ def _handle_sigterm(fitting: list[bool]) -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+def _open_run(cfg: config.PipelineConfig, params: dict[str, Any], rendered: Path, template: dict[str, Any],
+              checkpoints: Path, expected: str, client: Any, tracking: Tracking,
+              resume: dict[str, Any] | None) -> str:
+    """Reopen the resumed MLflow run or create a new one (and its ``resume.json``); rank 0 only."""
+    from pipeline import tracking as mlf
+
+    if resume:
+        run_id: str = resume["run_id"]
+        client.update_run(run_id, status="RUNNING")
+        client.set_tag(run_id, "resumed", "true")
+        print(f"train: resuming MLflow run {run_id} from {checkpoints / 'last.ckpt'}", flush=True)
+        return run_id
+    tags = mlf.run_tags(tracking.repo_root, hash_files([rendered / "train.jsonl", rendered / "val.jsonl"]),
+                        template["hash"], tracking.dvc_exp_name, tracking.parent_run_id, tracking.sweep_id)
+    run_id = mlf.start_run(tracking.uri, cfg.tracking.experiment, tracking.artifact_root, params, tags,
+                           run_name=tracking.run_name or tracking.dvc_exp_name)
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    write_json(checkpoints / "resume.json", {"fingerprint": expected, "run_id": run_id})
+    return run_id
+
+
 def run(cfg: config.PipelineConfig, params: dict[str, Any], rendered: Path, base_model: Path, out: Path,
         curves: Path, checkpoints: Path, tracking: Tracking) -> dict[str, Any]:
     """Train, save the result to ``out`` atomically, log everything to one MLflow run."""
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
     from lightning.pytorch.loggers import MLFlowLogger
+    from lightning.pytorch.utilities import rank_zero_only
     from lightning.pytorch.utilities.exceptions import SIGTERMException
     from mlflow.tracking import MlflowClient
 
+    from pipeline import strategies
     from pipeline import tracking as mlf
     from pipeline.models import apply_finetune, check_tokenizer, load_causal_lm, load_tokenizer
     from pipeline.plots import loss_curve
@@ -120,19 +151,20 @@ def run(cfg: config.PipelineConfig, params: dict[str, Any], rendered: Path, base
     _handle_sigterm(fitting)
     client = MlflowClient(tracking.uri)
     expected = fingerprint(params, rendered, base_model)
-    resume = _resume_state(checkpoints, expected, client)
-    if resume:
-        run_id = resume["run_id"]
-        client.update_run(run_id, status="RUNNING")
-        client.set_tag(run_id, "resumed", "true")
-        print(f"train: resuming MLflow run {run_id} from {checkpoints / 'last.ckpt'}", flush=True)
+    # Under DDP, Lightning re-runs this script once per extra device (rank >= 1) when fit
+    # starts. Only rank 0 touches MLflow, resume.json and the outputs; the other ranks find
+    # the checkpoint rank 0 kept (it already removed stale ones before launching them).
+    zero = rank_zero_only.rank == 0
+    if zero:
+        resume = _resume_state(checkpoints, expected, client)
+        run_id = _open_run(cfg, params, rendered, template, checkpoints, expected, client, tracking, resume)
     else:
-        tags = mlf.run_tags(tracking.repo_root, hash_files([rendered / "train.jsonl", rendered / "val.jsonl"]),
-                            template["hash"], tracking.dvc_exp_name, tracking.parent_run_id, tracking.sweep_id)
-        run_id = mlf.start_run(tracking.uri, cfg.tracking.experiment, tracking.artifact_root, params, tags,
-                               run_name=tracking.run_name or tracking.dvc_exp_name)
-        checkpoints.mkdir(parents=True, exist_ok=True)
-        write_json(checkpoints / "resume.json", {"fingerprint": expected, "run_id": run_id})
+        resume, run_id = _matching_state(checkpoints, expected), None
+
+    def close(status: str) -> None:
+        if run_id is not None:
+            client.set_terminated(run_id, status)
+
     try:
         t = cfg.trainer
         curve = LossCurve(curves)
@@ -142,7 +174,9 @@ def run(cfg: config.PipelineConfig, params: dict[str, Any], rendered: Path, base
             accumulate_grad_batches=t.accumulate_grad_batches, gradient_clip_val=t.gradient_clip_val,
             val_check_interval=t.val_check_interval * t.accumulate_grad_batches, check_val_every_n_epoch=None,
             num_sanity_val_steps=0, log_every_n_steps=t.log_every_n_steps, deterministic=True,
-            logger=MLFlowLogger(experiment_name=cfg.tracking.experiment, tracking_uri=tracking.uri, run_id=run_id),
+            strategy=strategies.build(t.strategy), use_distributed_sampler=False,  # EpochSampler shards itself
+            logger=MLFlowLogger(experiment_name=cfg.tracking.experiment, tracking_uri=tracking.uri, run_id=run_id)
+            if zero else False,
             # tqdm, not rich: it still draws when DVC pipes the output to a non-terminal.
             callbacks=[curve, RngState(), CheckpointOnSigterm(checkpoints / "last.ckpt"),
                        TQDMProgressBar(refresh_rate=1),
@@ -160,8 +194,11 @@ def run(cfg: config.PipelineConfig, params: dict[str, Any], rendered: Path, base
                     ckpt_path=str(checkpoints / "last.ckpt") if resume else None, weights_only=True)
         fitting[0] = False
         seconds = time.perf_counter() - start
-        if trainer.is_global_zero:  # also when a resumed run had nothing left to do
-            curve.write()
+        # FSDP holds each rank's shard only: gathering the full weights takes every rank.
+        weights = trainer.strategy.lightning_module_state_dict() if t.strategy.name == "fsdp" else None
+        if not trainer.is_global_zero:
+            return {}
+        curve.write()  # also when a resumed run had nothing left to do
 
         summary = {
             "method": cfg.finetune.method, "trainable_parameters": trainable, "parameters": total,
@@ -170,10 +207,11 @@ def run(cfg: config.PipelineConfig, params: dict[str, Any], rendered: Path, base
             "val_loss": curve.val[-1][1] if curve.val else None,
         }
         with atomic_dir(out) as tmp:
+            state = {k.removeprefix("model."): v for k, v in weights.items()} if weights is not None else None
             if cfg.finetune.method == "lora":
-                model.save_pretrained(tmp / "adapter", safe_serialization=True)
+                model.save_pretrained(tmp / "adapter", safe_serialization=True, state_dict=state)
             else:
-                model.save_pretrained(tmp / "model", safe_serialization=True)
+                model.save_pretrained(tmp / "model", safe_serialization=True, state_dict=state)
                 tokenizer.save_pretrained(tmp / "model")
             write_json(tmp / "template.json", template)
             # Secret-looking keys never reach disk or MLflow (the file is logged as an artifact).
@@ -187,15 +225,15 @@ def run(cfg: config.PipelineConfig, params: dict[str, Any], rendered: Path, base
                              artifact_path="adapter" if cfg.finetune.method == "lora" else "model")
         client.log_artifacts(run_id, str(curves), artifact_path="plots")
     except SIGTERMException:  # a SystemExit with code 0: DVC must not take it for success
-        client.set_terminated(run_id, "KILLED")
+        close("KILLED")
         raise Terminated(128 + signal.SIGTERM) from None
     except (KeyboardInterrupt, SystemExit):
-        client.set_terminated(run_id, "KILLED")
+        close("KILLED")
         raise
     except BaseException:
-        client.set_terminated(run_id, "FAILED")
+        close("FAILED")
         raise
-    client.set_terminated(run_id, "FINISHED")
+    close("FINISHED")
     shutil.rmtree(checkpoints, ignore_errors=True)  # finished: nothing left to resume
     print(f"train: {summary['steps']} steps in {seconds:.0f}s, final train loss {summary['train_loss']}, "
           f"val loss {summary['val_loss']}; MLflow run {run_id}", flush=True)

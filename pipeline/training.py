@@ -36,30 +36,48 @@ def collate(rows: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-class EpochSampler(torch.utils.data.Sampler[int]):
-    """A permutation that depends only on (seed, epoch), able to start mid-epoch.
+class EpochSampler(torch.utils.data.Sampler[list[int]]):
+    """Batches of a permutation that depends only on (seed, epoch), able to start mid-epoch.
 
-    Lightning calls ``set_epoch`` before every epoch. After a resume, ``skip`` samples of
+    With ``world`` processes (DDP) the permutation is cut into global batches of
+    ``batch_size * world`` rows and process ``rank`` takes every ``world``-th row of each, so
+    every example is seen exactly once per epoch across ranks, and a global step trains on
+    the same rows as one process with ``batch_size * world`` would. A short last global
+    batch is split as evenly as it goes; one smaller than ``world`` joins the batch before
+    it, so no rank gets an empty batch and all ranks run the same number of steps (unequal
+    step counts would hang DDP's gradient all-reduce).
+
+    Lightning calls ``set_epoch`` before every epoch. After a resume, ``skip`` batches of
     the resumed epoch are left out once, so the run continues with exactly the batches an
-    uninterrupted run would have seen next.
+    uninterrupted run would have seen next. It is a batch sampler so that Lightning's
+    ``use_distributed_sampler`` (switched off in train.py) has nothing to re-wrap.
     """
 
-    def __init__(self, n: int, seed: int, shuffle: bool = True):
-        self.n, self.seed, self.shuffle = n, seed, shuffle
+    def __init__(self, n: int, batch_size: int, seed: int, shuffle: bool = True, rank: int = 0, world: int = 1):
+        if n < world:
+            raise ValueError(f"{n} examples cannot be split over {world} processes")
+        self.n, self.batch_size, self.seed, self.shuffle = n, batch_size, seed, shuffle
+        self.rank, self.world = rank, world
         self.epoch, self.skip = 0, 0
+        step = batch_size * world
+        self.starts = list(range(0, n, step))
+        if len(self.starts) > 1 and 0 < n - self.starts[-1] < world:
+            self.starts.pop()
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
         # The full epoch: Lightning counts the skipped batches as already done when it resumes.
-        return self.n
+        return len(self.starts)
 
     def __iter__(self):  # type: ignore[no-untyped-def]
         order = (torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
                  if self.shuffle else list(range(self.n)))
+        ends = [*self.starts[1:], self.n]
+        batches = [order[a:b][self.rank::self.world] for a, b in zip(self.starts, ends)]
         skip, self.skip = self.skip, 0
-        return iter(order[skip:])
+        return iter(batches[skip:])
 
 
 class RenderedData(L.LightningDataModule):
@@ -86,23 +104,27 @@ class RenderedData(L.LightningDataModule):
         self.train_rows = [{k: r[k] for k in keep} for r in read_jsonl(self.rendered / "train.jsonl")]
         self.val_rows = [{k: r[k] for k in keep} for r in read_jsonl(self.rendered / "val.jsonl")]
 
+    def _sampler(self, rows: list[dict[str, Any]], shuffle: bool) -> EpochSampler:
+        # Before fit there is no trainer (tests build loaders directly): one process.
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        return EpochSampler(len(rows), self.batch_size, self.seed, shuffle, rank, world)
+
     def _loader(self, rows: list[dict[str, Any]], sampler: EpochSampler) -> DataLoader:
         # A private generator: creating an iterator would otherwise draw from the global RNG
         # (which drives dropout), and a resumed run creates iterators at different times.
-        return DataLoader(rows, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
+        return DataLoader(rows, batch_sampler=sampler, num_workers=self.num_workers,
                           collate_fn=lambda b: collate(b, self.pad_id),
                           generator=torch.Generator().manual_seed(self.seed))
 
     def train_dataloader(self) -> DataLoader:
-        sampler = EpochSampler(len(self.train_rows), self.seed)
-        per_epoch = -(-len(self.train_rows) // self.batch_size)
-        sampler.set_epoch(self.resume_batches // per_epoch)
-        sampler.skip = (self.resume_batches % per_epoch) * self.batch_size
+        sampler = self._sampler(self.train_rows, shuffle=True)
+        sampler.set_epoch(self.resume_batches // len(sampler))
+        sampler.skip = self.resume_batches % len(sampler)
         return self._loader(self.train_rows, sampler)
 
     def val_dataloader(self) -> DataLoader | list:
-        return self._loader(self.val_rows, EpochSampler(len(self.val_rows), self.seed, shuffle=False)) \
-            if self.val_rows else []
+        return self._loader(self.val_rows, self._sampler(self.val_rows, shuffle=False)) if self.val_rows else []
 
 
 class InstructionTuner(L.LightningModule):
@@ -122,16 +144,30 @@ class InstructionTuner(L.LightningModule):
         now = time.perf_counter()
         elapsed, self._step_start = now - self._step_start, now
         tokens = batch["attention_mask"].sum().item()
-        self.log("train_loss", loss, prog_bar=True, batch_size=len(batch["input_ids"]))
+        # sync_dist: under DDP the curve shows the mean over ranks, not rank 0's shard alone.
+        self.log("train_loss", loss, prog_bar=True, batch_size=len(batch["input_ids"]), sync_dist=True)
         self.log("tokens_per_s", tokens / max(elapsed, 1e-9), prog_bar=True)
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         return loss
 
+    def on_validation_epoch_start(self) -> None:
+        self._val_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        self._val_tokens = torch.zeros((), dtype=torch.float64, device=self.device)
+
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        # Token-weighted mean over the whole split, whatever the batch sizes.
+        # Token-weighted mean over the whole split, whatever the batch sizes and ranks:
+        # sums and counts are added up here and over ranks at the end. (Lightning's own
+        # sync_dist weighting reduces the token counts as integers and got DDP's mean wrong.)
         losses = completion_loss(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"],
                                  reduction="none")
-        self.log("val_loss", losses.mean(), prog_bar=True, batch_size=losses.numel())
+        self._val_sum += losses.double().sum()
+        self._val_tokens += losses.numel()
+
+    def on_validation_epoch_end(self) -> None:
+        total = self.trainer.strategy.reduce(self._val_sum, reduce_op="sum")
+        tokens = self.trainer.strategy.reduce(self._val_tokens, reduce_op="sum")
+        if tokens > 0:
+            self.log("val_loss", (total / tokens).float(), prog_bar=True)
 
     def configure_optimizers(self) -> Any:
         from transformers import get_cosine_schedule_with_warmup

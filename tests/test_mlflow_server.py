@@ -1,0 +1,97 @@
+"""The smoke experiment against a shared tracking server: `mlflow server` with a SQLite
+backend and proxied artifacts (`--serve-artifacts`), reached over http://127.0.0.1 like a
+team server; train and evaluate log into one run, read back through the client.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import yaml
+
+from pipeline import evaluate, prepare, render, train
+from pipeline.config import from_mapping
+from pipeline.files import read_json
+from pipeline.params import compose
+
+EXPERIMENT = "shared-server-smoke"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = _free_port()
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+           "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+           "--artifacts-destination", str(root / "artifacts"), "--serve-artifacts"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    log = open(root / "server.log", "w")
+    # Its own process group: the server's worker processes outlive a SIGTERM to the parent alone.
+    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                pass
+            assert proc.poll() is None, (root / "server.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "mlflow server did not come up"
+            time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+def test_train_and_evaluate_log_one_run_to_the_server(server: str, tmp_path: Path, smoke_base: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    raw = compose(["+experiment=smoke", f"tracking.experiment={EXPERIMENT}"])
+    cfg = from_mapping(raw)
+    prepare.run(cfg.data, cfg.seed, tmp_path / "prepared", tmp_path / "stats.json")
+    render.run(cfg.prompt, tmp_path / "prepared", smoke_base, tmp_path / "rendered", tmp_path / "render.json")
+    # The artifact root is ignored for http:// stores: the server decides where artifacts go.
+    summary = train.run(cfg, raw, tmp_path / "rendered", smoke_base, tmp_path / "tuned", tmp_path / "curves",
+                        tmp_path / "ckpt", train.Tracking(server, tmp_path / "unused", tmp_path, "server-exp"))
+    metrics = evaluate.run(cfg, tmp_path / "rendered", tmp_path / "prepared", smoke_base, tmp_path / "tuned",
+                           tmp_path / "eval", evaluate.Tracking(server, tmp_path / "unused", tmp_path, "server-exp"))
+
+    client = MlflowClient(server)
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    assert exp.artifact_location.startswith("mlflow-artifacts:")  # proxied through the server
+    [run] = client.search_runs([exp.experiment_id])
+    assert run.info.run_id == read_json(tmp_path / "tuned" / "run.json")["run_id"]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["trainer.max_steps"] == str(cfg.trainer.max_steps)
+    assert run.data.metrics["train_loss"] == pytest.approx(summary["train_loss"])
+    assert run.data.metrics["eval.base.overall.score"] == metrics["base"]["overall"]["score"]
+    top = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"adapter", "plots", "config.yaml", "eval"} <= top
+    # The artifacts really went through the server: download the config back and compare.
+    local = client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path / "download"))
+    assert yaml.safe_load(Path(local).read_text()) == raw
+    assert not (tmp_path / "unused").exists()
