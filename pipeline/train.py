@@ -99,9 +99,11 @@ def run(cfg: config.PipelineConfig, params: dict[str, Any], rendered: Path, base
     from mlflow.tracking import MlflowClient
 
     from pipeline import tracking as mlf
-    from pipeline.models import apply_finetune, load_causal_lm, load_tokenizer
+    from pipeline import encoder
+    from pipeline.models import apply_finetune, load_causal_lm, load_tokenizer, model_kind
     from pipeline.plots import loss_curve
-    from pipeline.training import CheckpointOnSigterm, InstructionTuner, LossCurve, RenderedData, RngState
+    from pipeline.training import CheckpointOnSigterm, InstructionTuner, LossCurve, RenderedData, RngState, collate, \
+        token_loss
 
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     # Our sampler resumes mid-epoch itself (EpochSampler.skip), which Lightning cannot see.
@@ -109,7 +111,11 @@ def run(cfg: config.PipelineConfig, params: dict[str, Any], rendered: Path, base
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # the one place global RNGs are seeded
     template = read_json(rendered / "template.json")
     tokenizer = load_tokenizer(base_model)
-    model = apply_finetune(load_causal_lm(base_model), cfg.finetune)
+    # An encoder gets a new label head over the rendered labels; config validation made it finetune=full.
+    classifier = model_kind(base_model) == encoder.KIND
+    labels = read_json(rendered / encoder.LABELS_FILE) if classifier else None
+    model = apply_finetune(encoder.load_classifier(base_model, labels["labels"]) if labels else
+                           load_causal_lm(base_model), cfg.finetune)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     print(f"train: {cfg.finetune.method}, {trainable:,} trainable of {total:,} parameters", flush=True)
@@ -150,11 +156,12 @@ def run(cfg: config.PipelineConfig, params: dict[str, Any], rendered: Path, base
                                        save_top_k=1, save_on_train_epoch_end=False)],
             enable_model_summary=False, default_root_dir=checkpoints,
         )
-        data = RenderedData(rendered, t.batch_size, tokenizer.pad_token_id, cfg.seed, t.num_workers)
+        data = RenderedData(rendered, t.batch_size, tokenizer.pad_token_id, cfg.seed, t.num_workers,
+                            encoder.collate if classifier else collate)
         start = time.perf_counter()
         # Only checkpoints this stage wrote itself are loaded, and with weights_only=True.
         fitting[0] = True
-        trainer.fit(InstructionTuner(model, t), datamodule=data,
+        trainer.fit(InstructionTuner(model, t, encoder.loss if classifier else token_loss), datamodule=data,
                     ckpt_path=str(checkpoints / "last.ckpt") if resume else None, weights_only=True)
         fitting[0] = False
         seconds = time.perf_counter() - start
@@ -174,6 +181,8 @@ def run(cfg: config.PipelineConfig, params: dict[str, Any], rendered: Path, base
                 model.save_pretrained(tmp / "model", safe_serialization=True)
                 tokenizer.save_pretrained(tmp / "model")
             write_json(tmp / "template.json", template)
+            if labels:
+                write_json(tmp / encoder.LABELS_FILE, labels)
             (tmp / "config.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
             write_json(tmp / "run.json", {"run_id": run_id, "experiment": cfg.tracking.experiment})
             write_json(tmp / "summary.json", summary)
