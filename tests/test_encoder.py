@@ -187,3 +187,25 @@ def test_real_t0_classification_data_renders_for_the_encoder(tmp_path: Path, cha
     with pytest.raises(encoder.LabelError, match="no text"):  # its text is all in the prompt (the instruction)
         render.run(dataclasses.replace(cfg.prompt, include_instruction=False), tmp_path / "prepared", chain / "base",
                    tmp_path / "r2", tmp_path / "r2.json")
+
+
+def test_compare_shows_two_evaluations_of_one_task_side_by_side(tmp_path: Path, chain: Path) -> None:
+    from pipeline import compare
+    from pipeline.files import write_json
+
+    enc = read_json(chain / "eval" / "metrics.json")["tuned"]["topic"]
+    llm = tmp_path / "llm" / "reports" / "eval"  # a causal LM's evaluation, by hand: same accuracy, base row too
+    write_json(llm / "metrics.json", {"base": {"topic": {"accuracy": 0.125}, "qa": {"exact_match": 0.5}},
+                                      "tuned": {"topic": {"accuracy": enc["accuracy"]}}})
+    write_json(llm / "intervals.json", {"intervals": {"base": {"topic": {"accuracy": [0.0, 0.25]}},
+                                                      "tuned": {"topic": {"accuracy": [0.5, 1.0]}}}})
+    out = tmp_path / "cmp.json"
+    assert compare.main(["--evals", str(llm), str(chain / "eval"), "--task", "topic", "--format", "json",
+                         "--out", str(out), "--plot", str(tmp_path / "cmp.png")]) == 0
+    rep = read_json(out)
+    assert set(rep["metrics"]) == {f"eval.tuned.topic.{k}" for k in enc} | {"eval.base.topic.accuracy"}
+    same = rep["metrics"]["eval.tuned.topic.accuracy"]  # equal values are shown too
+    assert [c["value"] for c in same["runs"]] == [enc["accuracy"]] * 2 and same["diff"] == 0
+    assert same["runs"][0]["ci"] == [0.5, 1.0]
+    assert same["runs"][1]["ci"] == read_json(chain / "eval" / "intervals.json")["intervals"]["tuned"]["topic"]["accuracy"]
+    assert rep["metrics"]["eval.base.topic.accuracy"]["runs"][1]["value"] is None
