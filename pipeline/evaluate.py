@@ -8,7 +8,8 @@ prompts. ``eval.models: [base]`` is a zero-shot baseline that needs no trained m
 delta), ``intervals.json`` (95% bootstrap intervals of every metric, paired deltas with
 p-values, per-class scores, confusion matrices), ``predictions.jsonl``, ``report.md``,
 PNG plots in ``plots/`` and DVC plot data (``per_task.json``, ``confusion/<task>_<model>.json``);
-logs the same into MLflow.
+logs the same into MLflow. A trained encoder classifier's answers are its argmax labels,
+scored by the same code.
 """
 
 from __future__ import annotations

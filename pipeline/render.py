@@ -7,7 +7,9 @@ plus ``template.json`` (the template and its hash) to ``--out``, a report of len
 truncations, drops and the fraction of loss-bearing tokens to ``--report``, and a
 token-length histogram to ``--plot``. A ``prompt.template_file`` is read here, at the
 entry point. DVC re-runs this stage only when the prepared data, the tokenizer, this
-code or the ``prompt`` params change: that is the render cache.
+code or the ``prompt`` params change: that is the render cache. An encoder base
+(``model_info.json`` kind ``sequence_classification``) gets text + label-id rows of the
+classification tasks and ``labels.json`` instead (:mod:`pipeline.encoder`).
 """
 
 from __future__ import annotations

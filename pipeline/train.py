@@ -4,7 +4,8 @@ Reads ``finetune``, ``trainer``, ``seed`` and ``tracking`` from params.yaml. Wri
 ``--out`` the adapter (``adapter/``, LoRA) or full weights (``model/``), both as
 safetensors, with the prompt template, the resolved config and the MLflow run id, so
 evaluation renders prompts identically and logs into the same run. Loss curves go to
-``--curves``; Lightning checkpoints to ``--checkpoints``.
+``--curves``; Lightning checkpoints to ``--checkpoints``. An encoder base gets a label head
+from the rendered ``labels.json`` and is saved as ``model/`` with ``labels.json``.
 """
 
 from __future__ import annotations
