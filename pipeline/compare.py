@@ -4,6 +4,11 @@
 ``python -m pipeline.compare --sweep ID``          the children of a sweep (parent run id or ``sweep.id`` tag)
 ``python -m pipeline.compare --revs A B``          two git revisions, through ``dvc params diff`` and
                                                    ``dvc metrics diff`` (and the files DVC keeps in git)
+``python -m pipeline.compare --evals DIR DIR ...``  evaluate outputs (``metrics.json`` + ``intervals.json``),
+                                                   e.g. the encoder's and the causal LM's on the same test split
+
+``--task TASK`` keeps only that task's metrics and shows them even where the runs agree:
+the side-by-side table of two models on one task.
 
 Prints Markdown (paste it into a PR) or JSON (``--format json``): the config keys whose
 values differ, the data and template hashes, and every evaluation metric that differs
@@ -150,6 +155,24 @@ def _revision_extras(repo: Path, rev: str, commit: str) -> tuple[dict, dict]:
     return intervals_by_metric(doc), hashes
 
 
+# ---- evaluation directories ----------------------------------------------------------------
+
+def from_eval_dirs(dirs: Sequence[Path]) -> list[Run]:
+    """Runs from evaluate's output folders; params from the ``params.yaml`` two levels up
+    (the DVC layout ``<repo>/reports/eval``) when there is one."""
+    runs = []
+    for d in dirs:
+        metrics = {f"eval.{k}": float(v) for k, v in flatten(json.loads((d / "metrics.json").read_text())).items()
+                   if isinstance(v, (int, float))}
+        doc = json.loads((d / "intervals.json").read_text()) if (d / "intervals.json").exists() else {}
+        params_file = d.resolve().parents[1] / "params.yaml"
+        params = ({k: str(v) for k, v in flatten(yaml.safe_load(params_file.read_text()) or {}).items()}
+                  if params_file.exists() else {})
+        hashes = {"template.hash": doc["template_hash"]} if doc.get("template_hash") else {}
+        runs.append(Run(str(d), params, metrics, intervals_by_metric(doc), hashes))
+    return runs
+
+
 # ---- the report ------------------------------------------------------------------------------
 
 def differing(values: list[dict[str, Any]]) -> dict[str, list[Any]]:
@@ -158,10 +181,17 @@ def differing(values: list[dict[str, Any]]) -> dict[str, list[Any]]:
     return {k: [v.get(k) for v in values] for k in keys if len({json.dumps(v.get(k)) for v in values}) > 1}
 
 
-def report(runs: list[Run]) -> dict[str, Any]:
+def _task_metrics(runs: list[Run], task: str) -> dict[str, list[Any]]:
+    """Every ``eval.<model>.<task>.<metric>`` of any run, equal or not."""
+    keys = sorted({k for r in runs for k in r.metrics if k.split(".")[2:3] == [task]})
+    return {k: [r.metrics.get(k) for r in runs] for k in keys}
+
+
+def report(runs: list[Run], task: str | None = None) -> dict[str, Any]:
     """Everything the tables show, as plain data (this is the JSON output)."""
     metrics = {}
-    for key, values in differing([r.metrics for r in runs]).items():
+    rows = _task_metrics(runs, task) if task else differing([r.metrics for r in runs])
+    for key, values in rows.items():
         cells = [{"value": v, "ci": list(r.intervals[key]) if key in r.intervals else None} for v, r in zip(values, runs)]
         entry: dict[str, Any] = {"runs": cells}
         if len(runs) == 2 and None not in values:
@@ -197,7 +227,8 @@ def markdown(rep: dict[str, Any]) -> str:
     out.append(head + "".join(f"| {k} | " + " | ".join(_fmt(v)[:12] for v in vs) + " |\n"
                               for k, vs in rep["hashes"].items() if k != "git.commit")
                if set(rep["hashes"]) - {"git.commit"} else "same data and template in every run\n")
-    out.append("\n## Metrics that differ (95% bootstrap CI)\n\n")
+    out.append(f"\n## Metrics of task {rep['task']} (95% bootstrap CI)\n\n" if rep.get("task")
+               else "\n## Metrics that differ (95% bootstrap CI)\n\n")
     two = len(names) == 2
     out.append("| metric | " + " | ".join(names) + (" | diff | CIs overlap |" if two else " |") + "\n|---|"
                + "---|" * (len(names) + (2 if two else 0)) + "\n")
@@ -258,6 +289,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("run_ids", nargs="*", default=[], help="MLflow run ids")
     parser.add_argument("--sweep", help="a sweep: its parent run id or its sweep.id tag")
     parser.add_argument("--revs", nargs=2, metavar=("A", "B"), help="two git revisions of the repo at --repo")
+    parser.add_argument("--evals", nargs="+", type=Path, metavar="DIR", help="evaluate output folders")
+    parser.add_argument("--task", help="show every metric of this task, side by side, even where runs agree")
     parser.add_argument("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     parser.add_argument("--repo", type=Path, default=Path("."), help="git/DVC repository for --revs")
     parser.add_argument("--metric", help=f"metric to plot (default: the sweep's metric, else {DEFAULT_METRIC})")
@@ -265,8 +298,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--format", choices=("md", "json"), default="md")
     parser.add_argument("--out", type=Path, help="write the report here instead of stdout")
     args = parser.parse_args(argv)
-    if sum(map(bool, (args.run_ids, args.sweep, args.revs))) != 1:
-        parser.error("give run ids, --sweep or --revs (exactly one of them)")
+    if sum(map(bool, (args.run_ids, args.sweep, args.revs, args.evals))) != 1:
+        parser.error("give run ids, --sweep, --revs or --evals (exactly one of them)")
 
     from pipeline.tracking import default_uri
 
@@ -274,6 +307,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     metric = args.metric
     if args.revs:
         runs = from_revisions(args.repo, *args.revs)
+    elif args.evals:
+        runs = from_eval_dirs(args.evals)
     elif args.sweep:
         ids, parent_params = sweep_children(uri, args.sweep)
         metric = metric or parent_params.get("sweep.metric")
@@ -284,7 +319,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         runs = from_mlflow(uri, args.run_ids)
     if len(runs) < 2:
         raise SystemExit(f"compare: need at least two runs, found {len(runs)}")
-    rep = report(runs)
+    rep = report(runs, args.task)
+    rep["task"] = args.task
     rep["metric"] = metric or DEFAULT_METRIC
     rep["swept"] = plot(runs, rep["metric"], args.plot)
     rep["plot"] = str(args.plot)

@@ -17,6 +17,7 @@ from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 TASK_TYPES = ("classification", "short_answer", "free_text")
+MODEL_KINDS = ("causal_lm", "sequence_classification")
 
 
 class ConfigError(ValueError):
@@ -36,9 +37,14 @@ class ModelConfig:
     init: str = MISSING  # pretrained | random
     config_overrides: dict[str, Any] = MISSING
     trust_remote_code: bool = MISSING
+    kind: str = MISSING  # causal_lm | sequence_classification (an encoder with a label head)
 
     def problems(self) -> list[str]:
-        return _choice("model.init", self.init, ("pretrained", "random"))
+        out = _choice("model.init", self.init, ("pretrained", "random"))
+        out += _choice("model.kind", self.kind, MODEL_KINDS)
+        if self.kind == "sequence_classification" and self.gguf_file:
+            out.append("model.gguf_file: not supported for model.kind=sequence_classification")
+        return out
 
 
 DEDUP_ACTIONS = ("remove", "report", "off")
@@ -173,6 +179,7 @@ class PromptConfig:
     shot_seed: int = MISSING
     max_length: int = MISSING
     overflow: str = MISSING  # truncate | drop
+    include_instruction: bool = MISSING  # sequence_classification: put the instruction before the input
 
     def problems(self) -> list[str]:
         out = _choice("prompt.kind", self.kind, ("chat", "jinja"))
@@ -313,6 +320,18 @@ def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> list[str]:
     return [] if value in allowed else [f"{key}: {value!r} is not one of {', '.join(allowed)}"]
 
 
+def _kind_problems(cfg: PipelineConfig) -> list[str]:
+    """What an encoder classifier cannot do: LoRA (not wired for it) and a 'base' row (its head is untrained)."""
+    if cfg.model.kind != "sequence_classification":
+        return []
+    out = []
+    if cfg.finetune.method != "full":
+        out.append("finetune.method: model.kind=sequence_classification trains all weights; use finetune=full")
+    if "base" in cfg.eval.models:
+        out.append("eval.models: an encoder's base model has no trained label head; use eval.models=[tuned]")
+    return out
+
+
 def _missing_keys(node: Any, prefix: str = "") -> list[str]:
     """Dotted keys still ``???`` in a structured config."""
     out = []
@@ -338,6 +357,7 @@ def from_mapping(raw: Mapping[str, Any], source: str = "config") -> PipelineConf
     cfg: PipelineConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     for section in (cfg.model, cfg.data, cfg.prompt, cfg.finetune, cfg.trainer, cfg.eval):
         problems += section.problems()
+    problems += _kind_problems(cfg)
     if problems:
         raise ConfigError(problems, source)
     return cfg

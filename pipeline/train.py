@@ -4,7 +4,8 @@ Reads ``finetune``, ``trainer``, ``seed`` and ``tracking`` from params.yaml. Wri
 ``--out`` the adapter (``adapter/``, LoRA) or full weights (``model/``), both as
 safetensors, with the prompt template, the resolved config and the MLflow run id, so
 evaluation renders prompts identically and logs into the same run. Loss curves go to
-``--curves``; Lightning checkpoints to ``--checkpoints``.
+``--curves``; Lightning checkpoints to ``--checkpoints``. An encoder base gets a label head
+from the rendered ``labels.json`` and is saved as ``model/`` with ``labels.json``.
 """
 
 from __future__ import annotations
@@ -130,9 +131,11 @@ def run(cfg: config.PipelineConfig, params: dict[str, Any], rendered: Path, base
 
     from pipeline import strategies
     from pipeline import tracking as mlf
-    from pipeline.models import apply_finetune, check_tokenizer, load_causal_lm, load_tokenizer
+    from pipeline import encoder
+    from pipeline.models import apply_finetune, check_tokenizer, load_causal_lm, load_tokenizer, model_kind
     from pipeline.plots import loss_curve
-    from pipeline.training import CheckpointOnSigterm, InstructionTuner, LossCurve, RenderedData, RngState
+    from pipeline.training import CheckpointOnSigterm, InstructionTuner, LossCurve, RenderedData, RngState, collate, \
+        token_loss
 
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     # Our sampler resumes mid-epoch itself (EpochSampler.skip), which Lightning cannot see.
@@ -140,7 +143,10 @@ def run(cfg: config.PipelineConfig, params: dict[str, Any], rendered: Path, base
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # the one place global RNGs are seeded
     template = read_json(rendered / "template.json")
     tokenizer = load_tokenizer(base_model)
-    base = load_causal_lm(base_model)
+    # An encoder gets a new label head over the rendered labels; config validation made it finetune=full.
+    classifier = model_kind(base_model) == encoder.KIND
+    labels = read_json(rendered / encoder.LABELS_FILE) if classifier else None
+    base = encoder.load_classifier(base_model, labels["labels"]) if labels else load_causal_lm(base_model)
     check_tokenizer(tokenizer, base, base_model)
     model = apply_finetune(base, cfg.finetune)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -186,11 +192,12 @@ def run(cfg: config.PipelineConfig, params: dict[str, Any], rendered: Path, base
                                        save_top_k=1, save_on_train_epoch_end=False)],
             enable_model_summary=False, default_root_dir=checkpoints,
         )
-        data = RenderedData(rendered, t.batch_size, tokenizer.pad_token_id, cfg.seed, t.num_workers)
+        data = RenderedData(rendered, t.batch_size, tokenizer.pad_token_id, cfg.seed, t.num_workers,
+                            encoder.collate if classifier else collate)
         start = time.perf_counter()
         # Only checkpoints this stage wrote itself are loaded, and with weights_only=True.
         fitting[0] = True
-        trainer.fit(InstructionTuner(model, t), datamodule=data,
+        trainer.fit(InstructionTuner(model, t, encoder.loss if classifier else token_loss), datamodule=data,
                     ckpt_path=str(checkpoints / "last.ckpt") if resume else None, weights_only=True)
         fitting[0] = False
         seconds = time.perf_counter() - start
@@ -214,6 +221,8 @@ def run(cfg: config.PipelineConfig, params: dict[str, Any], rendered: Path, base
                 model.save_pretrained(tmp / "model", safe_serialization=True, state_dict=state)
                 tokenizer.save_pretrained(tmp / "model")
             write_json(tmp / "template.json", template)
+            if labels:
+                write_json(tmp / encoder.LABELS_FILE, labels)
             # Secret-looking keys never reach disk or MLflow (the file is logged as an artifact).
             (tmp / "config.yaml").write_text(yaml.safe_dump(mlf.redact_tree(params), sort_keys=False))
             write_json(tmp / "run.json", {"run_id": run_id, "experiment": cfg.tracking.experiment})

@@ -10,7 +10,7 @@ import csv
 import random
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import lightning as L
 import numpy as np
@@ -83,9 +83,10 @@ class EpochSampler(torch.utils.data.Sampler[list[int]]):
 class RenderedData(L.LightningDataModule):
     """Train/val rows written by the render stage; the train order survives a resume."""
 
-    def __init__(self, rendered: Path, batch_size: int, pad_id: int, seed: int, num_workers: int = 0):
+    def __init__(self, rendered: Path, batch_size: int, pad_id: int, seed: int, num_workers: int = 0,
+                 collate_fn: Callable[[list[dict[str, Any]], int], dict[str, torch.Tensor]] = collate):
         super().__init__()
-        self.rendered, self.batch_size, self.pad_id = rendered, batch_size, pad_id
+        self.rendered, self.batch_size, self.pad_id, self.collate_fn = rendered, batch_size, pad_id, collate_fn
         self.seed, self.num_workers = seed, num_workers
         self.train_rows: list[dict[str, Any]] = []
         self.val_rows: list[dict[str, Any]] = []
@@ -114,7 +115,7 @@ class RenderedData(L.LightningDataModule):
         # A private generator: creating an iterator would otherwise draw from the global RNG
         # (which drives dropout), and a resumed run creates iterators at different times.
         return DataLoader(rows, batch_sampler=sampler, num_workers=self.num_workers,
-                          collate_fn=lambda b: collate(b, self.pad_id),
+                          collate_fn=lambda b: self.collate_fn(b, self.pad_id),
                           generator=torch.Generator().manual_seed(self.seed))
 
     def train_dataloader(self) -> DataLoader:
@@ -127,17 +128,24 @@ class RenderedData(L.LightningDataModule):
         return self._loader(self.val_rows, self._sampler(self.val_rows, shuffle=False)) if self.val_rows else []
 
 
-class InstructionTuner(L.LightningModule):
-    """Completion-only cross-entropy, AdamW with linear warmup and cosine decay."""
+def token_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], reduction: str = "mean") -> torch.Tensor:
+    """Completion-only cross-entropy of a causal LM (per token with ``reduction="none"``)."""
+    return completion_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"], reduction=reduction)
 
-    def __init__(self, model: torch.nn.Module, cfg: TrainerConfig):
+
+class InstructionTuner(L.LightningModule):
+    """A loss (completion-only cross-entropy by default; the encoder passes its class
+    cross-entropy), AdamW with linear warmup and cosine decay."""
+
+    def __init__(self, model: torch.nn.Module, cfg: TrainerConfig,
+                 loss: Callable[..., torch.Tensor] = token_loss):
         super().__init__()
-        self.model, self.cfg = model, cfg
+        self.model, self.cfg, self.loss = model, cfg, loss
         self.model.train()  # from_pretrained returns eval mode, which would disable LoRA dropout
         self._step_start = time.perf_counter()
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return completion_loss(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        return self.loss(self.model, batch)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self._loss(batch)
@@ -155,11 +163,10 @@ class InstructionTuner(L.LightningModule):
         self._val_tokens = torch.zeros((), dtype=torch.float64, device=self.device)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        # Token-weighted mean over the whole split, whatever the batch sizes and ranks:
-        # sums and counts are added up here and over ranks at the end. (Lightning's own
+        # Token- (or row-) weighted mean over the whole split, whatever the batch sizes and
+        # ranks: sums and counts are added up here and over ranks at the end. (Lightning's own
         # sync_dist weighting reduces the token counts as integers and got DDP's mean wrong.)
-        losses = completion_loss(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"],
-                                 reduction="none")
+        losses = self.loss(self.model, batch, reduction="none")
         self._val_sum += losses.double().sum()
         self._val_tokens += losses.numel()
 

@@ -25,6 +25,8 @@ def overrides_for(group: str, option: str) -> list[str]:
     if group == "experiment":
         return [f"+experiment={option}"]
     extra = ["data.path=x"] if (group, option) in (("data", "local"), ("data", "hub")) else []
+    if (group, option) == ("model", "minilm_cls"):  # an encoder needs these (see +experiment=encoder)
+        extra = ["finetune=full", "eval.models=[tuned]"]
     return [f"{group}={option}", *extra]
 
 
