@@ -87,6 +87,7 @@ def test_tokenizer_that_does_not_match_the_model(smoke_dir: Path) -> None:
                         num_attention_heads=2, num_key_value_heads=1)
     LlamaForCausalLM(small).save_pretrained(other)
     AutoTokenizer.from_pretrained(smoke_dir / "base").save_pretrained(other)  # 49152 tokens, 1000 rows
+    (other / "model_info.json").write_text((smoke_dir / "base/model_info.json").read_text())
     proc = _stage(_train_args("mismatch", "out-mismatch"), smoke_dir)
     _assert_one_clear_error(proc, "train", "49152 tokens", "1000 embedding rows")
 
