@@ -120,6 +120,9 @@ def markdown(table: SliceTable) -> str:
         if r["task"] == "overall":
             lines.append(f"| {r['slice']} | {r['value']} | {r['model']} | {r['n']} | "
                          f"{r['score']:.3f} [{r['low']:.3f}, {r['high']:.3f}] |")
+    lines += ["", "| slice | model | highest | lowest | gap |", "|---|---|---|---|---|"]
+    lines += [f"| {g['slice']} | {g['model']} | {g['high']} ({g['scores'][g['high']]:.3f}) | "
+              f"{g['low']} ({g['scores'][g['low']]:.3f}) | {g['gap']:.3f} |" for g in table.gaps]
     gap = table.largest_gap()
     if gap is not None:
         lines.append(f"\nLargest gap between slices: **{gap['slice']}** for **{gap['model']}**: "
