@@ -297,7 +297,7 @@ def _log_mlflow(tracking: Tracking, cfg: config.PipelineConfig, tuned: Path | No
         mlflow.log_metrics(flat)
         mlflow.log_table(table, artifact_file="eval/predictions.json")
         mlflow.log_table(pd.DataFrame(read_json(out / "intervals.json")["slices"]["rows"]),
-                         artifact_file="eval/slices.json")
+                         artifact_file="eval/slice_table.json")
         mlflow.log_artifacts(str(out), artifact_path="eval")
         _log_prepare_safety(prepared)
 

@@ -140,7 +140,9 @@ def test_dvc_plots_show_renders_eval_plots(smoke_repo: Path) -> None:
     [bars] = shown["reports/eval/per_task.json"]
     assert bars["content"]["mark"]["type"] == "bar"
     assert {row["bar"] for row in bars["content"]["data"]["values"]} == {
-        f"{t} · {m}" for t in ("topic", "qa", "past_tense", "summary") for m in ("base", "tuned")}
+        f"{t} · {m}" for t in ("topic", "qa", "past_tense", "summary") for m in ("base", "base_kshot", "tuned")}
+    [slice_bars] = shown["reports/eval/slices.json"]
+    assert {row["model"] for row in slice_bars["content"]["data"]["values"]} == {"base", "base_kshot", "tuned"}
     assert "reports/eval/plots/per_task.png" in shown
 
 
