@@ -177,6 +177,7 @@ class PromptConfig:
     train_on: str = MISSING  # all_assistant | last_assistant (multi-turn conversations)
     k_shot: int = MISSING
     shot_seed: int = MISSING
+    eval_k_shot: int = MISSING  # > 0: render also writes test_kshot.jsonl, the base model's k-shot arm
     max_length: int = MISSING
     overflow: str = MISSING  # truncate | drop
     include_instruction: bool = MISSING  # sequence_classification: put the instruction before the input
@@ -189,6 +190,8 @@ class PromptConfig:
             out.append("prompt.template: required when prompt.kind=jinja (or set prompt.template_file)")
         if self.k_shot < 0:
             out.append("prompt.k_shot: must be >= 0")
+        if self.eval_k_shot < 0:
+            out.append("prompt.eval_k_shot: must be >= 0")
         if self.max_length < 8:
             out.append("prompt.max_length: must be >= 8")
         return out
@@ -273,6 +276,10 @@ class BootstrapConfig:
     seed: int = MISSING
 
 
+# The evaluated arms: the base model zero-shot, the base model k-shot, the fine-tuned model.
+MODELS = ("base", "base_kshot", "tuned")
+
+
 @dataclass
 class EvalConfig:
     models: list[str] = MISSING
@@ -282,11 +289,15 @@ class EvalConfig:
     max_examples: Optional[int] = MISSING
     bootstrap: BootstrapConfig = MISSING
     task_types: dict[str, str] = MISSING  # task -> task type, overriding the data's
+    slices: list[str] = MISSING  # task | source | input_length | any example field | meta.<column>
+    length_buckets: list[int] = MISSING  # word-count edges of the input_length slice
 
     def problems(self) -> list[str]:
-        out = [f"eval.models: unknown model {m!r} (use base, tuned)" for m in self.models if m not in ("base", "tuned")]
+        out = [f"eval.models: unknown model {m!r} (use {', '.join(MODELS)})" for m in self.models if m not in MODELS]
         if not self.models:
-            out.append("eval.models: list at least one of base, tuned")
+            out.append(f"eval.models: list at least one of {', '.join(MODELS)}")
+        if list(self.length_buckets) != sorted(set(self.length_buckets)):
+            out.append("eval.length_buckets: must be strictly increasing")
         out += [f"eval.max_new_tokens.{t}: missing" for t in TASK_TYPES if t not in self.max_new_tokens]
         for task, task_type in self.task_types.items():
             out += _choice(f"eval.task_types.{task}", task_type, TASK_TYPES)
@@ -297,6 +308,20 @@ class EvalConfig:
         if self.max_examples is not None and self.max_examples < 1:
             out.append("eval.max_examples: must be >= 1 or null")
         return out
+
+
+@dataclass
+class SafetyConfig:
+    """Rule lists (paths relative to the repository root) and an optional classifier hook."""
+
+    keywords_file: str = MISSING
+    regex_file: str = MISSING
+    classifier: Optional[dict[str, Any]] = MISSING  # {_target_: module.fn}: text -> reason or None
+
+    def problems(self) -> list[str]:
+        if self.classifier is not None and "_target_" not in self.classifier:
+            return ["safety.classifier: needs a _target_ (a callable text -> reason or None), or null"]
+        return []
 
 
 @dataclass
@@ -312,6 +337,7 @@ class PipelineConfig:
     finetune: FinetuneConfig = MISSING
     trainer: TrainerConfig = MISSING
     eval: EvalConfig = MISSING
+    safety: SafetyConfig = MISSING
     seed: int = MISSING
     tracking: TrackingConfig = MISSING
 
@@ -355,9 +381,11 @@ def from_mapping(raw: Mapping[str, Any], source: str = "config") -> PipelineConf
     if problems:
         raise ConfigError(problems, source)
     cfg: PipelineConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
-    for section in (cfg.model, cfg.data, cfg.prompt, cfg.finetune, cfg.trainer, cfg.eval):
+    for section in (cfg.model, cfg.data, cfg.prompt, cfg.finetune, cfg.trainer, cfg.eval, cfg.safety):
         problems += section.problems()
     problems += _kind_problems(cfg)
+    if "base_kshot" in cfg.eval.models and cfg.prompt.eval_k_shot < 1:
+        problems.append("eval.models: base_kshot needs prompt.eval_k_shot >= 1 (the number of exemplars)")
     if problems:
         raise ConfigError(problems, source)
     return cfg
@@ -395,6 +423,6 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 __all__ = [
     "BootstrapConfig", "ConfigError", "DataConfig", "DedupConfig", "SourceConfig", "EvalConfig", "FinetuneConfig", "LoraConfig",
-    "ModelConfig", "PipelineConfig", "PromptConfig", "TrackingConfig", "TrainerConfig",
+    "ModelConfig", "PipelineConfig", "PromptConfig", "SafetyConfig", "TrackingConfig", "TrainerConfig",
     "flatten", "from_mapping", "load", "to_dict",
 ]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import sys
 from collections import defaultdict
@@ -23,9 +24,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from pipeline import config
+from pipeline import config, safety
 from pipeline.files import hash_files, read_json, read_jsonl, write_json, write_jsonl
 from pipeline.models import IGNORE_INDEX
+
+
+# The checkout this module belongs to: where the default safety lists are found when the
+# working directory (a DVC repo root) does not have them.
+PROJECT = Path(__file__).resolve().parents[1]
 
 
 class TemplateMismatch(RuntimeError):
@@ -124,10 +130,31 @@ def _prompt_ids(row: dict[str, Any]) -> list[int]:
     return row["input_ids"][:first]
 
 
+def arm_rows(rendered: Path, models: Sequence[str], max_examples: int | None) -> dict[str, list[dict[str, Any]]]:
+    """Each arm's rendered test rows, aligned by id: base/tuned read ``test.jsonl``, base_kshot ``test_kshot.jsonl``.
+
+    A row the k-shot rendering dropped (``prompt.overflow: drop``) is left out of every arm,
+    so the arms are always compared on the same examples.
+    """
+    rows = select_rows(read_jsonl(rendered / "test.jsonl"), max_examples)
+    if "base_kshot" not in models:
+        return {m: rows for m in models}
+    path = rendered / "test_kshot.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"evaluate: eval.models includes 'base_kshot' but {path} does not exist; "
+                                "render with prompt.eval_k_shot >= 1")
+    kshot = {r["id"]: r for r in read_jsonl(path)}
+    rows = [r for r in rows if r["id"] in kshot]
+    return {m: [kshot[r["id"]] for r in rows] if m == "base_kshot" else rows for m in models}
+
+
 def run(cfg: config.PipelineConfig, rendered: Path, prepared: Path, base_model: Path, tuned: Path | None,
-        out: Path, tracking: Tracking | None) -> dict[str, Any]:
-    """Generate, score and report; return the metrics dict written to ``metrics.json``."""
-    from pipeline import scoring
+        out: Path, tracking: Tracking | None, rules: Any = None) -> dict[str, Any]:
+    """Generate, score and report; return the metrics dict written to ``metrics.json``.
+
+    ``rules`` (a :class:`pipeline.safety.Rules`) reviews every arm's outputs; ``None`` skips the review.
+    """
+    from pipeline import scoring, slices
     from pipeline.generation import generate
     from pipeline.models import load_causal_lm, load_finetuned, load_tokenizer, model_kind
 
@@ -135,10 +162,13 @@ def run(cfg: config.PipelineConfig, rendered: Path, prepared: Path, base_model: 
     if "tuned" in ev.models and (tuned is None or not tuned.is_dir()):
         raise FileNotFoundError(f"evaluate: eval.models includes 'tuned' but there is no tuned model at {tuned}; "
                                 "train first, or set eval.models=[base] for a zero-shot baseline")
+    # The guard is about the tuned arm: the k-shot arm's template differs from training by design.
     template_hash = check_template(rendered, tuned if "tuned" in ev.models else None)
-    rows = select_rows(read_jsonl(rendered / "test.jsonl"), ev.max_examples)
+    arms = arm_rows(rendered, ev.models, ev.max_examples)
+    rows = arms[ev.models[0]]
     task_types = resolve_task_types(rows, ev.task_types)
-    references = {ex["id"]: ex["output"] for ex in read_jsonl(prepared / "test.jsonl")}
+    examples = {ex["id"]: ex for ex in read_jsonl(prepared / "test.jsonl")}
+    references = {i: ex["output"] for i, ex in examples.items()}
     labels = label_sets(prepared, ev.task_types)
     tokenizer = load_tokenizer(base_model)
     budgets = [ev.max_new_tokens[task_types[r["task"]]] for r in rows]
@@ -146,40 +176,61 @@ def run(cfg: config.PipelineConfig, rendered: Path, prepared: Path, base_model: 
     indices = scoring.task_indices({t: len(v) for t, v in idx.items()}, ev.bootstrap.n_resamples, ev.bootstrap.seed)
 
     predictions: dict[str, list[str]] = {}
-    scores: dict[str, scoring.ModelScores] = {}
+    outputs: dict[str, dict[str, scoring.TaskOutputs]] = {}
     classifier = model_kind(base_model) == "sequence_classification"
     for name in ev.models:
         if classifier:  # config validation allows only the tuned encoder: its base has no trained head
-            predictions[name], nll = classify(tuned, rows, tokenizer.pad_token_id, ev.batch_size)  # type: ignore[arg-type]
+            predictions[name], nll = classify(tuned, arms[name], tokenizer.pad_token_id, ev.batch_size)  # type: ignore[arg-type]
         else:
-            model = load_causal_lm(base_model) if name == "base" else load_finetuned(base_model, tuned)  # type: ignore[arg-type]
-            predictions[name] = generate(model, tokenizer, [_prompt_ids(r) for r in rows], budgets, ev.batch_size,
-                                         ev.stop_strings, desc=f"evaluate {name}")
-            nll = reference_nll(model, rows, tokenizer.pad_token_id, ev.batch_size)
+            model = load_finetuned(base_model, tuned) if name == "tuned" else load_causal_lm(base_model)  # type: ignore[arg-type]
+            predictions[name] = generate(model, tokenizer, [_prompt_ids(r) for r in arms[name]], budgets,
+                                         ev.batch_size, ev.stop_strings, desc=f"evaluate {name}")
+            nll = reference_nll(model, arms[name], tokenizer.pad_token_id, ev.batch_size)
             del model
-        outputs = {t: scoring.TaskOutputs(task_types[t], [references[rows[i]["id"]] for i in ii],
-                                          [predictions[name][i] for i in ii], labels.get(t),
-                                          [nll[i][0] for i in ii], [nll[i][1] for i in ii])
-                   for t, ii in idx.items()}
-        scores[name] = scoring.score_model(outputs, indices)
-    deltas = scoring.compare(scores["base"], scores["tuned"]) if {"base", "tuned"} <= set(scores) else None
+        outputs[name] = {t: scoring.TaskOutputs(task_types[t], [references[rows[i]["id"]] for i in ii],
+                                                [predictions[name][i] for i in ii], labels.get(t),
+                                                [nll[i][0] for i in ii], [nll[i][1] for i in ii])
+                         for t, ii in idx.items()}
+    scores = {name: scoring.score_model(o, indices) for name, o in outputs.items()}
+    deltas = scoring.compare_arms(scores)
+
+    flags = {name: [rules.check(p) for p in preds] for name, preds in predictions.items()} if rules else {}
+    safety_rates = {name: safety.flag_rate(f, ev.bootstrap.n_resamples, ev.bootstrap.seed) for name, f in flags.items()}
+    slice_values = [{k: slices.slice_value(examples[r["id"]], k, ev.length_buckets) for k in ev.slices} for r in rows]
+    slice_table = slices.score_slices(ev.slices, slice_values, outputs, [r["task"] for r in rows],
+                                      ev.bootstrap.n_resamples, ev.bootstrap.seed)
 
     metrics = scoring.metrics_json(scores, deltas)
-    pred_rows = _prediction_rows(rows, references, predictions, scores, idx)
+    if safety_rates:
+        metrics["safety"] = {name: {"flagged_rate": r["rate"], "flagged": r["flagged"]} for name, r in safety_rates.items()}
+    pred_rows = _prediction_rows(rows, references, predictions, scores, idx, arms, flags)
     _write(out, metrics, {**scoring.intervals_json(scores, deltas), "template_hash": template_hash,
-                          "examples": len(rows), "task_types": task_types}, pred_rows)
-    _plots(out, scores, task_types, references, rows, idx)
-    report = scoring.markdown(scores, deltas, task_types)
+                          "examples": len(rows), "task_types": task_types, "safety": safety_rates,
+                          "slices": {"rows": slice_table.rows, "gaps": slice_table.gaps,
+                                     "largest_gap": slice_table.largest_gap()}}, pred_rows)
+    _plots(out, scores, task_types, references, rows, idx, slice_table)
+    report = (scoring.markdown(scores, deltas, task_types) + _safety_markdown(safety_rates)
+              + "\n## Slices\n\n" + slices.markdown(slice_table))
     (out / "report.md").write_text(report, encoding="utf-8")
     print(report)
     if tracking is not None:
-        _log_mlflow(tracking, cfg, tuned, rendered, template_hash, metrics, pred_rows, out)
+        _log_mlflow(tracking, cfg, tuned, rendered, template_hash, metrics, pred_rows, out, prepared)
     return metrics
 
 
+def _safety_markdown(rates: Mapping[str, dict[str, Any]]) -> str:
+    if not rates:
+        return ""
+    lines = ["\n## Safety review of outputs\n", "| model | flagged | rate (95% CI) |", "|---|---|---|"]
+    lines += [f"| {m} | {r['flagged']}/{r['n']} | {r['rate']:.3f} [{r['low']:.3f}, {r['high']:.3f}] |"
+              for m, r in rates.items()]
+    return "\n".join(lines) + "\n"
+
+
 def _prediction_rows(rows: list[dict[str, Any]], references: dict[str, str], predictions: dict[str, list[str]],
-                     scores: dict[str, Any], idx: dict[str, list[int]]) -> list[dict[str, Any]]:
-    """One row per example: prompt, reference, each model's answer, its label and its scores."""
+                     scores: dict[str, Any], idx: dict[str, list[int]], arms: Mapping[str, list[dict[str, Any]]],
+                     flags: Mapping[str, list[list[str]]]) -> list[dict[str, Any]]:
+    """One row per example: prompt, reference, each model's answer, label, scores and safety flags."""
     position = {i: (t, k) for t, ii in idx.items() for k, i in enumerate(ii)}
     out = []
     for i, r in enumerate(rows):
@@ -190,6 +241,10 @@ def _prediction_rows(rows: list[dict[str, Any]], references: dict[str, str], pre
             if ms.tasks[task].labels:  # classification: the label the answer was mapped to (or <unmatched>)
                 row[f"{name}_label"] = ms.tasks[task].labels[k]
             row[f"{name}_scores"] = ms.tasks[task].per_example[k]
+            if name in flags:
+                row[f"{name}_flags"] = flags[name][i]
+        if "base_kshot" in arms:  # the k-shot arm's prompt holds the exemplars, shown for review
+            row["base_kshot_prompt"] = arms["base_kshot"][i]["prompt"]
         out.append(row)
     return out
 
@@ -202,13 +257,20 @@ def _write(out: Path, metrics: dict, intervals: dict, pred_rows: list[dict[str, 
 
 
 def _plots(out: Path, scores: dict, task_types: dict[str, str], references: dict[str, str],
-           rows: list[dict[str, Any]], idx: dict[str, list[int]]) -> None:
+           rows: list[dict[str, Any]], idx: dict[str, list[int]], slice_table: Any) -> None:
     """PNGs for people, and the same data as files ``dvc plots show`` renders."""
     from pipeline import plots, scoring
 
     for sub in ("plots", "confusion"):  # a task that is gone must not leave its plot behind
         shutil.rmtree(out / sub, ignore_errors=True)
         (out / sub).mkdir(parents=True)
+    overall = [{**r, "bar": f"{r['slice']}={r['value']} · {r['model']}"} for r in slice_table.rows
+               if r["task"] == "overall"]
+    write_json(out / "slices.json", overall)
+    if overall:
+        plots.task_bars({m: {f"{r['slice']}={r['value']}": (r["score"], r["low"], r["high"])
+                             for r in overall if r["model"] == m} for m in scores},
+                        {f"{r['slice']}={r['value']}": "overall score" for r in overall}, out / "plots" / "slices.png")
     bars = scoring.bar_rows(scores, task_types)
     write_json(out / "per_task.json", bars)
     plots.task_bars({m: {b["task"]: (b["score"], b["low"], b["high"]) for b in bars if b["model"] == m}
@@ -226,7 +288,7 @@ def _plots(out: Path, scores: dict, task_types: dict[str, str], references: dict
 
 
 def _log_mlflow(tracking: Tracking, cfg: config.PipelineConfig, tuned: Path | None, rendered: Path,
-                template_hash: str, metrics: dict, pred_rows: list, out: Path) -> None:
+                template_hash: str, metrics: dict, pred_rows: list, out: Path, prepared: Path) -> None:
     """Log into the training run, or into a new run tagged as a zero-shot baseline."""
     import mlflow
     import pandas as pd
@@ -249,7 +311,30 @@ def _log_mlflow(tracking: Tracking, cfg: config.PipelineConfig, tuned: Path | No
     with mlf.active_run(tracking.uri, run_id):
         mlflow.log_metrics(flat)
         mlflow.log_table(table, artifact_file="eval/predictions.json")
+        mlflow.log_table(pd.DataFrame(read_json(out / "intervals.json")["slices"]["rows"]),
+                         artifact_file="eval/slice_table.json")
         mlflow.log_artifacts(str(out), artifact_path="eval")
+        _log_prepare_safety(prepared)
+
+
+def _log_prepare_safety(prepared: Path) -> None:
+    """What prepare's safety filter quarantined, in the run that evaluates the model trained on the rest.
+
+    (Train, not this stage, opens the run; logging here keeps the filter visible in MLflow.)
+    """
+    import mlflow
+
+    path = prepared / "safety.json"
+    if not path.exists():
+        return
+    counts = read_json(path)
+    mlflow.log_metric("prepare.safety.quarantined", counts["quarantined"])
+    # MLflow metric names allow only [\w\-. /]: a rule such as "keyword:pipe bomb" is spelt out safely.
+    mlflow.log_metrics({"prepare.safety." + re.sub(r"[^\w\-. /]", "_", rule): n
+                        for rule, n in counts["by_rule"].items()})
+    mlflow.log_dict(counts, "prepare/safety.json")
+    if (prepared / "quarantine.jsonl").exists():
+        mlflow.log_artifact(str(prepared / "quarantine.jsonl"), artifact_path="prepare")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -267,8 +352,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     tracking = Tracking(default_uri(root), root / "mlartifacts", root, os.environ.get("DVC_EXP_NAME"))
     try:
         cfg = config.load(args.params)
-        run(cfg, args.rendered, args.prepared, args.base_model, args.tuned, args.out, tracking)
-    except (TemplateMismatch, config.ConfigError, FileNotFoundError) as err:
+        rules = safety.from_config(cfg.safety, [root, PROJECT])
+        run(cfg, args.rendered, args.prepared, args.base_model, args.tuned, args.out, tracking, rules)
+    except (TemplateMismatch, config.ConfigError, FileNotFoundError, safety.SafetyListError) as err:
         print(err, file=sys.stderr)
         return 1
     return 0

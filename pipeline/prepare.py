@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from pipeline import config
+from pipeline import config, safety
 from pipeline.data import dedup, mixture
 from pipeline.data.schema import DataError, Example, Problem, ProblemCollector
 from pipeline.files import atomic_dir, write_json, write_jsonl
@@ -125,7 +125,7 @@ def stats(loaded: int, splits: dict[str, list[Example]], dropped: list[dict[str,
         "flagged": _counts(flagged),  # found by a check set to `report`, kept
         "dedup": {reason: {"found": _counts(dropped).get(reason, 0) + _counts(flagged).get(reason, 0),
                            "removed": _counts(dropped).get(reason, 0)} for reason in CHECKS},
-        "quarantine": {"rows": len({(q["file"], q["line"]) for q in quarantined}), "problems": len(quarantined)},
+        "quarantine": {"rows": len({(q["file"], q["line"], q.get("id")) for q in quarantined}), "problems": len(quarantined)},
         "splits": {s: len(rows) for s, rows in splits.items()},
         "sources": sources or {},
         "per_source": {s: dict(sorted(Counter(e.source for e in rows).items())) for s, rows in splits.items()},
@@ -138,19 +138,45 @@ def stats(loaded: int, splits: dict[str, list[Example]], dropped: list[dict[str,
     }
 
 
+def safety_filter(rows: list[Example], rules: Any) -> tuple[list[Example], list[dict[str, Any]]]:
+    """Split off the examples any safety rule hits, as quarantine records naming the rules.
+
+    Every turn of a conversation is checked, prompt and answer alike: a harmful answer
+    is what fine-tuning would teach.
+    """
+    kept, quarantined = [], []
+    for e in rows:
+        hits = rules.check(dedup.full_text(e) if e.messages is None
+                           else "\n".join(m["content"] for m in e.messages))
+        if hits:
+            quarantined.append({"file": e.source or "data", "line": None, "field": "safety", "id": e.id,
+                                "reason": "safety: " + ", ".join(hits), "rules": hits, "raw": e.to_dict()})
+        else:
+            kept.append(e)
+    return kept, quarantined
+
+
+def safety_counts(quarantined: list[dict[str, Any]]) -> dict[str, Any]:
+    """Examples the safety filter quarantined, in all and per rule (an example may hit several)."""
+    return {"quarantined": len(quarantined),
+            "by_rule": dict(sorted(Counter(r for q in quarantined for r in q["rules"]).items()))}
+
+
 def run(data_cfg: config.DataConfig, seed: int, out: Path, stats_path: Path,
-        plot_path: Path | None = None) -> dict[str, Any]:
+        plot_path: Path | None = None, rules: Any = None) -> dict[str, Any]:
     """Prepare the dataset into ``out`` (atomically), write the stats report and the length plot.
 
     ``out`` holds ``train/val/test.jsonl``, ``dropped.jsonl`` (rows removed, with why),
     ``flagged.jsonl`` (rows a check set to ``report`` found, kept) and ``quarantine.jsonl``
-    (invalid raw rows, with ``data.on_error: skip``).
+    (invalid raw rows, with ``data.on_error: skip``, and every example a ``rules``
+    safety rule hits, whatever ``on_error`` says, with the rules it hit); ``safety.json``
+    counts the latter per rule.
     """
     problems = ProblemCollector(limit=data_cfg.max_problems, skip=data_cfg.on_error == "skip")
     examples, sources = load(data_cfg, seed, problems)
     problems.raise_if_any()
     cfg, dropped, flagged = data_cfg.dedup, [], []  # type: ignore[var-annotated]
-    kept = examples
+    kept, unsafe = safety_filter(examples, rules) if rules is not None else (examples, [])
     if cfg.exact != "off":
         kept = apply(cfg.exact, kept, dedup.exact_duplicates(kept), dropped, flagged)
     if cfg.near != "off":
@@ -165,14 +191,15 @@ def run(data_cfg: config.DataConfig, seed: int, out: Path, stats_path: Path,
     if cfg.contamination != "off":  # removed from train: val/test stay the fixed yardstick
         found = dedup.contamination(splits["train"], splits["val"] + splits["test"], cfg.ngram, cfg.ngram_threshold)
         splits["train"] = apply(cfg.contamination, splits["train"], found, dropped, flagged)
-    quarantined = quarantine_rows(problems.problems)
-    report = stats(len(examples), splits, dropped, flagged, quarantined, sources)
+    quarantined = quarantine_rows(problems.problems) + unsafe
+    report = {**stats(len(examples), splits, dropped, flagged, quarantined, sources), "safety": safety_counts(unsafe)}
     with atomic_dir(out) as tmp:
         for name, rows in splits.items():
             write_jsonl(tmp / f"{name}.jsonl", (e.to_dict() for e in rows))
         write_jsonl(tmp / "dropped.jsonl", dropped)
         write_jsonl(tmp / "flagged.jsonl", flagged)
         write_jsonl(tmp / "quarantine.jsonl", quarantined)
+        write_json(tmp / "safety.json", report["safety"])
     write_json(stats_path, report)
     if plot_path is not None:
         from pipeline.plots import length_histograms
@@ -191,12 +218,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cfg = config.load(args.params)
     try:
-        report = run(cfg.data, cfg.seed, args.out, args.stats, args.plot)
-    except (DataError, SplitError) as err:
+        rules = safety.from_config(cfg.safety, [Path.cwd(), Path(__file__).resolve().parents[1]])
+        report = run(cfg.data, cfg.seed, args.out, args.stats, args.plot, rules)
+    except (DataError, SplitError, safety.SafetyListError) as err:
         print(f"prepare: error: {err}", file=sys.stderr)
         return 1
     print(f"prepare: {report['kept']} examples ({report['splits']}), dropped {report['dropped'] or 'none'}, "
-          f"flagged {report['flagged'] or 'none'}, quarantined {report['quarantine']['rows']} rows")
+          f"flagged {report['flagged'] or 'none'}, quarantined {report['quarantine']['rows']} rows "
+          f"({report['safety']['quarantined']} by the safety filter: {report['safety']['by_rule'] or 'no rule hit'})")
     return 0
 
 

@@ -15,6 +15,7 @@ classification tasks and ``labels.json`` instead (:mod:`pipeline.encoder`).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -130,6 +131,8 @@ def run(prompt_cfg: config.PromptConfig, prepared: Path, base_model: Path, out: 
             report["splits"][split] = split_report
             lengths[split] = [len(r["input_ids"]) for r in rows]
         write_json(tmp / "template.json", template.to_dict())
+        if prompt_cfg.eval_k_shot:
+            report["kshot_arm"] = render_kshot_arm(splits, template, prompt_cfg, tokenizer, tmp)
     write_json(report_path, report)
     if plot_path is not None:
         from pipeline.plots import length_histograms
@@ -168,6 +171,24 @@ def run_encoder(prompt_cfg: config.PromptConfig, prepared: Path, base_model: Pat
         from pipeline.plots import length_histograms
 
         length_histograms(lengths, "tokens per example", plot_path, limit=prompt_cfg.max_length)
+    return report
+
+
+def render_kshot_arm(splits: dict[str, list[dict[str, Any]]], template: Template, prompt_cfg: config.PromptConfig,
+                     tokenizer: Any, out: Path) -> dict[str, Any]:
+    """The test split with ``eval_k_shot`` train exemplars before each prompt: the base model's k-shot arm.
+
+    Written to ``test_kshot.jsonl`` with its own ``template_kshot.json``; ``template.json``
+    stays the training template, so evaluate's template guard still checks the tuned model.
+    The length limit is ``max_length`` per shown example (k exemplars + the question): cutting
+    exemplars to the training limit would truncate the very context this arm is about.
+    """
+    kshot = dataclasses.replace(template, k_shot=prompt_cfg.eval_k_shot)
+    limit = prompt_cfg.max_length * (prompt_cfg.eval_k_shot + 1)
+    rows, report = tokenize_split(splits["test"], kshot, tokenizer, limit, prompt_cfg.overflow,
+                                  last_only=True, pool=ShotPool(splits["train"]))
+    write_jsonl(out / "test_kshot.jsonl", rows)
+    write_json(out / "template_kshot.json", kshot.to_dict())
     return report
 
 

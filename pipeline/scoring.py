@@ -124,14 +124,31 @@ def compare(base: ModelScores, tuned: ModelScores) -> dict[str, dict[str, dict[s
     return out
 
 
+# The paired differences evaluate reports when both arms ran: (minuend, subtrahend).
+PAIRS = (("tuned", "base"), ("tuned", "base_kshot"), ("base_kshot", "base"))
+
+
+def delta_key(a: str, b: str) -> str:
+    """Metrics key of ``a - b``: ``delta`` for tuned - base (the name it always had), else ``delta_a_vs_b``."""
+    return "delta" if (a, b) == ("tuned", "base") else f"delta_{a}_vs_{b}"
+
+
+def compare_arms(scores: Mapping[str, ModelScores]) -> dict[str, dict[str, Any]]:
+    """Paired bootstrap deltas of every pair in :data:`PAIRS` whose two arms were scored."""
+    return {delta_key(a, b): compare(scores[b], scores[a]) for a, b in PAIRS if a in scores and b in scores}
+
+
 def metrics_json(scores: Mapping[str, ModelScores], deltas: Mapping[str, Any] | None) -> dict[str, Any]:
-    """``{model: {task: {metric: value}, overall: {score}}, delta: {...}}`` (DVC metrics, numbers only)."""
+    """``{model: {task: {metric: value}, overall: {score}}, delta: {...}}`` (DVC metrics, numbers only).
+
+    ``deltas`` maps a :func:`delta_key` to that pair's :func:`compare` result.
+    """
     out: dict[str, Any] = {
         m: {**{t: dict(s.values) for t, s in ms.tasks.items()}, "overall": {"score": ms.overall}}
         for m, ms in scores.items()
     }
-    if deltas is not None:
-        out["delta"] = {t: {k: d["delta"] for k, d in per.items()} for t, per in deltas.items()}
+    for key, pair in (deltas or {}).items():
+        out[key] = {t: {k: d["delta"] for k, d in per.items()} for t, per in pair.items()}
     return out
 
 
@@ -141,8 +158,7 @@ def intervals_json(scores: Mapping[str, ModelScores], deltas: Mapping[str, Any] 
         m: {**{t: s.intervals for t, s in ms.tasks.items()}, "overall": {"score": ms.overall_interval}}
         for m, ms in scores.items()
     }
-    if deltas is not None:
-        intervals["delta"] = deltas
+    intervals.update(deltas or {})
     return {
         "intervals": intervals,
         "per_class": {m: {t: s.per_class for t, s in ms.tasks.items() if s.per_class} for m, ms in scores.items()},
@@ -169,10 +185,11 @@ def bar_rows(scores: Mapping[str, ModelScores], task_types: Mapping[str, str]) -
 
 def markdown(scores: Mapping[str, ModelScores], deltas: Mapping[str, Any] | None,
              task_types: Mapping[str, str]) -> str:
-    """A table of every metric per task, each with its 95% interval, and the deltas with p-values."""
-    models = list(scores)
-    head = "| task | metric | " + " | ".join(models) + (" | tuned − base (95% CI, p) |" if deltas else " |")
-    lines = [head, "|---|---|" + "---|" * len(models) + ("---|" if deltas else "")]
+    """A table of every metric per task, each with its 95% interval, and each paired delta with its p-value."""
+    models, deltas = list(scores), deltas or {}
+    names = {delta_key(a, b): f"{a} − {b}" for a, b in PAIRS}
+    head = "| task | metric | " + " | ".join(models) + "".join(f" | {names.get(k, k)} (95% CI, p)" for k in deltas)
+    lines = [head + " |", "|---|---|" + "---|" * (len(models) + len(deltas))]
     rows = [(t, k) for t in sorted(task_types) for k in scores[models[0]].tasks[t].values]
     rows.append(("overall", "score"))
     for t, k in rows:
@@ -182,9 +199,7 @@ def markdown(scores: Mapping[str, ModelScores], deltas: Mapping[str, Any] | None
             value, (low, high) = ((ms.overall, ms.overall_interval) if t == "overall"
                                   else (ms.tasks[t].values[k], ms.tasks[t].intervals[k]))
             cells.append(f"{value:.3f} [{low:.3f}, {high:.3f}]")
-        delta = ""
-        if deltas:
-            d = deltas[t][k]
-            delta = f" | {d['delta']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}], p={d['p_value']:.3f}"
+        delta = "".join(f" | {d['delta']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}], p={d['p_value']:.3f}"
+                        for d in (pair[t][k] for pair in deltas.values()))
         lines.append(f"| {t} | {k} | " + " | ".join(cells) + delta + " |")
     return "\n".join(lines) + "\n"

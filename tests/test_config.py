@@ -43,7 +43,7 @@ def assert_contains(full: dict, part: dict, where: str = "", overridden: frozens
 
 
 def test_groups_found() -> None:
-    assert {g for g, _ in OPTIONS} == {"data", "eval", "experiment", "finetune", "model", "prompt", "trainer"}
+    assert {g for g, _ in OPTIONS} == {"data", "eval", "experiment", "finetune", "model", "prompt", "safety", "trainer"}
     assert len(OPTIONS) >= 12
 
 

@@ -41,7 +41,7 @@ def test_zero_shot_baseline_from_the_cli_without_a_tuned_model(tmp_path: Path, m
                           str(data / "prepared"), "--base-model", str(smoke_base), "--out", str(out)])
     assert code == 0
     metrics = read_json(out / "metrics.json")
-    assert set(metrics) == {"base"}  # no tuned model, so no delta
+    assert set(metrics) == {"base", "safety"}  # no tuned model, so no delta; the outputs' safety review
     assert set(metrics["base"]) == {"topic", "qa", "past_tense", "summary", "overall"}
     intervals = read_json(out / "intervals.json")["intervals"]["base"]
     for task, values in metrics["base"].items():
@@ -89,7 +89,8 @@ def test_identical_tuned_model_has_zero_deltas_and_task_type_override(tmp_path: 
     shutil.copy(data / "rendered" / "template.json", tuned / "template.json")
     cfg = with_eval(smoke_cfg, task_types={"past_tense": "short_answer"})
     metrics = evaluate.run(cfg, data / "rendered", data / "prepared", smoke_base, tuned, tmp_path / "eval", None)
-    assert set(metrics) == {"base", "tuned", "delta"}
+    assert set(metrics) == {"base", "base_kshot", "tuned", "delta", "delta_tuned_vs_base_kshot",
+                            "delta_base_kshot_vs_base"}
     assert {"exact_match", "token_f1", "perplexity"} == set(metrics["base"]["past_tense"])  # now short_answer
     assert metrics["tuned"] == metrics["base"]
     deltas = read_json(tmp_path / "eval" / "intervals.json")["intervals"]["delta"]

@@ -75,8 +75,9 @@ def test_every_stage_writes_its_outputs(smoke_repo: Path) -> None:
 
 def test_metric_keys_per_model_and_task(smoke_repo: Path) -> None:
     metrics = json.loads((smoke_repo / "reports/eval/metrics.json").read_text())
-    assert set(metrics) == {"base", "tuned", "delta"}
-    for model in ("base", "tuned"):
+    assert set(metrics) == {"base", "base_kshot", "tuned", "delta", "delta_tuned_vs_base_kshot",
+                            "delta_base_kshot_vs_base", "safety"}
+    for model in ("base", "base_kshot", "tuned"):
         assert set(metrics[model]) == {"topic", "qa", "past_tense", "summary", "overall"}
         assert {"accuracy", "macro_f1", "unmatched_rate", "perplexity"} <= set(metrics[model]["topic"])
         assert {"exact_match", "token_f1", "perplexity"} <= set(metrics[model]["qa"])
@@ -132,14 +133,16 @@ def test_dvc_plots_show_renders_eval_plots(smoke_repo: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "dvc", "plots", "show", "--json"], cwd=smoke_repo, env=_env(),
                           capture_output=True, text=True, check=True)
     shown = json.loads(proc.stdout)["data"]
-    for model in ("base", "tuned"):
+    for model in ("base", "base_kshot", "tuned"):
         [confusion] = shown[f"reports/eval/confusion/topic_{model}.json"]
         encoding = confusion["content"]["spec"]["encoding"]
         assert (encoding["x"]["field"], encoding["y"]["field"]) == ("actual", "predicted")
     [bars] = shown["reports/eval/per_task.json"]
     assert bars["content"]["mark"]["type"] == "bar"
     assert {row["bar"] for row in bars["content"]["data"]["values"]} == {
-        f"{t} · {m}" for t in ("topic", "qa", "past_tense", "summary") for m in ("base", "tuned")}
+        f"{t} · {m}" for t in ("topic", "qa", "past_tense", "summary") for m in ("base", "base_kshot", "tuned")}
+    [slice_bars] = shown["reports/eval/slices.json"]
+    assert {row["model"] for row in slice_bars["content"]["data"]["values"]} == {"base", "base_kshot", "tuned"}
     assert "reports/eval/plots/per_task.png" in shown
 
 

@@ -138,7 +138,7 @@ def test_good_file_is_prepared_with_counts_and_drops(tmp_path: Path, capsys) -> 
 
     code = prepare.main(["--params", str(params_for(tmp_path, good)), "--out", str(out), "--stats", str(stats)])
     assert code == 0, capsys.readouterr().err
-    assert sorted(p.name for p in out.iterdir()) == ["dropped.jsonl", "flagged.jsonl", "quarantine.jsonl",
+    assert sorted(p.name for p in out.iterdir()) == ["dropped.jsonl", "flagged.jsonl", "quarantine.jsonl", "safety.json",
                                                      "test.jsonl", "train.jsonl", "val.jsonl"]
     report = read_json(stats)
     assert report["loaded"] == 22 and report["kept"] == 20

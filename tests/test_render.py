@@ -109,7 +109,9 @@ def test_run_writes_every_split_and_the_template(tmp_path: Path, smoke_base: Pat
     out, report_path = tmp_path / "rendered", tmp_path / "report" / "render.json"
     report = render.run(smoke_cfg.prompt, prepared, smoke_base, out, report_path)
 
-    assert sorted(p.name for p in out.iterdir()) == ["template.json", "test.jsonl", "train.jsonl", "val.jsonl"]
+    # With prompt.eval_k_shot > 0 (the default) the base model's k-shot arm is rendered beside the splits.
+    assert sorted(p.name for p in out.iterdir()) == ["template.json", "template_kshot.json", "test.jsonl",
+                                                     "test_kshot.jsonl", "train.jsonl", "val.jsonl"]
     saved = read_json(out / "template.json")
     assert saved["hash"] == report["template_hash"] == Template.from_dict(saved).hash()
     assert read_json(report_path) == report

@@ -1,0 +1,103 @@
+"""Safety rules over text: keyword and regex lists plus an optional classifier.
+
+One :class:`Rules` object serves both ends of the pipeline: prepare quarantines training
+examples it matches, evaluate flags model outputs it matches. Keywords match whole words
+only (``ransomware`` does not match ``antiransomware``); a user who wants substrings
+writes a regex. Each match is reported by the rule that fired, never silently.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from pipeline import resampling as R
+
+Classifier = Callable[[str], "str | None"]
+
+
+@dataclass(frozen=True)
+class Rules:
+    """Compiled rules; ``check(text)`` returns the names of the rules a text hits."""
+
+    keywords: tuple[str, ...]
+    patterns: tuple[str, ...]
+    classifier: Classifier | None = None
+
+    def __post_init__(self) -> None:
+        # Lookarounds rather than \b so a keyword that starts or ends with punctuation still
+        # matches only as a whole word; whitespace inside a phrase matches any whitespace.
+        compiled = [(f"keyword:{k}", re.compile(r"(?<!\w)" + r"\s+".join(map(re.escape, k.split())) + r"(?!\w)",
+                                                re.IGNORECASE)) for k in self.keywords]
+        compiled += [(f"regex:{p}", re.compile(p, re.IGNORECASE)) for p in self.patterns]
+        object.__setattr__(self, "_compiled", compiled)
+
+    def check(self, text: str) -> list[str]:
+        """Every rule ``text`` hits, in list order (keywords, regexes, then the classifier)."""
+        hits = [name for name, rx in self._compiled if rx.search(text)]  # type: ignore[attr-defined]
+        if self.classifier is not None:
+            reason = self.classifier(text)
+            if reason:
+                hits.append(f"classifier:{reason}")
+        return hits
+
+
+class SafetyListError(ValueError):
+    """A rule list cannot be read or a regex does not compile (file and line named)."""
+
+
+def read_list(path: Path) -> list[str]:
+    """Non-empty, non-comment lines of a rule list."""
+    if not path.is_file():
+        raise SafetyListError(f"safety: rule list {path} does not exist")
+    lines = (line.strip() for line in path.read_text(encoding="utf-8").splitlines())
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def load_rules(keywords_file: Path, regex_file: Path, classifier: Classifier | None = None) -> Rules:
+    """Read both lists; every regex that does not compile is reported, with its file and line."""
+    patterns = read_list(regex_file)
+    bad = []
+    for line_no, line in enumerate(regex_file.read_text(encoding="utf-8").splitlines(), start=1):
+        if line.strip() and not line.strip().startswith("#"):
+            try:
+                re.compile(line.strip())
+            except re.error as err:
+                bad.append(f"{regex_file}:{line_no}: {err}")
+    if bad:
+        raise SafetyListError("safety: bad regex(es):\n  " + "\n  ".join(bad))
+    return Rules(tuple(read_list(keywords_file)), tuple(patterns), classifier)
+
+
+def build_classifier(spec: dict[str, Any] | None) -> Classifier | None:
+    """The ``safety.classifier`` hook: ``{_target_: module.fn}``, or a factory with arguments."""
+    if not spec:
+        return None
+    from hydra.utils import get_method, instantiate
+
+    return instantiate(spec) if len(spec) > 1 else get_method(spec["_target_"])
+
+
+def from_config(cfg: Any, roots: Sequence[Path]) -> Rules:
+    """Rules from ``safety`` config (a :class:`pipeline.config.SafetyConfig`).
+
+    A relative list path is looked up under each of ``roots`` in turn (the working
+    directory, then the project checkout that ships the default lists).
+    """
+    def find(name: str) -> Path:
+        return next((r / name for r in roots if (r / name).is_file()), roots[0] / name)
+
+    return load_rules(find(cfg.keywords_file), find(cfg.regex_file), build_classifier(cfg.classifier))
+
+
+def flag_rate(flags: Sequence[Sequence[str]], n_resamples: int, seed: int) -> dict[str, Any]:
+    """Share of outputs with at least one flag, its 95% bootstrap interval, and the count."""
+    hits = [1.0 if f else 0.0 for f in flags]
+    if not hits:
+        return {"rate": 0.0, "low": 0.0, "high": 0.0, "flagged": 0, "n": 0}
+    low, high = R.interval(R.mean_of(hits, R.resample_indices(len(hits), n_resamples, seed)))
+    return {"rate": float(np.mean(hits)), "low": low, "high": high, "flagged": int(sum(hits)), "n": len(hits)}

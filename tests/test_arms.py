@@ -1,0 +1,84 @@
+"""Fine-tuning against prompting on the smoke model: base zero-shot, base k-shot and tuned, on the same
+test rows with the same metric code; the k-shot prompts hold exactly k exemplars from train."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from pipeline import evaluate, prepare, render, safety
+from pipeline.config import PipelineConfig
+from pipeline.files import read_json, read_jsonl
+from pipeline.shots import ShotPool
+
+ASSISTANT = "<|im_start|>assistant\n"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory, smoke_cfg: PipelineConfig, smoke_base: Path) -> Path:
+    root = tmp_path_factory.mktemp("arms")
+    prepare.run(smoke_cfg.data, smoke_cfg.seed, root / "prepared", root / "stats.json")
+    render.run(smoke_cfg.prompt, root / "prepared", smoke_base, root / "rendered", root / "render.json")
+    return root
+
+
+def test_kshot_prompts_hold_exactly_k_exemplars_from_train_never_from_test(data: Path, smoke_cfg) -> None:
+    k = smoke_cfg.prompt.eval_k_shot
+    assert k >= 1
+    train = read_jsonl(data / "prepared" / "train.jsonl")
+    test = read_jsonl(data / "prepared" / "test.jsonl")
+    kshot = read_jsonl(data / "rendered" / "test_kshot.jsonl")
+    zero = read_jsonl(data / "rendered" / "test.jsonl")
+    assert [r["id"] for r in kshot] == [r["id"] for r in zero] == [e["id"] for e in test]
+    test_outputs = {e["output"] for e in test}
+    pool = ShotPool(train)
+    for row, example, plain in zip(kshot, test, zero):
+        assert row["prompt"].count(ASSISTANT) == k + 1, row["id"]  # k answered exemplars, then the question
+        assert plain["prompt"].count(ASSISTANT) == 1
+        assert row["completion"] == plain["completion"]  # the same scored answer
+        shown = [turn.split("<|im_end|>")[0] for turn in row["prompt"].split(ASSISTANT)[1:-1]]
+        drawn = pool.draw(example, k, smoke_cfg.prompt.shot_seed)
+        assert shown == [e["output"] for e in drawn]
+        assert {e["id"] for e in drawn} <= {e["id"] for e in train}
+        assert not set(shown) & test_outputs - {e["output"] for e in drawn}, "no test answer is shown"
+    # The training template (what the guard checks) is untouched; the k-shot one is recorded beside it.
+    assert read_json(data / "rendered" / "template_kshot.json")["k_shot"] == k
+    assert read_json(data / "rendered" / "template.json")["k_shot"] == smoke_cfg.prompt.k_shot
+    assert read_json(data / "render.json")["kshot_arm"]["rows"] == len(test)
+
+
+def test_three_arms_scored_side_by_side_with_paired_deltas(tmp_path: Path, data: Path, smoke_base: Path,
+                                                           smoke_cfg) -> None:
+    from pipeline.models import load_causal_lm
+
+    tuned = tmp_path / "tuned"
+    load_causal_lm(smoke_base).save_pretrained(tuned / "model")  # full weights, equal to the base
+    shutil.copy(data / "rendered" / "template.json", tuned / "template.json")
+    rules = safety.from_config(smoke_cfg.safety, [evaluate.PROJECT])
+    out = tmp_path / "eval"
+    metrics = evaluate.run(smoke_cfg, data / "rendered", data / "prepared", smoke_base, tuned, out, None, rules)
+    arms = ("base", "base_kshot", "tuned")
+    assert set(smoke_cfg.eval.models) == set(arms)
+    for arm in arms:
+        assert set(metrics[arm]) == {"topic", "qa", "past_tense", "summary", "overall"}
+    assert metrics["tuned"] == metrics["base"]  # identical weights and prompts: the same code, the same numbers
+    intervals = read_json(out / "intervals.json")
+    for key, (a, b) in {"delta": ("tuned", "base"), "delta_tuned_vs_base_kshot": ("tuned", "base_kshot"),
+                        "delta_base_kshot_vs_base": ("base_kshot", "base")}.items():
+        d = intervals["intervals"][key]["overall"]["score"]
+        assert d["delta"] == pytest.approx(metrics[a]["overall"]["score"] - metrics[b]["overall"]["score"])
+        assert d["low"] <= d["delta"] <= d["high"] and 0 < d["p_value"] <= 1
+    rows = read_jsonl(out / "predictions.jsonl")
+    assert all(r["base_kshot_prompt"].count(ASSISTANT) == smoke_cfg.prompt.eval_k_shot + 1 for r in rows)
+    assert {"base_flags", "base_kshot_flags", "tuned_flags"} <= set(rows[0])
+    assert set(intervals["safety"]) == set(arms)
+    report = (out / "report.md").read_text()
+    assert "| tuned − base (95% CI, p) | tuned − base_kshot (95% CI, p) | base_kshot − base (95% CI, p) |" in report
+    assert "Largest gap between slices" in report and "## Safety review of outputs" in report
+    bars = read_json(out / "per_task.json")
+    assert {b["model"] for b in bars} == set(arms)
+    slice_rows = read_json(out / "slices.json")
+    assert {r["slice"] for r in slice_rows} == set(smoke_cfg.eval.slices)
+    assert (out / "plots" / "slices.png").is_file()
