@@ -101,7 +101,8 @@ def run(cfg: config.PipelineConfig, params: dict[str, Any], rendered: Path, base
     from pipeline import tracking as mlf
     from pipeline.models import apply_finetune, load_causal_lm, load_tokenizer
     from pipeline.plots import loss_curve
-    from pipeline.training import CheckpointOnSigterm, InstructionTuner, LossCurve, RenderedData, RngState
+    from pipeline.training import (CheckpointOnSigterm, InstructionTuner, LossCurve, RenderedData, RngState,
+                                   prepare_for_batching)
 
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     # Our sampler resumes mid-epoch itself (EpochSampler.skip), which Lightning cannot see.
@@ -110,6 +111,7 @@ def run(cfg: config.PipelineConfig, params: dict[str, Any], rendered: Path, base
     template = read_json(rendered / "template.json")
     tokenizer = load_tokenizer(base_model)
     model = apply_finetune(load_causal_lm(base_model), cfg.finetune)
+    prepare_for_batching(model, cfg.trainer)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     print(f"train: {cfg.finetune.method}, {trainable:,} trainable of {total:,} parameters", flush=True)
@@ -150,7 +152,8 @@ def run(cfg: config.PipelineConfig, params: dict[str, Any], rendered: Path, base
                                        save_top_k=1, save_on_train_epoch_end=False)],
             enable_model_summary=False, default_root_dir=checkpoints,
         )
-        data = RenderedData(rendered, t.batch_size, tokenizer.pad_token_id, cfg.seed, t.num_workers)
+        data = RenderedData(rendered, t.batch_size, tokenizer.pad_token_id, cfg.seed, t.num_workers,
+                            t.batching, t.pack_length)
         start = time.perf_counter()
         # Only checkpoints this stage wrote itself are loaded, and with weights_only=True.
         fitting[0] = True

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from pipeline.config import TrainerConfig
 from pipeline.files import read_jsonl
 from pipeline.models import IGNORE_INDEX, completion_loss
+from pipeline.packing import collate_packed, epoch_batches
 
 
 def collate(rows: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -36,39 +37,48 @@ def collate(rows: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-class EpochSampler(torch.utils.data.Sampler[int]):
-    """A permutation that depends only on (seed, epoch), able to start mid-epoch.
+class EpochSampler(torch.utils.data.Sampler[list[int]]):
+    """The batches of an epoch, depending only on (seed, epoch), able to start mid-epoch.
 
-    Lightning calls ``set_epoch`` before every epoch. After a resume, ``skip`` samples of
-    the resumed epoch are left out once, so the run continues with exactly the batches an
-    uninterrupted run would have seen next.
+    ``mode`` is ``trainer.batching`` (see :func:`pipeline.packing.epoch_batches`). Lightning
+    calls ``set_epoch`` before every epoch. After a resume, ``skip`` batches of the resumed
+    epoch are left out once, so the run continues with exactly the batches an
+    uninterrupted run would have seen next. Every mode has the same number of batches in
+    every epoch, which is what makes "consumed batches" enough to resume from.
     """
 
-    def __init__(self, n: int, seed: int, shuffle: bool = True):
-        self.n, self.seed, self.shuffle = n, seed, shuffle
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, mode: str = "dynamic",
+                 pack_length: int = 0, shuffle: bool = True):
+        self.lengths, self.batch_size, self.seed = lengths, batch_size, seed
+        self.mode, self.pack_length, self.shuffle = mode, pack_length, shuffle
         self.epoch, self.skip = 0, 0
+        self.per_epoch = len(self._batches())
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def _batches(self) -> list[list[int]]:
+        return epoch_batches(self.mode, self.lengths, self.batch_size, self.pack_length, self.seed, self.epoch,
+                             self.shuffle)
+
     def __len__(self) -> int:
         # The full epoch: Lightning counts the skipped batches as already done when it resumes.
-        return self.n
+        return self.per_epoch
 
     def __iter__(self):  # type: ignore[no-untyped-def]
-        order = (torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
-                 if self.shuffle else list(range(self.n)))
         skip, self.skip = self.skip, 0
-        return iter(order[skip:])
+        return iter(self._batches()[skip:])
 
 
 class RenderedData(L.LightningDataModule):
     """Train/val rows written by the render stage; the train order survives a resume."""
 
-    def __init__(self, rendered: Path, batch_size: int, pad_id: int, seed: int, num_workers: int = 0):
+    def __init__(self, rendered: Path, batch_size: int, pad_id: int, seed: int, num_workers: int = 0,
+                 batching: str = "dynamic", pack_length: int = 0):
         super().__init__()
         self.rendered, self.batch_size, self.pad_id = rendered, batch_size, pad_id
         self.seed, self.num_workers = seed, num_workers
+        self.batching, self.pack_length = batching, pack_length
         self.train_rows: list[dict[str, Any]] = []
         self.val_rows: list[dict[str, Any]] = []
         self.resume_batches = 0  # batches already consumed by the run being resumed
@@ -89,19 +99,22 @@ class RenderedData(L.LightningDataModule):
     def _loader(self, rows: list[dict[str, Any]], sampler: EpochSampler) -> DataLoader:
         # A private generator: creating an iterator would otherwise draw from the global RNG
         # (which drives dropout), and a resumed run creates iterators at different times.
-        return DataLoader(rows, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
-                          collate_fn=lambda b: collate(b, self.pad_id),
+        packed = sampler.mode == "packed"
+        return DataLoader(rows, batch_sampler=sampler, num_workers=self.num_workers,
+                          collate_fn=collate_packed if packed else lambda b: collate(b, self.pad_id),
                           generator=torch.Generator().manual_seed(self.seed))
 
     def train_dataloader(self) -> DataLoader:
-        sampler = EpochSampler(len(self.train_rows), self.seed)
-        per_epoch = -(-len(self.train_rows) // self.batch_size)
-        sampler.set_epoch(self.resume_batches // per_epoch)
-        sampler.skip = (self.resume_batches % per_epoch) * self.batch_size
+        sampler = EpochSampler([len(r["input_ids"]) for r in self.train_rows], self.batch_size, self.seed,
+                               self.batching, self.pack_length)
+        sampler.set_epoch(self.resume_batches // sampler.per_epoch)
+        sampler.skip = self.resume_batches % sampler.per_epoch
         return self._loader(self.train_rows, sampler)
 
     def val_dataloader(self) -> DataLoader | list:
-        return self._loader(self.val_rows, EpochSampler(len(self.val_rows), self.seed, shuffle=False)) \
+        # Validation keeps dynamic padding in file order: its loss must not depend on the batching.
+        return self._loader(self.val_rows, EpochSampler([len(r["input_ids"]) for r in self.val_rows],
+                                                        self.batch_size, self.seed, shuffle=False)) \
             if self.val_rows else []
 
 
@@ -115,13 +128,14 @@ class InstructionTuner(L.LightningModule):
         self._step_start = time.perf_counter()
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return completion_loss(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        return completion_loss(self.model, batch["input_ids"], batch.get("attention_mask"), batch["labels"],
+                               position_ids=batch.get("position_ids"))
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self._loss(batch)
         now = time.perf_counter()
         elapsed, self._step_start = now - self._step_start, now
-        tokens = batch["attention_mask"].sum().item()
+        tokens = batch["attention_mask"].sum().item() if "attention_mask" in batch else batch["input_ids"].numel()
         self.log("train_loss", loss, prog_bar=True, batch_size=len(batch["input_ids"]))
         self.log("tokens_per_s", tokens / max(elapsed, 1e-9), prog_bar=True)
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])
@@ -212,3 +226,19 @@ class CheckpointOnSigterm(L.Callback):
 
         if isinstance(exception, SIGTERMException) and trainer.accumulate_grad_batches == 1:
             trainer.save_checkpoint(self.path, weights_only=False)
+
+
+def prepare_for_batching(model: torch.nn.Module, cfg: TrainerConfig) -> None:
+    """Packed rows need the per-document attention; ``trainer.compile`` compiles the decoder.
+
+    On a GPU with flash-attn installed, packed rows could use transformers'
+    ``flash_attention_2`` varlen path instead (it reads the same ``position_ids``); on CPU
+    per-document SDPA is the one correct path that does not build an L x L mask.
+    """
+    from pipeline.packing import use_packed_attention
+
+    if cfg.batching == "packed":
+        use_packed_attention(model)
+    if cfg.compile:
+        core = model.get_base_model() if hasattr(model, "get_base_model") else model
+        core.model.compile()  # type: ignore[union-attr, operator]
