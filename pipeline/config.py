@@ -255,9 +255,17 @@ class TrainerConfig:
     val_check_interval: int = MISSING
     log_every_n_steps: int = MISSING
     num_workers: int = MISSING
+    # Throughput (issue 6): how rows become batches, and whether to torch.compile the model.
+    batching: str = MISSING  # dynamic | length_grouped | packed
+    pack_length: int = MISSING  # token budget of one packed row (packed: one row per batch)
+    compile: bool = MISSING
 
     def problems(self) -> list[str]:
         out = []
+        if self.batching not in ("dynamic", "length_grouped", "packed"):
+            out.append(f"trainer.batching: {self.batching!r} is not one of dynamic, length_grouped, packed")
+        if self.pack_length < 1:
+            out.append("trainer.pack_length: must be >= 1")
         for name in ("batch_size", "accumulate_grad_batches", "max_steps", "val_check_interval"):
             if getattr(self, name) < 1:
                 out.append(f"trainer.{name}: must be >= 1")

@@ -188,20 +188,24 @@ def _core(model: "torch.nn.Module") -> "PreTrainedModel":
     return model.get_base_model() if hasattr(model, "get_base_model") else model  # type: ignore[return-value]
 
 
-def completion_loss(model: "torch.nn.Module", input_ids: "torch.Tensor", attention_mask: "torch.Tensor",
-                    labels: "torch.Tensor", reduction: str = "mean") -> "torch.Tensor":
+def completion_loss(model: "torch.nn.Module", input_ids: "torch.Tensor", attention_mask: "torch.Tensor | None",
+                    labels: "torch.Tensor", reduction: str = "mean",
+                    position_ids: "torch.Tensor | None" = None) -> "torch.Tensor":
     """Cross-entropy on loss-bearing positions only.
 
     The lm_head (vocabulary 85x the hidden size for SmolLM2) is applied to the hidden
     states of the positions whose next token is a label, not to every position: with
     short completions that is a few percent of the sequence, and it was measured 1.3x
     faster per training step on CPU. ``reduction="none"`` returns the per-token losses
-    in row-major order of the loss-bearing positions.
+    in row-major order of the loss-bearing positions. Packed rows pass ``position_ids``
+    (restarting per document) and no ``attention_mask``; see :mod:`pipeline.packing`.
+    There is no recompute: autograd keeps the gathered logits, a few percent of the full ones.
     """
     import torch.nn.functional as F
 
     core = _core(model)
-    hidden = core.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    hidden = core.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                             position_ids=position_ids).last_hidden_state
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
     logits = core.get_output_embeddings()(hidden[:, :-1][keep])

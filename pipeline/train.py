@@ -134,8 +134,8 @@ def run(cfg: config.PipelineConfig, params: dict[str, Any], rendered: Path, base
     from pipeline import encoder
     from pipeline.models import apply_finetune, check_tokenizer, load_causal_lm, load_tokenizer, model_kind
     from pipeline.plots import loss_curve
-    from pipeline.training import CheckpointOnSigterm, InstructionTuner, LossCurve, RenderedData, RngState, collate, \
-        token_loss
+    from pipeline.training import (CheckpointOnSigterm, InstructionTuner, LossCurve, RenderedData, RngState, collate,
+                                   prepare_for_batching, token_loss)
 
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     # Our sampler resumes mid-epoch itself (EpochSampler.skip), which Lightning cannot see.
@@ -149,6 +149,8 @@ def run(cfg: config.PipelineConfig, params: dict[str, Any], rendered: Path, base
     base = encoder.load_classifier(base_model, labels["labels"]) if labels else load_causal_lm(base_model)
     check_tokenizer(tokenizer, base, base_model)
     model = apply_finetune(base, cfg.finetune)
+    if not classifier:
+        prepare_for_batching(model, cfg.trainer)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     print(f"train: {cfg.finetune.method}, {trainable:,} trainable of {total:,} parameters", flush=True)
@@ -193,7 +195,7 @@ def run(cfg: config.PipelineConfig, params: dict[str, Any], rendered: Path, base
             enable_model_summary=False, default_root_dir=checkpoints,
         )
         data = RenderedData(rendered, t.batch_size, tokenizer.pad_token_id, cfg.seed, t.num_workers,
-                            encoder.collate if classifier else collate)
+                            encoder.collate if classifier else collate, t.batching, t.pack_length)
         start = time.perf_counter()
         # Only checkpoints this stage wrote itself are loaded, and with weights_only=True.
         fitting[0] = True

@@ -10,7 +10,7 @@ import csv
 import random
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import lightning as L
 import numpy as np
@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from pipeline.config import TrainerConfig
 from pipeline.files import read_jsonl
 from pipeline.models import IGNORE_INDEX, completion_loss
+from pipeline.packing import collate_packed, epoch_batches
 
 
 def collate(rows: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -37,57 +38,75 @@ def collate(rows: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 class EpochSampler(torch.utils.data.Sampler[list[int]]):
-    """Batches of a permutation that depends only on (seed, epoch), able to start mid-epoch.
+    """The batches of an epoch, depending only on (seed, epoch), able to start mid-epoch.
 
-    With ``world`` processes (DDP) the permutation is cut into global batches of
-    ``batch_size * world`` rows and process ``rank`` takes every ``world``-th row of each, so
-    every example is seen exactly once per epoch across ranks, and a global step trains on
-    the same rows as one process with ``batch_size * world`` would. A short last global
-    batch is split as evenly as it goes; one smaller than ``world`` joins the batch before
-    it, so no rank gets an empty batch and all ranks run the same number of steps (unequal
-    step counts would hang DDP's gradient all-reduce).
+    ``mode`` is ``trainer.batching`` (see :func:`pipeline.packing.epoch_batches`). Lightning
+    calls ``set_epoch`` before every epoch. After a resume, ``skip`` batches of the resumed
+    epoch are left out once, so the run continues with exactly the batches an
+    uninterrupted run would have seen next. Every mode has the same number of batches in
+    every epoch, which is what makes "consumed batches" enough to resume from.
 
-    Lightning calls ``set_epoch`` before every epoch. After a resume, ``skip`` batches of
-    the resumed epoch are left out once, so the run continues with exactly the batches an
-    uninterrupted run would have seen next. It is a batch sampler so that Lightning's
-    ``use_distributed_sampler`` (switched off in train.py) has nothing to re-wrap.
+    With ``world`` processes (DDP, dynamic batching) the epoch permutation is cut into
+    global batches of ``batch_size * world`` rows and process ``rank`` takes every
+    ``world``-th row of each, so every example is seen exactly once per epoch across ranks
+    and a global step trains on the same rows as one process with ``batch_size * world``.
+    A last global batch smaller than ``world`` joins the batch before it, so all ranks run
+    the same number of steps (unequal step counts would hang DDP's all-reduce). It is a
+    batch sampler so that Lightning's ``use_distributed_sampler`` (off in train.py) has
+    nothing to re-wrap.
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int, shuffle: bool = True, rank: int = 0, world: int = 1):
-        if n < world:
-            raise ValueError(f"{n} examples cannot be split over {world} processes")
-        self.n, self.batch_size, self.seed, self.shuffle = n, batch_size, seed, shuffle
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, mode: str = "dynamic",
+                 pack_length: int = 0, shuffle: bool = True, rank: int = 0, world: int = 1):
+        if len(lengths) < world:
+            raise ValueError(f"{len(lengths)} examples cannot be split over {world} processes")
+        if world > 1 and mode != "dynamic":
+            raise ValueError(f"trainer.batching={mode} runs in one process only; use dynamic with DDP")
+        self.lengths, self.batch_size, self.seed = list(lengths), batch_size, seed
+        self.mode, self.pack_length, self.shuffle = mode, pack_length, shuffle
         self.rank, self.world = rank, world
         self.epoch, self.skip = 0, 0
-        step = batch_size * world
-        self.starts = list(range(0, n, step))
-        if len(self.starts) > 1 and 0 < n - self.starts[-1] < world:
-            self.starts.pop()
+        self.per_epoch = len(self._batches())
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def _batches(self) -> list[list[int]]:
+        return epoch_batches(self.mode, self.lengths, self.batch_size, self.pack_length, self.seed, self.epoch,
+                             self.shuffle)
+
     def __len__(self) -> int:
         # The full epoch: Lightning counts the skipped batches as already done when it resumes.
-        return len(self.starts)
+        return self.per_epoch
+
+    def _batches(self) -> list[list[int]]:
+        if self.world == 1:
+            return epoch_batches(self.mode, self.lengths, self.batch_size, self.pack_length, self.seed,
+                                 self.epoch, self.shuffle)
+        step = self.batch_size * self.world
+        order = [i for b in epoch_batches("dynamic", self.lengths, step, 0, self.seed, self.epoch, self.shuffle)
+                 for i in b]
+        starts = list(range(0, len(order), step))
+        if len(starts) > 1 and 0 < len(order) - starts[-1] < self.world:
+            starts.pop()
+        ends = [*starts[1:], len(order)]
+        return [order[a:b][self.rank::self.world] for a, b in zip(starts, ends)]
 
     def __iter__(self):  # type: ignore[no-untyped-def]
-        order = (torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
-                 if self.shuffle else list(range(self.n)))
-        ends = [*self.starts[1:], self.n]
-        batches = [order[a:b][self.rank::self.world] for a, b in zip(self.starts, ends)]
         skip, self.skip = self.skip, 0
-        return iter(batches[skip:])
+        return iter(self._batches()[skip:])
 
 
 class RenderedData(L.LightningDataModule):
     """Train/val rows written by the render stage; the train order survives a resume."""
 
     def __init__(self, rendered: Path, batch_size: int, pad_id: int, seed: int, num_workers: int = 0,
-                 collate_fn: Callable[[list[dict[str, Any]], int], dict[str, torch.Tensor]] = collate):
+                 collate_fn: Callable[[list[dict[str, Any]], int], dict[str, torch.Tensor]] = collate,
+                 batching: str = "dynamic", pack_length: int = 0):
         super().__init__()
         self.rendered, self.batch_size, self.pad_id, self.collate_fn = rendered, batch_size, pad_id, collate_fn
         self.seed, self.num_workers = seed, num_workers
+        self.batching, self.pack_length = batching, pack_length
         self.train_rows: list[dict[str, Any]] = []
         self.val_rows: list[dict[str, Any]] = []
         self.resume_batches = 0  # batches already consumed by the run being resumed
@@ -105,32 +124,37 @@ class RenderedData(L.LightningDataModule):
         self.train_rows = [{k: r[k] for k in keep} for r in read_jsonl(self.rendered / "train.jsonl")]
         self.val_rows = [{k: r[k] for k in keep} for r in read_jsonl(self.rendered / "val.jsonl")]
 
-    def _sampler(self, rows: list[dict[str, Any]], shuffle: bool) -> EpochSampler:
+    def _sampler(self, rows: list[dict[str, Any]], shuffle: bool, mode: str = "dynamic") -> EpochSampler:
         # Before fit there is no trainer (tests build loaders directly): one process.
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        return EpochSampler(len(rows), self.batch_size, self.seed, shuffle, rank, world)
+        return EpochSampler([len(r["input_ids"]) for r in rows], self.batch_size, self.seed, mode,
+                            self.pack_length, shuffle, rank, world)
 
     def _loader(self, rows: list[dict[str, Any]], sampler: EpochSampler) -> DataLoader:
         # A private generator: creating an iterator would otherwise draw from the global RNG
         # (which drives dropout), and a resumed run creates iterators at different times.
+        packed = sampler.mode == "packed"
         return DataLoader(rows, batch_sampler=sampler, num_workers=self.num_workers,
-                          collate_fn=lambda b: self.collate_fn(b, self.pad_id),
+                          collate_fn=collate_packed if packed else lambda b: self.collate_fn(b, self.pad_id),
                           generator=torch.Generator().manual_seed(self.seed))
 
     def train_dataloader(self) -> DataLoader:
-        sampler = self._sampler(self.train_rows, shuffle=True)
+        sampler = self._sampler(self.train_rows, shuffle=True, mode=self.batching)
         sampler.set_epoch(self.resume_batches // len(sampler))
         sampler.skip = self.resume_batches % len(sampler)
         return self._loader(self.train_rows, sampler)
 
     def val_dataloader(self) -> DataLoader | list:
+        # Validation keeps dynamic padding in file order: its loss must not depend on the batching.
         return self._loader(self.val_rows, self._sampler(self.val_rows, shuffle=False)) if self.val_rows else []
 
 
 def token_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], reduction: str = "mean") -> torch.Tensor:
-    """Completion-only cross-entropy of a causal LM (per token with ``reduction="none"``)."""
-    return completion_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"], reduction=reduction)
+    """Completion-only cross-entropy of a causal LM (per token with ``reduction="none"``); packed
+    batches carry ``position_ids`` and no ``attention_mask``."""
+    return completion_loss(model, batch["input_ids"], batch.get("attention_mask"), batch["labels"],
+                           reduction=reduction, position_ids=batch.get("position_ids"))
 
 
 class InstructionTuner(L.LightningModule):
@@ -151,7 +175,7 @@ class InstructionTuner(L.LightningModule):
         loss = self._loss(batch)
         now = time.perf_counter()
         elapsed, self._step_start = now - self._step_start, now
-        tokens = batch["attention_mask"].sum().item()
+        tokens = batch["attention_mask"].sum().item() if "attention_mask" in batch else batch["input_ids"].numel()
         # sync_dist: under DDP the curve shows the mean over ranks, not rank 0's shard alone.
         self.log("train_loss", loss, prog_bar=True, batch_size=len(batch["input_ids"]), sync_dist=True)
         self.log("tokens_per_s", tokens / max(elapsed, 1e-9), prog_bar=True)
@@ -255,3 +279,19 @@ class CheckpointOnSigterm(L.Callback):
 
         if isinstance(exception, SIGTERMException) and trainer.accumulate_grad_batches == 1:
             trainer.save_checkpoint(self.path, weights_only=False)
+
+
+def prepare_for_batching(model: torch.nn.Module, cfg: TrainerConfig) -> None:
+    """Packed rows need the per-document attention; ``trainer.compile`` compiles the decoder.
+
+    On a GPU with flash-attn installed, packed rows could use transformers'
+    ``flash_attention_2`` varlen path instead (it reads the same ``position_ids``); on CPU
+    per-document SDPA is the one correct path that does not build an L x L mask.
+    """
+    from pipeline.packing import use_packed_attention
+
+    if cfg.batching == "packed":
+        use_packed_attention(model)
+    if cfg.compile:
+        core = model.get_base_model() if hasattr(model, "get_base_model") else model
+        core.model.compile()  # type: ignore[union-attr, operator]

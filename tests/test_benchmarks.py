@@ -6,6 +6,8 @@ import importlib.util
 import re
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -34,3 +36,26 @@ def test_prepare_render_throughput_smoke(smoke_base: Path, capsys) -> None:
     assert "examples: 1000" in out
     assert "prepare + render, near-dup off:" in out and "prepare + render, near-dup on:" in out
     assert "for the tokenizer's own call" in out
+
+
+def test_train_throughput_smoke(smoke_base: Path, capsys) -> None:
+    pytest.importorskip("trl", reason="TRL is the `bench` extra")
+    bench = load("train_throughput")
+    assert bench.main(["--smoke", "--model", str(smoke_base)]) == 0
+    out = capsys.readouterr().out
+    cases = dict(re.findall(r"^lora (\w+) +loss-bearing +([\d.]+) tok/s", out, flags=re.M))
+    assert set(cases) == {"ours_dynamic", "ours_length_grouped", "ours_packed", "trl_default", "trl_packed",
+                          "naive_hf"}
+    assert all(float(v) > 0 for v in cases.values())
+    waste = dict(re.findall(r"^lora (\w+) .* waste +([\d.]+)%", out, flags=re.M))
+    assert float(waste["ours_packed"]) < 2.0
+    assert re.search(r"ratio ours_packed / trl_packed \(loss-bearing tok/s\): \d+\.\d+x", out)
+    assert re.search(r"fp32 matmul peak \d+\.\d GFLOP/s", out)
+
+
+def test_repro_overhead_smoke(capsys) -> None:
+    bench = load("repro_overhead")
+    assert bench.main(["--smoke"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"python -m pipeline\.train --help: \d+\.\d+ s", out)
+    assert "heavy modules imported by --help: none" in out

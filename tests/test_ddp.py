@@ -29,9 +29,9 @@ REPO = Path(__file__).resolve().parents[1]
 def test_every_example_once_per_epoch_across_ranks(n: int, batch: int, world: int, epoch: int) -> None:
     if n < world:
         with pytest.raises(ValueError):
-            EpochSampler(n, batch, seed=0, world=world)
+            EpochSampler([1] * n, batch, seed=0, world=world)
         return
-    samplers = [EpochSampler(n, batch, seed=0, rank=r, world=world) for r in range(world)]
+    samplers = [EpochSampler([1] * n, batch, seed=0, rank=r, world=world) for r in range(world)]
     per_rank = []
     for s in samplers:
         s.set_epoch(epoch)
@@ -44,15 +44,15 @@ def test_every_example_once_per_epoch_across_ranks(n: int, batch: int, world: in
 
 def test_ranks_together_take_the_single_process_batches() -> None:
     # DDP with batch 2 on 2 ranks trains each step on the rows one process takes with batch 4.
-    single = list(EpochSampler(22, 4, seed=3))
-    ranks = [list(EpochSampler(22, 2, seed=3, rank=r, world=2)) for r in range(2)]
+    single = list(EpochSampler([1] * 22, 4, seed=3))
+    ranks = [list(EpochSampler([1] * 22, 2, seed=3, rank=r, world=2)) for r in range(2)]
     assert [sorted(a + b) for a, b in zip(*ranks)] == [sorted(b) for b in single]
 
 
 def test_skip_resumes_mid_epoch_on_every_rank() -> None:
     for rank in range(2):
-        full = list(EpochSampler(30, 3, seed=1, rank=rank, world=2))
-        resumed = EpochSampler(30, 3, seed=1, rank=rank, world=2)
+        full = list(EpochSampler([1] * 30, 3, seed=1, rank=rank, world=2))
+        resumed = EpochSampler([1] * 30, 3, seed=1, rank=rank, world=2)
         resumed.skip = 2
         assert list(resumed) == full[2:]
 

@@ -40,6 +40,9 @@ def workdir(tmp_path_factory: pytest.TempPathFactory, smoke_base: Path) -> Path:
 
 def _train(root: Path, name: str, params: str = "params.yaml") -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    # The checkout under test, not whichever one the venv's editable install points to.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
+                                                      env.get("PYTHONPATH")]))
     cmd = [sys.executable, "-m", "pipeline.train", "--params", params, "--rendered", "rendered",
            "--base-model", "base", "--out", f"{name}/model", "--curves", f"{name}/curves",
            "--checkpoints", f"{name}/ckpt"]

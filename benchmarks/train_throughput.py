@@ -1,0 +1,287 @@
+"""Training throughput: our Lightning loop in each batching mode vs TRL's SFTTrainer vs a naive loop.
+
+Same model, same rendered rows, fp32, the same tokens per optimizer step (B rows, or one
+packed row of about B x mean-length tokens). Each case runs in a child process of this
+script (so its peak RSS is its own), a few warmup steps then a few timed ones. Printed per
+case: loss-bearing and real tokens/s, padding waste 1 - sum(len)/(B*L), peak RSS, and MFU
+against an fp32 matmul peak measured in the same run. Ratios are against TRL's default
+and packed modes measured in the same run.
+
+    python benchmarks/train_throughput.py                       # SmolLM2-135M, LoRA and full
+    python benchmarks/train_throughput.py --smoke --model DIR   # seconds, on a tiny model
+
+TRL is the ``bench`` extra (``pip install --no-deps trl``: it must not touch torch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+OURS = ("dynamic", "length_grouped", "packed")
+CASES = (*[f"ours_{m}" for m in OURS], "trl_default", "trl_packed", "naive_hf")
+
+
+def matmul_peak(n: int = 1024, reps: int = 5) -> float:
+    """fp32 GFLOP/s of the best of a few n x n matmuls: the ceiling MFU is measured against."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(reps))
+    return 2 * n ** 3 / best / 1e9
+
+
+def _timed(fn) -> float:  # type: ignore[no-untyped-def]
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def flops_per_token(cfg, n_params: int, n_lora: int, seq_len: float, method: str) -> float:
+    """6N + 12·n_layer·d·T for full fine-tuning; LoRA skips the frozen weights' gradients: 4N + 6N_lora + attention."""
+    attention = 12 * cfg.num_hidden_layers * cfg.hidden_size * seq_len
+    return (6 * n_params if method == "full" else 4 * n_params + 6 * n_lora) + attention
+
+
+class Meter:
+    """Counts tokens of the batches after warmup, and their wall time."""
+
+    def __init__(self, warmup: int):
+        self.warmup, self.steps, self.start = warmup, 0, 0.0
+        self.real = self.loss = self.slots = self.docs = 0
+
+    def batch(self, batch: dict) -> None:
+        self.steps += 1
+        if self.steps == self.warmup + 1:
+            self.start = time.perf_counter()
+        if self.steps <= self.warmup:
+            return
+        ids = batch["input_ids"]
+        mask = batch.get("attention_mask")
+        self.real += int(mask.sum()) if mask is not None else ids.numel()
+        self.slots += ids.numel()
+        self.loss += int((batch["labels"][:, 1:] != -100).sum())
+        pos = batch.get("position_ids")
+        self.docs += int((pos == 0).sum()) if pos is not None and mask is None else ids.shape[0]
+
+    def result(self) -> dict:
+        seconds = time.perf_counter() - self.start
+        return {"seconds": seconds, "real_tok_s": self.real / seconds, "loss_tok_s": self.loss / seconds,
+                "waste_pct": 100 * (1 - self.real / self.slots), "mean_len": self.real / max(self.docs, 1)}
+
+
+def _model(model_dir: str, method: str):  # type: ignore[no-untyped-def]
+    """The model as the train stage builds it, with the project's own finetune config."""
+    import dataclasses
+
+    from pipeline.config import from_mapping
+    from pipeline.models import apply_finetune, load_causal_lm
+    from pipeline.params import compose
+
+    torch.manual_seed(0)
+    finetune = dataclasses.replace(from_mapping(compose([]), source="conf/").finetune, method=method)
+    return apply_finetune(load_causal_lm(model_dir), finetune)
+
+
+def run_ours(mode: str, args, rendered: Path) -> Meter:  # type: ignore[no-untyped-def]
+    import lightning as L
+
+    from pipeline.config import TrainerConfig
+    from pipeline.training import InstructionTuner, RenderedData, prepare_for_batching
+
+    model = _model(args.model, args.method)
+    cfg = TrainerConfig(accelerator=args.accelerator, devices=1, precision=args.precision, batch_size=args.batch_size,
+                        accumulate_grad_batches=1, max_steps=args.warmup + args.steps, max_epochs=1000, lr=1e-4,
+                        weight_decay=0.0, warmup_ratio=0.0, gradient_clip_val=None, val_check_interval=1000,
+                        log_every_n_steps=1000, num_workers=0, batching=mode, pack_length=args.pack_length,
+                        compile=args.compile)
+    prepare_for_batching(model, cfg)
+    meter = Meter(args.warmup)
+
+    class Count(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, idx):  # type: ignore[no-untyped-def]
+            meter.batch(batch)
+
+    trainer = L.Trainer(accelerator=cfg.accelerator, devices=1, precision=cfg.precision,  # type: ignore[arg-type]
+                        max_steps=cfg.max_steps, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, limit_val_batches=0, callbacks=[Count()])
+    data = RenderedData(rendered, cfg.batch_size, 0, seed=0, batching=mode, pack_length=cfg.pack_length)
+    trainer.fit(InstructionTuner(model, cfg), datamodule=data)
+    return meter
+
+
+def run_trl(packing: bool, args, rows: list[dict]) -> Meter:  # type: ignore[no-untyped-def]
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    model = _model(args.model, args.method)
+    meter = Meter(args.warmup)
+
+    class Counting(SFTTrainer):
+        def training_step(self, model, inputs, *a, **kw):  # type: ignore[no-untyped-def]
+            meter.batch(inputs)
+            return super().training_step(model, inputs, *a, **kw)
+
+    data = Dataset.from_list([{"input_ids": r["input_ids"],
+                               "completion_mask": [int(t != -100) for t in r["labels"]]} for r in rows])
+    cfg = SFTConfig(output_dir=tempfile.mkdtemp(), max_steps=args.warmup + args.steps, learning_rate=1e-4,
+                    per_device_train_batch_size=1 if packing else args.batch_size, packing=packing,
+                    packing_strategy="bfd", max_length=args.pack_length if packing else None,
+                    gradient_checkpointing=False, bf16=False, fp16=False, use_cpu=True, report_to=[],
+                    logging_steps=1000, save_strategy="no", completion_only_loss=True, dataloader_num_workers=0,
+                    seed=0, disable_tqdm=True)
+    Counting(model=model, args=cfg, train_dataset=data).train()
+    return meter
+
+
+def run_naive(args, rows: list[dict]) -> Meter:  # type: ignore[no-untyped-def]
+    """Every batch padded to the longest row of the data, full logits, transformers' own loss."""
+    from pipeline.training import collate
+
+    model = _model(args.model, args.method)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    width = max(len(r["input_ids"]) for r in rows)
+    meter = Meter(args.warmup)
+    for step in range(args.warmup + args.steps):
+        chunk = [rows[(step * args.batch_size + i) % len(rows)] for i in range(args.batch_size)]
+        padded = [{"input_ids": r["input_ids"] + [0] * (width - len(r["input_ids"])),
+                   "labels": r["labels"] + [-100] * (width - len(r["labels"]))} for r in chunk]
+        batch = collate(padded, 0)
+        batch["attention_mask"] = collate(chunk, 0)["attention_mask"].new_zeros(len(chunk), width)
+        for i, r in enumerate(chunk):
+            batch["attention_mask"][i, :len(r["input_ids"])] = 1
+        meter.batch(batch)
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return meter
+
+
+def measure(args) -> dict:  # type: ignore[no-untyped-def]
+    """One case (``args.case``) for one method; peak RSS is the process's own."""
+    from pipeline.files import read_jsonl
+
+    rendered = Path(args.rendered)
+    rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in read_jsonl(rendered / "train.jsonl")]
+    case = args.case
+    if case.startswith("ours_"):
+        meter = run_ours(case.removeprefix("ours_"), args, rendered)
+    elif case.startswith("trl_"):
+        meter = run_trl(case == "trl_packed", args, rows)
+    else:
+        meter = run_naive(args, rows)
+    out = meter.result()
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+
+def in_child(args, case: str, method: str) -> dict | None:  # type: ignore[no-untyped-def]
+    """Run one case in a fresh interpreter, so its peak RSS and allocator state are its own."""
+    cmd = [sys.executable, __file__, "--case", case, "--method", method, "--model", args.model,
+           "--rendered", str(args.rendered), "--batch-size", str(args.batch_size), "--warmup", str(args.warmup),
+           "--steps", str(args.steps), "--pack-length", str(args.pack_length),
+           "--accelerator", args.accelerator, "--precision", args.precision] + (["--compile"] if args.compile else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    if proc.returncode or not line:
+        print(f"{method:4} {case:20} FAILED: {proc.stderr.strip().splitlines()[-1:]}")
+        return None
+    return json.loads(line[0].removeprefix("RESULT "))
+
+
+def prepare_rows(args, tmp: Path) -> Path:  # type: ignore[no-untyped-def]
+    """The rendered rows as the train stage reads them: --rendered, or (smoke) the embedded examples."""
+    if not args.smoke:
+        return Path(args.rendered)
+    from pipeline import render
+    from pipeline.config import from_mapping
+    from pipeline.data.embedded import generate
+    from pipeline.files import write_json, write_jsonl
+    from pipeline.models import load_tokenizer
+    from pipeline.params import compose
+    from pipeline.prompts import make_template
+
+    cfg = from_mapping(compose(["+experiment=smoke"]), source="+experiment=smoke")
+    tok = load_tokenizer(args.model)
+    template = make_template(cfg.prompt, tok.chat_template, tok.bos_token, tok.eos_token)
+    rows, _ = render.tokenize_split([e.to_dict() for e in generate(seed=0, n_per_task=8)], template, tok, 128,
+                                    "truncate")
+    write_jsonl(tmp / "train.jsonl", rows)
+    write_jsonl(tmp / "val.jsonl", [])
+    write_json(tmp / "template.json", template.to_dict())
+    return tmp
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="/work/main/models/base", help="checkpoint dir (safetensors + tokenizer)")
+    p.add_argument("--rendered", default="/work/main/data/rendered", help="render stage output (train.jsonl)")
+    p.add_argument("--methods", default="lora,full")
+    p.add_argument("--cases", default=",".join(CASES))
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--compile", action="store_true", help="trainer.compile for our cases")
+    p.add_argument("--accelerator", default="cpu", help="our cases only (benchmarks/gpu_check.sh: gpu)")
+    p.add_argument("--precision", default="32-true", help="our cases only (gpu_check.sh: bf16-mixed)")
+    p.add_argument("--peak-flops", type=float, help="matmul peak in FLOP/s measured elsewhere (GPU bf16)")
+    p.add_argument("--smoke", action="store_true", help="embedded rows, LoRA, 1 warmup + 2 timed steps, in-process")
+    p.add_argument("--case", help=argparse.SUPPRESS)
+    p.add_argument("--method", help=argparse.SUPPRESS)
+    p.add_argument("--pack-length", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.case:
+        print("RESULT " + json.dumps(measure(args)))
+        return 0
+    if args.smoke:
+        args.warmup, args.steps, args.methods = 1, 2, "lora"
+    from pipeline.files import read_jsonl
+    from transformers import AutoConfig
+
+    with tempfile.TemporaryDirectory() as tmp:
+        rendered = args.rendered = prepare_rows(args, Path(tmp))
+        lengths = [len(r["input_ids"]) for r in read_jsonl(rendered / "train.jsonl")]
+        pack_length = args.pack_length = max(max(lengths), round(args.batch_size * sum(lengths) / len(lengths)))
+        peak = args.peak_flops / 1e9 if args.peak_flops else matmul_peak()
+        print(f"{len(lengths)} rows, mean length {sum(lengths) / len(lengths):.0f}, batch {args.batch_size} rows "
+              f"or one packed row of {pack_length} tokens; {'given' if args.peak_flops else 'fp32'} matmul peak {peak:.1f} GFLOP/s")
+        mcfg = AutoConfig.from_pretrained(args.model)
+        for method in args.methods.split(","):
+            model = _model(args.model, method)
+            n_params = sum(p.numel() for p in model.parameters())
+            n_lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+            del model
+            results = {}
+            for case in args.cases.split(","):
+                if args.smoke:  # in-process: seconds, not a fresh interpreter per case (RSS is cumulative then)
+                    r = measure(argparse.Namespace(**{**vars(args), "case": case, "method": method}))
+                else:
+                    r = in_child(args, case, method)
+                if r is None:
+                    continue
+                results[case] = r
+                fpt = flops_per_token(mcfg, n_params, n_lora, r["mean_len"], method)
+                r["mfu_pct"] = 100 * r["real_tok_s"] * fpt / (peak * 1e9)
+                print(f"{method:4} {case:20} loss-bearing {r['loss_tok_s']:8.1f} tok/s  real {r['real_tok_s']:8.1f} "
+                      f"tok/s  waste {r['waste_pct']:5.1f}%  peak RSS {r['peak_rss_mb']:6.0f} MB  "
+                      f"MFU {r['mfu_pct']:5.1f}% of measured peak", flush=True)
+            for base in ("trl_default", "trl_packed"):
+                for case in (c for c in results if c.startswith("ours_") and base in results):
+                    ratio = results[case]["loss_tok_s"] / results[base]["loss_tok_s"]
+                    print(f"{method:4} ratio {case} / {base} (loss-bearing tok/s): {ratio:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
