@@ -26,7 +26,9 @@ from typing import Any, Callable, Iterator, Mapping, TypeVar
 
 from pipeline.config import flatten
 
-SECRET_PARTS = re.compile(r"(^|[._-])(token|password|passwd|secret|key|apikey|api_key|credentials?)($|[._-])", re.I)
+# The last name of a dotted key (hub_token, api_key, password, aws_secret_access_key), not any
+# segment: num_key_value_heads and keywords are not secrets.
+SECRET_PARTS = re.compile(r"(^|_)(token|password|passwd|secret|key|apikey|credentials?)$", re.I)
 REDACTED = "***"
 PARENT_TAG = "mlflow.parentRunId"  # what the MLflow UI nests runs by
 SWEEP_TAG = "sweep.id"
@@ -111,9 +113,13 @@ def locked_write(uri: str, fn: Callable[[], T]) -> T:
     return retry_locked(attempt)
 
 
+def _is_secret(dotted_key: str) -> bool:
+    return bool(SECRET_PARTS.search(dotted_key.rsplit(".", 1)[-1]))
+
+
 def redact(params: Mapping[str, Any]) -> dict[str, Any]:
     """Replace values whose dotted key looks like a secret (token, password, key, ...)."""
-    return {k: (REDACTED if SECRET_PARTS.search(k) and v not in (None, "") else v) for k, v in params.items()}
+    return {k: (REDACTED if _is_secret(k) and v not in (None, "") else v) for k, v in params.items()}
 
 
 def redact_tree(tree: Any, prefix: str = "") -> Any:
@@ -121,7 +127,7 @@ def redact_tree(tree: Any, prefix: str = "") -> Any:
     if isinstance(tree, Mapping):
         return {k: redact_tree(v, f"{prefix}{k}.") for k, v in tree.items()}
     key = prefix.rstrip(".")
-    return REDACTED if key and SECRET_PARTS.search(key) and tree not in (None, "") else tree
+    return REDACTED if key and _is_secret(key) and tree not in (None, "") else tree
 
 
 def git_tags(cwd: Path) -> dict[str, str]:

@@ -128,11 +128,12 @@ def test_template_with_an_undefined_variable(smoke_dir: Path) -> None:
 
 
 def test_secret_looking_keys_are_redacted() -> None:
-    params = {"model": {"hub_token": "hf_abc", "name": "x"}, "tracking": {"password": "pw", "api_key": "k"},
+    params = {"model": {"hub_token": "hf_abc", "name": "x", "config_overrides": {"num_key_value_heads": 2}}, "tracking": {"password": "pw", "api_key": "k"},
               "data": {"columns": {"keywords": "kw"}}, "finetune": {"lora": {"target_modules": ["q_proj"]}}}
     flat = params_for_logging(params)
     assert flat["model.hub_token"] == flat["tracking.password"] == flat["tracking.api_key"] == REDACTED
     assert flat["model.name"] == "x" and flat["data.columns.keywords"] == "kw"  # "keywords" is no secret
+    assert flat["model.config_overrides.num_key_value_heads"] == "2"  # nor is a "key" inside a name
     assert redact_tree(params)["tracking"] == {"password": REDACTED, "api_key": REDACTED}
 
 
