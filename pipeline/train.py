@@ -137,7 +137,8 @@ def run(cfg: config.PipelineConfig, params: dict[str, Any], rendered: Path, base
 
     fitting = [False]
     _handle_sigterm(fitting)
-    client = MlflowClient(tracking.uri)
+    # Built under the store's lock: a fresh SQLite store creates and migrates its tables here.
+    client = mlf.locked_write(tracking.uri, lambda: MlflowClient(tracking.uri))
     expected = fingerprint(params, rendered, base_model)
     # Under DDP, Lightning re-runs this script once per extra device (rank >= 1) when fit
     # starts. Only rank 0 touches MLflow, resume.json and the outputs; the other ranks find
