@@ -6,20 +6,20 @@ left for `dvc repro` to run. An S3 or SSH remote differs only in the `dvc remote
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.test_pipeline_dvc import _copy_tracked, _sh
+from sweep_helpers import copy_checkout
+from test_pipeline_dvc import _sh
 
 
 @pytest.mark.slow
 def test_push_clone_pull_restores_outputs_and_repro_is_a_no_op(tmp_path: Path) -> None:
     repo, remote, clone = tmp_path / "repo", tmp_path / "remote", tmp_path / "clone"
     repo.mkdir()
-    _copy_tracked(repo)
+    copy_checkout(repo)
     _sh(["git", "init", "-q"], repo)
     _sh(["git", "add", "-A"], repo)
     _sh(["git", "commit", "-qm", "init"], repo)

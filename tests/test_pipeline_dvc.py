@@ -9,24 +9,15 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from sweep_helpers import copy_checkout
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _copy_tracked(dst: Path) -> None:
-    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                           capture_output=True, text=True, check=True).stdout.split("\0")
-    for name in filter(None, files):
-        src = REPO / name
-        if src.is_file() and not name.startswith(("data/prepared", "data/rendered", "models/", "reports/")):
-            (dst / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dst / name)
 
 
 def _env() -> dict[str, str]:
@@ -46,7 +37,7 @@ def _sh(cmd: list[str], cwd: Path) -> str:
 @pytest.fixture(scope="module")
 def smoke_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     repo = tmp_path_factory.mktemp("repo")
-    _copy_tracked(repo)
+    copy_checkout(repo)
     _sh(["git", "init", "-q"], repo)
     _sh(["git", "add", "-A"], repo)
     _sh(["git", "commit", "-qm", "init"], repo)

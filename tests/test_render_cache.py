@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from pipeline.params import compose
-from test_pipeline_dvc import _copy_tracked, _sh
+from sweep_helpers import copy_checkout
+from test_pipeline_dvc import _sh
 
 
 def repro(repo: Path) -> str:
@@ -24,7 +25,7 @@ def set_params(repo: Path, *overrides: str) -> None:
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     repo = tmp_path_factory.mktemp("cache")
-    _copy_tracked(repo)
+    copy_checkout(repo)
     set_params(repo)
     _sh(["git", "init", "-q"], repo)
     _sh(["git", "add", "-A"], repo)
