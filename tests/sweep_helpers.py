@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
 import subprocess
+import signal
 import sys
+import time
+import urllib.request
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -75,3 +79,48 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def mlflow_server(store_args: Sequence[str], cwd: Path, log_path: Path, environ: dict[str, str],
+                  timeout: float = 120) -> Iterator[str]:
+    """`mlflow server` on a free 127.0.0.1 port; yields its URL once /health answers.
+
+    It runs in its own process group, which is stopped whole afterwards: the server's
+    worker processes outlive a SIGTERM sent to the parent alone.
+    """
+    port = free_port()
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+           *store_args]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=environ, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
+                        if resp.status == 200:
+                            break
+                except OSError:
+                    pass
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(f"mlflow server did not come up:\n{log_path.read_text()[-3000:]}")
+                time.sleep(0.5)
+            yield url
+        finally:
+            stop_group(proc)
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM the process group, then SIGKILL whatever is left (the server's job consumers linger)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)  # the group made by start_new_session: only the server's processes
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            pass

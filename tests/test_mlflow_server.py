@@ -6,12 +6,6 @@ team server; train and evaluate log into one run, read back through the client.
 from __future__ import annotations
 
 import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 from typing import Iterator
 
@@ -22,49 +16,19 @@ from pipeline import evaluate, prepare, render, train
 from pipeline.config import from_mapping
 from pipeline.files import read_json
 from pipeline.params import compose
+from sweep_helpers import mlflow_server
 
 EXPERIMENT = "shared-server-smoke"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     root = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
-    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-           "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-           "--artifacts-destination", str(root / "artifacts"), "--serve-artifacts"]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    log = open(root / "server.log", "w")
-    # Its own process group: the server's worker processes outlive a SIGTERM to the parent alone.
-    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            assert proc.poll() is None, (root / "server.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "mlflow server did not come up"
-            time.sleep(0.5)
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    store = ["--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+             "--artifacts-destination", str(root / "artifacts"), "--serve-artifacts"]
+    with mlflow_server(store, root, root / "server.log", environ) as url:
         yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
 
 
 def test_train_and_evaluate_log_one_run_to_the_server(server: str, tmp_path: Path, smoke_base: Path) -> None:

@@ -5,18 +5,16 @@ notebook, and `mlflow server` (REST API; a headless-Chromium look at the UI is m
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
-from sweep_helpers import REPO, env, free_port, pipeline, seed_base_model, sh, stdout_of
+from sweep_helpers import REPO, env, pipeline, seed_base_model, sh, stdout_of
+from sweep_helpers import mlflow_server as running_mlflow_server
 
 SMOKE = ["+experiment=smoke"]
 GRID = ["trainer.lr=1e-3,3e-3", "finetune.lora.r=4,8"]
@@ -119,43 +117,10 @@ def test_notebook_runs_against_the_sweep(grid: dict[str, Any], monkeypatch: pyte
 @pytest.fixture(scope="module")
 def mlflow_server(grid: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """`mlflow server` on a free localhost port over the grid's store; stopped (its whole process group) after."""
-    port = free_port()
-    log = open(tmp_path_factory.mktemp("server") / "server.log", "w+")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", grid["uri"], "--default-artifact-root",
-         str(grid["cwd"] / "mlartifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        cwd=grid["cwd"], env=env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                log.seek(0)
-                pytest.fail(f"mlflow server did not come up:\n{log.read()[-3000:]}")
-            time.sleep(0.5)
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    with running_mlflow_server(["--backend-store-uri", grid["uri"], "--default-artifact-root",
+                                str(grid["cwd"] / "mlartifacts")], grid["cwd"], log, env(), timeout=90) as url:
         yield url
-    finally:
-        stop_group(proc)
-        log.close()
-
-
-def stop_group(proc: subprocess.Popen) -> None:
-    """SIGTERM the server's process group, then SIGKILL whatever is left (its job consumers linger)."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)  # the group we created with start_new_session: only the server's processes
-        except ProcessLookupError:
-            break
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            pass
 
 
 def _api(url: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
