@@ -47,17 +47,23 @@ def _timed(fn) -> float:  # type: ignore[no-untyped-def]
     return time.perf_counter() - t
 
 
-def flops_per_token(cfg, n_params: int, n_lora: int, seq_len: float, method: str) -> float:
-    """6N + 12·n_layer·d·T for full fine-tuning; LoRA skips the frozen weights' gradients: 4N + 6N_lora + attention."""
+def flops_per_token(cfg, n_params: int, n_lora: int, n_head: int, seq_len: float, method: str,
+                    loss_fraction: float) -> float:
+    """Useful model FLOPs per real token: 6N + 12·n_layer·d·T for full fine-tuning; LoRA skips the
+    frozen weights' gradients (4N + 6N_lora + attention). The lm_head (``n_head`` = vocab x d
+    weights) counts only at loss-bearing positions (``loss_fraction`` of the real tokens): logits
+    elsewhere are waste, so a loop that computes them gets no credit for it."""
     attention = 12 * cfg.num_hidden_layers * cfg.hidden_size * seq_len
-    return (6 * n_params if method == "full" else 4 * n_params + 6 * n_lora) + attention
+    body = n_params - n_lora - n_head  # n_params counts only the weights matmuls use (see main)
+    per_weight = 6 if method == "full" else 4
+    return per_weight * body + per_weight * n_head * loss_fraction + (6 * n_lora if method != "full" else 0) + attention
 
 
 class Meter:
     """Counts tokens of the batches after warmup, and their wall time."""
 
     def __init__(self, warmup: int):
-        self.warmup, self.steps, self.start = warmup, 0, 0.0
+        self.warmup, self.steps, self.start, self.stop = warmup, 0, 0.0, 0.0
         self.real = self.loss = self.slots = self.docs = 0
 
     def batch(self, batch: dict) -> None:
@@ -74,8 +80,16 @@ class Meter:
         pos = batch.get("position_ids")
         self.docs += int((pos == 0).sum()) if pos is not None and mask is None else ids.shape[0]
 
+    def end(self) -> None:
+        """The step's work is done (GPU synchronized): later teardown is not counted."""
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.stop = time.perf_counter()
+
     def result(self) -> dict:
-        seconds = time.perf_counter() - self.start
+        if not self.stop:
+            self.end()
+        seconds = self.stop - self.start
         return {"seconds": seconds, "real_tok_s": self.real / seconds, "loss_tok_s": self.loss / seconds,
                 "waste_pct": 100 * (1 - self.real / self.slots), "mean_len": self.real / max(self.docs, 1)}
 
@@ -111,6 +125,10 @@ def run_ours(mode: str, args, rendered: Path) -> Meter:  # type: ignore[no-untyp
     class Count(L.Callback):
         def on_train_batch_start(self, trainer, module, batch, idx):  # type: ignore[no-untyped-def]
             meter.batch(batch)
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, idx):  # type: ignore[no-untyped-def]
+            if meter.steps > meter.warmup:
+                meter.end()
 
     trainer = L.Trainer(accelerator=cfg.accelerator, devices=1, precision=cfg.precision,  # type: ignore[arg-type]
                         max_steps=cfg.max_steps, logger=False,
@@ -183,6 +201,8 @@ def measure(args) -> dict:  # type: ignore[no-untyped-def]
         meter = run_naive(args, rows)
     out = meter.result()
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if torch.cuda.is_available():
+        out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return out
 
 
@@ -261,6 +281,10 @@ def main(argv: list[str] | None = None) -> int:
             model = _model(args.model, method)
             n_params = sum(p.numel() for p in model.parameters())
             n_lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+            head, embed = model.get_output_embeddings().weight, model.get_input_embeddings().weight
+            n_head = head.numel()
+            if embed.data_ptr() != head.data_ptr():  # an untied input embedding is a lookup, not a matmul
+                n_params -= embed.numel()
             del model
             results = {}
             for case in args.cases.split(","):
@@ -271,11 +295,13 @@ def main(argv: list[str] | None = None) -> int:
                 if r is None:
                     continue
                 results[case] = r
-                fpt = flops_per_token(mcfg, n_params, n_lora, r["mean_len"], method)
+                fpt = flops_per_token(mcfg, n_params, n_lora, n_head, r["mean_len"], method,
+                                      r["loss_tok_s"] / r["real_tok_s"])
                 r["mfu_pct"] = 100 * r["real_tok_s"] * fpt / (peak * 1e9)
                 print(f"{method:4} {case:20} loss-bearing {r['loss_tok_s']:8.1f} tok/s  real {r['real_tok_s']:8.1f} "
                       f"tok/s  waste {r['waste_pct']:5.1f}%  peak RSS {r['peak_rss_mb']:6.0f} MB  "
-                      f"MFU {r['mfu_pct']:5.1f}% of measured peak", flush=True)
+                      f"MFU {r['mfu_pct']:5.1f}% of measured peak"
+                      + (f"  peak GPU {r['peak_gpu_mb']:6.0f} MB" if "peak_gpu_mb" in r else ""), flush=True)
             for base in ("trl_default", "trl_packed"):
                 for case in (c for c in results if c.startswith("ours_") and base in results):
                     ratio = results[case]["loss_tok_s"] / results[base]["loss_tok_s"]
