@@ -243,6 +243,28 @@ def prepare_rows(args, tmp: Path) -> Path:  # type: ignore[no-untyped-def]
     return tmp
 
 
+def _median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    return (xs[(len(xs) - 1) // 2] + xs[len(xs) // 2]) / 2
+
+
+def summarize(method: str, cases: list[str], rounds: list[dict[str, dict]]) -> None:
+    """Medians over rounds, and each ratio against TRL taken within a round (same load), then its median."""
+    if len(rounds) > 1:
+        for case in cases:
+            got = [r[case] for r in rounds if case in r]
+            if got:
+                print(f"{method:4} {case:20} median of {len(got)}: loss-bearing "
+                      f"{_median([g['loss_tok_s'] for g in got]):8.1f} tok/s  real {_median([g['real_tok_s'] for g in got]):8.1f}"
+                      f" tok/s  peak RSS {max(g['peak_rss_mb'] for g in got):6.0f} MB  MFU {_median([g['mfu_pct'] for g in got]):5.1f}%")
+    for base in ("trl_default", "trl_packed"):
+        for case in (c for c in cases if c.startswith("ours_")):
+            ratios = [r[case]["loss_tok_s"] / r[base]["loss_tok_s"] for r in rounds if case in r and base in r]
+            if ratios:
+                print(f"{method:4} ratio {case} / {base} (loss-bearing tok/s): {_median(ratios):.2f}x "
+                      f"(per round: {', '.join(f'{x:.2f}' for x in ratios)})")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="/work/main/models/base", help="checkpoint dir (safetensors + tokenizer)")
@@ -252,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=1, help="interleaved rounds of all cases (medians, per-round ratios)")
     p.add_argument("--compile", action="store_true", help="trainer.compile for our cases")
     p.add_argument("--accelerator", default="cpu", help="our cases only (benchmarks/gpu_check.sh: gpu)")
     p.add_argument("--precision", default="32-true", help="our cases only (gpu_check.sh: bf16-mixed)")
@@ -286,26 +309,30 @@ def main(argv: list[str] | None = None) -> int:
             if embed.data_ptr() != head.data_ptr():  # an untied input embedding is a lookup, not a matmul
                 n_params -= embed.numel()
             del model
-            results = {}
-            for case in args.cases.split(","):
-                if args.smoke:  # in-process: seconds, not a fresh interpreter per case (RSS is cumulative then)
-                    r = measure(argparse.Namespace(**{**vars(args), "case": case, "method": method}))
-                else:
-                    r = in_child(args, case, method)
-                if r is None:
-                    continue
-                results[case] = r
-                fpt = flops_per_token(mcfg, n_params, n_lora, n_head, r["mean_len"], method,
-                                      r["loss_tok_s"] / r["real_tok_s"])
-                r["mfu_pct"] = 100 * r["real_tok_s"] * fpt / (peak * 1e9)
-                print(f"{method:4} {case:20} loss-bearing {r['loss_tok_s']:8.1f} tok/s  real {r['real_tok_s']:8.1f} "
-                      f"tok/s  waste {r['waste_pct']:5.1f}%  peak RSS {r['peak_rss_mb']:6.0f} MB  "
-                      f"MFU {r['mfu_pct']:5.1f}% of measured peak"
-                      + (f"  peak GPU {r['peak_gpu_mb']:6.0f} MB" if "peak_gpu_mb" in r else ""), flush=True)
-            for base in ("trl_default", "trl_packed"):
-                for case in (c for c in results if c.startswith("ours_") and base in results):
-                    ratio = results[case]["loss_tok_s"] / results[base]["loss_tok_s"]
-                    print(f"{method:4} ratio {case} / {base} (loss-bearing tok/s): {ratio:.2f}x")
+            cases = args.cases.split(",")
+            rounds: list[dict[str, dict]] = []
+            for k in range(args.rounds):  # interleaved: each round runs every case, in a rotated order
+                order = cases[k % len(cases):] + cases[:k % len(cases)]
+                results: dict[str, dict] = {}
+                for case in order:
+                    if args.smoke:  # in-process: seconds, not a fresh interpreter per case (RSS is cumulative then)
+                        r = measure(argparse.Namespace(**{**vars(args), "case": case, "method": method}))
+                    else:
+                        r = in_child(args, case, method)
+                    if r is None:
+                        continue
+                    round_peak = peak if args.peak_flops or args.smoke else matmul_peak()  # next to the case
+                    fpt = flops_per_token(mcfg, n_params, n_lora, n_head, r["mean_len"], method,
+                                          r["loss_tok_s"] / r["real_tok_s"])
+                    r["mfu_pct"] = 100 * r["real_tok_s"] * fpt / (round_peak * 1e9)
+                    r["peak_gflops"] = round_peak
+                    results[case] = r
+                    print(f"{method:4} {case:20} round {k + 1}: loss-bearing {r['loss_tok_s']:8.1f} tok/s  real "
+                          f"{r['real_tok_s']:8.1f} tok/s  waste {r['waste_pct']:5.1f}%  peak RSS "
+                          f"{r['peak_rss_mb']:6.0f} MB  MFU {r['mfu_pct']:5.1f}% of {round_peak:.0f} GFLOP/s"
+                          + (f"  peak GPU {r['peak_gpu_mb']:6.0f} MB" if "peak_gpu_mb" in r else ""), flush=True)
+                rounds.append(results)
+            summarize(method, cases, rounds)
     return 0
 
 

@@ -43,7 +43,7 @@ def test_train_throughput_smoke(smoke_base: Path, capsys) -> None:
     bench = load("train_throughput")
     assert bench.main(["--smoke", "--model", str(smoke_base)]) == 0
     out = capsys.readouterr().out
-    cases = dict(re.findall(r"^lora (\w+) +loss-bearing +([\d.]+) tok/s", out, flags=re.M))
+    cases = dict(re.findall(r"^lora (\w+) +round 1: loss-bearing +([\d.]+) tok/s", out, flags=re.M))
     assert set(cases) == {"ours_dynamic", "ours_length_grouped", "ours_packed", "trl_default", "trl_packed",
                           "naive_hf"}
     assert all(float(v) > 0 for v in cases.values())
