@@ -82,3 +82,15 @@ def test_three_arms_scored_side_by_side_with_paired_deltas(tmp_path: Path, data:
     slice_rows = read_json(out / "slices.json")
     assert {r["slice"] for r in slice_rows} == set(smoke_cfg.eval.slices)
     assert (out / "plots" / "slices.png").is_file()
+    # compare --arms reads this real output: each arm's overall score and every paired difference, side by side
+    from pipeline import compare
+
+    table = compare.arms_table(compare.load_evaluation(str(out), tmp_path, ""))
+    assert table["arms"] == list(arms)
+    overall = table["rows"][-1]
+    assert {a: c["value"] for a, c in overall["arms"].items()} == {a: metrics[a]["overall"]["score"] for a in arms}
+    assert overall["differences"]["tuned − base_kshot"]["delta"] == pytest.approx(
+        metrics["delta_tuned_vs_base_kshot"]["overall"]["score"])
+    assert [(r["task"], r["metric"]) for r in table["rows"]] == [
+        ("past_tense", "rougeL"), ("qa", "exact_match"), ("summary", "rougeL"), ("topic", "accuracy"),
+        ("topic", "macro_f1"), ("overall", "score")]
