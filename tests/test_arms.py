@@ -60,7 +60,7 @@ def test_three_arms_scored_side_by_side_with_paired_deltas(tmp_path: Path, data:
     out = tmp_path / "eval"
     metrics = evaluate.run(smoke_cfg, data / "rendered", data / "prepared", smoke_base, tuned, out, None, rules)
     arms = ("base", "base_kshot", "tuned")
-    assert set(smoke_cfg.eval.models) == set(arms)
+    assert set(smoke_cfg.eval.models) == {*arms, "encoder"}  # no --encoder folder here: that arm is skipped
     for arm in arms:
         assert set(metrics[arm]) == {"topic", "qa", "past_tense", "summary", "overall"}
     assert metrics["tuned"] == metrics["base"]  # identical weights and prompts: the same code, the same numbers
@@ -77,6 +77,7 @@ def test_three_arms_scored_side_by_side_with_paired_deltas(tmp_path: Path, data:
     report = (out / "report.md").read_text()
     assert "| tuned − base (95% CI, p) | tuned − base_kshot (95% CI, p) | base_kshot − base (95% CI, p) |" in report
     assert "Largest gap between slices" in report and "## Safety review of outputs" in report
+    assert "Encoder arm: skipped (no --encoder folder given)." in report and "encoder" not in metrics
     bars = read_json(out / "per_task.json")
     assert {b["model"] for b in bars} == set(arms)
     slice_rows = read_json(out / "slices.json")
