@@ -140,7 +140,7 @@ def arm_rows(rendered: Path, models: Sequence[str], max_examples: int | None) ->
 
 
 def encoder_arm(encoder_dir: Path | None, rows: list[dict[str, Any]], examples: Mapping[str, dict[str, Any]],
-                task_types: Mapping[str, str], batch_size: int) -> tuple[dict[str, list[str]], dict[str, float]] | str:
+                task_types: Mapping[str, str], batch_size: int) -> tuple[dict[str, str], dict[str, float]] | str:
     """The encoder arm's label and reference-label NLL for every test row of the tasks it was trained on,
     by id: the same rows (and order) the other arms scored. A string is the reason the arm is skipped."""
     from pipeline import encoder
