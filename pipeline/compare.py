@@ -6,6 +6,12 @@
                                                    ``dvc metrics diff`` (and the files DVC keeps in git)
 ``python -m pipeline.compare --evals DIR DIR ...``  evaluate outputs (``metrics.json`` + ``intervals.json``),
                                                    e.g. the encoder's and the causal LM's on the same test split
+``python -m pipeline.compare --arms SOURCE ...``    the arms of ONE experiment side by side (base zero-shot,
+                                                   base k-shot, tuned, encoder): each task's primary metric
+                                                   (and macro-F1) with its CI and every paired difference
+                                                   with its CI and p-value. SOURCE is an evaluate folder, a
+                                                   git revision (its ``reports/eval``) or an MLflow run id;
+                                                   ``--evals DIR`` with one folder means the same.
 
 ``--task TASK`` keeps only that task's metrics and shows them even where the runs agree:
 the side-by-side table of two models on one task.
@@ -173,6 +179,143 @@ def from_eval_dirs(dirs: Sequence[Path]) -> list[Run]:
     return runs
 
 
+# ---- the arms of one experiment ------------------------------------------------------------
+
+# Arm tables show each task's primary metric (the one evaluate's bars and overall score use),
+# and macro-F1 for classification tasks: accuracy alone hides a class the model never predicts.
+EXTRA = {"classification": ("macro_f1",)}
+EVAL_FILES = ("metrics.json", "intervals.json")
+
+
+@dataclass
+class Evaluation:
+    """One evaluate output: its ``metrics.json`` and ``intervals.json``, and where they came from."""
+
+    name: str
+    metrics: dict[str, Any]
+    intervals: dict[str, Any]
+
+
+def _parse_eval(name: str, texts: Sequence[str]) -> Evaluation:
+    docs = []
+    for file, text in zip(EVAL_FILES, texts):
+        try:
+            docs.append(json.loads(text))
+        except json.JSONDecodeError as err:
+            raise SystemExit(f"compare: {name}/{file} line {err.lineno}: not JSON ({err.msg})")
+    return Evaluation(name, *docs)
+
+
+def load_evaluation(source: str, repo: Path, uri: str) -> Evaluation:
+    """An evaluate output from a folder, a git revision of ``repo`` (its ``reports/eval``), or an MLflow run."""
+    folder = Path(source)
+    if folder.is_dir():
+        missing = [f for f in EVAL_FILES if not (folder / f).is_file()]
+        if missing:
+            raise SystemExit(f"compare: {folder} has no {' or '.join(missing)}: is it evaluate's --out folder?")
+        return _parse_eval(str(folder), [(folder / f).read_text(encoding="utf-8") for f in EVAL_FILES])
+    proc = subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{source}^{{commit}}"], cwd=repo,
+                          capture_output=True, text=True)
+    if proc.returncode == 0:
+        texts = [_git_file(repo, source, f"reports/eval/{f}") for f in EVAL_FILES]
+        if None in texts:
+            raise SystemExit(f"compare: revision {source} of {repo} has no reports/eval/metrics.json and "
+                             "intervals.json committed (run evaluate and commit its outputs)")
+        return _parse_eval(f"{source} ({proc.stdout.strip()[:10]})", texts)  # type: ignore[arg-type]
+    return _parse_eval(f"run {source}", _mlflow_eval_texts(uri, source))
+
+
+def _mlflow_eval_texts(uri: str, run_id: str) -> list[str]:
+    import mlflow
+
+    texts = []
+    for f in EVAL_FILES:
+        try:
+            path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"eval/{f}", tracking_uri=uri)
+        except Exception as err:  # MLflow raises several types for "no such run" / "no such artifact"
+            raise SystemExit(f"compare: {run_id!r} is neither a folder, a git revision nor an MLflow run in {uri} "
+                             f"with eval/{f} ({type(err).__name__}: {err})")
+        texts.append(Path(path).read_text(encoding="utf-8"))
+    return texts
+
+
+def delta_pair(key: str) -> tuple[str, str] | None:
+    """evaluate's name of a paired difference -> (minuend, subtrahend): ``delta`` is tuned - base,
+    ``delta_A_vs_B`` is A - B; any other key (an arm) -> None."""
+    if key == "delta":
+        return "tuned", "base"
+    if key.startswith("delta_") and "_vs_" in key:
+        a, b = key[len("delta_"):].split("_vs_", 1)
+        return a, b
+    return None
+
+
+def _ci(value: Any) -> list[float] | None:
+    if value is None:
+        return None
+    low, high = (value["low"], value["high"]) if isinstance(value, dict) else value
+    return [float(low), float(high)]
+
+
+def arms_table(ev: Evaluation, task: str | None = None) -> dict[str, Any]:
+    """Every arm's value [CI] and every paired difference [CI, p] per task and metric, as plain data.
+
+    Rows are each task's primary metric (plus :data:`EXTRA`) and the overall score; with ``task``,
+    every metric of that task. An arm that did not score a task (the encoder on a generation
+    task) has ``None`` there.
+    """
+    where = f"{ev.name}/intervals.json"
+    intervals = ev.intervals.get("intervals")
+    task_types = ev.intervals.get("task_types")
+    if not isinstance(intervals, dict) or not isinstance(task_types, dict):
+        raise SystemExit(f"compare: {where}: no 'intervals' and 'task_types' fields (written by an older evaluate?)")
+    arms = [k for k in intervals if delta_pair(k) is None]
+    pairs = {k: delta_pair(k) for k in intervals if delta_pair(k) is not None}
+    if task is not None and task not in task_types:
+        raise SystemExit(f"compare: --task {task}: {where} has tasks {', '.join(sorted(task_types))}")
+    from pipeline.scoring import PRIMARY
+
+    keys = []
+    for t in sorted(task_types) if task is None else [task]:
+        if task is None:
+            keys += [(t, m) for m in (PRIMARY[task_types[t]], *EXTRA.get(task_types[t], ()))]
+        else:
+            keys += [(t, m) for m in dict.fromkeys(m for a in arms for m in ev.metrics.get(a, {}).get(t, {}))]
+    keys.append(("overall", "score"))
+    rows = []
+    for t, m in keys:
+        cells = {}
+        for a in arms:
+            value = ev.metrics.get(a, {}).get(t, {}).get(m)
+            cells[a] = None if value is None else {"value": float(value), "ci": _ci(intervals[a].get(t, {}).get(m))}
+        diffs = {}
+        for k, (a, b) in pairs.items():
+            d = intervals[k].get(t, {}).get(m)
+            diffs[f"{a} − {b}"] = None if d is None else {
+                "delta": float(d["delta"]), "ci": _ci(d), "p_value": d.get("p_value")}
+        rows.append({"task": t, "metric": m, "arms": cells, "differences": diffs})
+    return {"name": ev.name, "arms": arms, "differences": [f"{a} − {b}" for a, b in pairs.values()], "rows": rows}
+
+
+def arms_markdown(tables: Sequence[dict[str, Any]]) -> str:
+    """One Markdown table per evaluation: arms, then paired differences, each with its 95% CI."""
+    out = []
+    for tab in tables:
+        cols = tab["arms"] + [f"{d} (95% CI, p)" for d in tab["differences"]]
+        out.append(f"## Arms of {tab['name']} (95% bootstrap CI; differences are paired)\n\n"
+                   "| task | metric | " + " | ".join(cols) + " |\n|---|---|" + "---|" * len(cols) + "\n")
+        for row in tab["rows"]:
+            cells = ["—" if c is None else f"{c['value']:.3f}" + (f" [{c['ci'][0]:.3f}, {c['ci'][1]:.3f}]"
+                                                                  if c["ci"] else "")
+                     for c in (row["arms"][a] for a in tab["arms"])]
+            cells += ["—" if d is None else f"{d['delta']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]"
+                      + (f", p={d['p_value']:.3f}" if d.get("p_value") is not None else "")
+                      for d in (row["differences"][n] for n in tab["differences"])]
+            out.append(f"| {row['task']} | {row['metric']} | " + " | ".join(cells) + " |\n")
+        out.append("\n")
+    return "".join(out)
+
+
 # ---- the report ------------------------------------------------------------------------------
 
 def differing(values: list[dict[str, Any]]) -> dict[str, list[Any]]:
@@ -289,7 +432,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("run_ids", nargs="*", default=[], help="MLflow run ids")
     parser.add_argument("--sweep", help="a sweep: its parent run id or its sweep.id tag")
     parser.add_argument("--revs", nargs=2, metavar=("A", "B"), help="two git revisions of the repo at --repo")
-    parser.add_argument("--evals", nargs="+", type=Path, metavar="DIR", help="evaluate output folders")
+    parser.add_argument("--evals", nargs="+", type=Path, metavar="DIR",
+                        help="evaluate output folders (one folder: its arms side by side, as --arms)")
+    parser.add_argument("--arms", nargs="+", metavar="SOURCE",
+                        help="the arms of one experiment side by side: evaluate folders, git revisions or MLflow runs")
     parser.add_argument("--task", help="show every metric of this task, side by side, even where runs agree")
     parser.add_argument("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     parser.add_argument("--repo", type=Path, default=Path("."), help="git/DVC repository for --revs")
@@ -298,12 +444,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--format", choices=("md", "json"), default="md")
     parser.add_argument("--out", type=Path, help="write the report here instead of stdout")
     args = parser.parse_args(argv)
-    if sum(map(bool, (args.run_ids, args.sweep, args.revs, args.evals))) != 1:
-        parser.error("give run ids, --sweep, --revs or --evals (exactly one of them)")
+    if sum(map(bool, (args.run_ids, args.sweep, args.revs, args.evals, args.arms))) != 1:
+        parser.error("give run ids, --sweep, --revs, --evals or --arms (exactly one of them)")
 
     from pipeline.tracking import default_uri
 
     uri = args.tracking_uri or default_uri(Path.cwd())
+    if args.evals and len(args.evals) == 1:
+        args.arms = [str(args.evals[0])]
+    if args.arms:
+        tables = [arms_table(load_evaluation(s, args.repo, uri), args.task) for s in args.arms]
+        return _emit(json.dumps({"arms": tables}, indent=2) + "\n" if args.format == "json"
+                     else arms_markdown(tables), args.out)
     metric = args.metric
     if args.revs:
         runs = from_revisions(args.repo, *args.revs)
@@ -326,8 +478,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     rep["plot"] = str(args.plot)
     text = json.dumps(rep, indent=2) + "\n" if args.format == "json" else (
         markdown(rep) + f"\nPlot of `{rep['metric']}` against {', '.join(rep['swept']) or 'nothing'}: {args.plot}\n")
-    if args.out:
-        args.out.write_text(text, encoding="utf-8")
+    return _emit(text, args.out)
+
+
+def _emit(text: str, out: Path | None) -> int:
+    if out:
+        out.write_text(text, encoding="utf-8")
     else:
         sys.stdout.write(text)
     return 0

@@ -284,8 +284,9 @@ class BootstrapConfig:
     seed: int = MISSING
 
 
-# The evaluated arms: the base model zero-shot, the base model k-shot, the fine-tuned model.
-MODELS = ("base", "base_kshot", "tuned")
+# The evaluated arms: the base model zero-shot, the base model k-shot, the fine-tuned model,
+# and the encoder classifier train_encoder trained (classification tasks only).
+MODELS = ("base", "base_kshot", "tuned", "encoder")
 
 
 @dataclass
@@ -333,6 +334,33 @@ class SafetyConfig:
 
 
 @dataclass
+class EncoderConfig:
+    """The encoder arm: a classifier train_encoder fine-tunes on the same prepared splits as the causal LM."""
+
+    enabled: bool = MISSING
+    model: ModelConfig = MISSING  # the same keys as ``model``; kind must be sequence_classification
+    include_instruction: bool = MISSING
+    max_length: int = MISSING
+    finetune: FinetuneConfig = MISSING
+    trainer: TrainerConfig = MISSING
+
+    def problems(self) -> list[str]:
+        if not self.enabled:
+            return []
+        inner = self.model.problems() + self.finetune.problems() + self.trainer.problems()
+        out = [f"encoder.{p}" for p in inner]
+        if self.model.kind != "sequence_classification":
+            out.append(f"encoder.model.kind: {self.model.kind!r}; the encoder arm is a sequence_classification model")
+        if self.finetune.method != "full":
+            out.append("encoder.finetune.method: the encoder arm trains all weights; use full")
+        if self.trainer.batching == "packed":
+            out.append("encoder.trainer.batching: packed rows are for causal LMs; use dynamic or length_grouped")
+        if self.max_length < 8:
+            out.append("encoder.max_length: must be >= 8")
+        return out
+
+
+@dataclass
 class TrackingConfig:
     experiment: str = MISSING
 
@@ -345,6 +373,7 @@ class PipelineConfig:
     finetune: FinetuneConfig = MISSING
     trainer: TrainerConfig = MISSING
     eval: EvalConfig = MISSING
+    encoder: EncoderConfig = MISSING
     safety: SafetyConfig = MISSING
     seed: int = MISSING
     tracking: TrackingConfig = MISSING
@@ -389,7 +418,8 @@ def from_mapping(raw: Mapping[str, Any], source: str = "config") -> PipelineConf
     if problems:
         raise ConfigError(problems, source)
     cfg: PipelineConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
-    for section in (cfg.model, cfg.data, cfg.prompt, cfg.finetune, cfg.trainer, cfg.eval, cfg.safety):
+    for section in (cfg.model, cfg.data, cfg.prompt, cfg.finetune, cfg.trainer, cfg.eval, cfg.encoder,
+                    cfg.safety):
         problems += section.problems()
     problems += _kind_problems(cfg)
     if "base_kshot" in cfg.eval.models and cfg.prompt.eval_k_shot < 1:
@@ -430,7 +460,7 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 __all__ = [
-    "BootstrapConfig", "ConfigError", "DataConfig", "DedupConfig", "SourceConfig", "EvalConfig", "FinetuneConfig", "LoraConfig",
+    "BootstrapConfig", "ConfigError", "DataConfig", "DedupConfig", "EncoderConfig", "SourceConfig", "EvalConfig", "FinetuneConfig", "LoraConfig",
     "ModelConfig", "PipelineConfig", "PromptConfig", "SafetyConfig", "TrackingConfig", "TrainerConfig",
     "flatten", "from_mapping", "load", "to_dict",
 ]

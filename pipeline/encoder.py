@@ -23,6 +23,9 @@ if TYPE_CHECKING:
 
 KIND = "sequence_classification"
 LABELS_FILE = "labels.json"
+# What train_encoder writes instead of a model when the arm is off or the data has no
+# classification task: {"reason": ...}; evaluate then skips the encoder arm.
+SKIPPED_FILE = "skipped.json"
 
 
 class LabelError(ValueError):

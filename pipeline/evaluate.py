@@ -9,7 +9,9 @@ delta), ``intervals.json`` (95% bootstrap intervals of every metric, paired delt
 p-values, per-class scores, confusion matrices), ``predictions.jsonl``, ``report.md``,
 PNG plots in ``plots/`` and DVC plot data (``per_task.json``, ``confusion/<task>_<model>.json``);
 logs the same into MLflow. A trained encoder classifier's answers are its argmax labels,
-scored by the same code.
+scored by the same code: the whole pipeline's (``model.kind=sequence_classification``), or the
+``encoder`` arm that train_encoder trained beside the causal LM (``--encoder``), scored on the
+same test rows of the classification tasks, with its paired difference to ``tuned``.
 """
 
 from __future__ import annotations
@@ -137,11 +139,40 @@ def arm_rows(rendered: Path, models: Sequence[str], max_examples: int | None) ->
     return {m: [kshot[r["id"]] for r in rows] if m == "base_kshot" else rows for m in models}
 
 
+def encoder_arm(encoder_dir: Path | None, rows: list[dict[str, Any]], examples: Mapping[str, dict[str, Any]],
+                task_types: Mapping[str, str], batch_size: int) -> tuple[dict[str, str], dict[str, float]] | str:
+    """The encoder arm's label and reference-label NLL for every test row of the tasks it was trained on,
+    by id: the same rows (and order) the other arms scored. A string is the reason the arm is skipped."""
+    from pipeline import encoder
+    from pipeline.models import load_tokenizer
+
+    if encoder_dir is None:
+        return "no --encoder folder given"
+    if (encoder_dir / encoder.SKIPPED_FILE).exists():
+        return read_json(encoder_dir / encoder.SKIPPED_FILE)["reason"]
+    if not (encoder_dir / encoder.LABELS_FILE).exists():
+        raise FileNotFoundError(f"evaluate: {encoder_dir} holds neither a trained encoder ({encoder.LABELS_FILE}) "
+                                f"nor {encoder.SKIPPED_FILE}; run train_encoder first")
+    text = read_json(encoder_dir / "template.json")
+    labels = read_json(encoder_dir / encoder.LABELS_FILE)
+    tasks = {t for t in labels["tasks"] if task_types.get(t) == "classification"}
+    chosen = [examples[r["id"]] for r in rows if r["task"] in tasks]
+    tokenizer = load_tokenizer(encoder_dir / "model")
+    enc_rows, _ = encoder.render_rows(chosen, labels, tokenizer, text["include_instruction"], text["max_length"])
+    if [r["id"] for r in enc_rows] != [ex["id"] for ex in chosen]:
+        raise ValueError(f"evaluate: the encoder in {encoder_dir} reads only rows the data types 'classification', "
+                         f"but eval.task_types makes other rows of {sorted(tasks)} classification too")
+    preds, nll = classify(encoder_dir, enc_rows, tokenizer.pad_token_id, batch_size)  # type: ignore[arg-type]
+    ids = [r["id"] for r in enc_rows]
+    return dict(zip(ids, preds)), {i: x for i, (x, _) in zip(ids, nll)}
+
+
 def run(cfg: config.PipelineConfig, rendered: Path, prepared: Path, base_model: Path, tuned: Path | None,
-        out: Path, tracking: Tracking | None, rules: Any = None) -> dict[str, Any]:
+        out: Path, tracking: Tracking | None, rules: Any = None, encoder_dir: Path | None = None) -> dict[str, Any]:
     """Generate, score and report; return the metrics dict written to ``metrics.json``.
 
     ``rules`` (a :class:`pipeline.safety.Rules`) reviews every arm's outputs; ``None`` skips the review.
+    ``encoder_dir`` is train_encoder's output: the ``encoder`` arm, when ``eval.models`` lists it.
     """
     from pipeline import scoring, slices
     from pipeline.generation import generate
@@ -153,8 +184,12 @@ def run(cfg: config.PipelineConfig, rendered: Path, prepared: Path, base_model: 
                                 "train first, or set eval.models=[base] for a zero-shot baseline")
     # The guard is about the tuned arm: the k-shot arm's template differs from training by design.
     template_hash = check_template(rendered, tuned if "tuned" in ev.models else None)
-    arms = arm_rows(rendered, ev.models, ev.max_examples)
-    rows = arms[ev.models[0]]
+    llm_arms = [m for m in ev.models if m != "encoder"]
+    if not llm_arms:
+        raise config.ConfigError(["eval.models: the encoder arm is scored beside a causal LM arm; "
+                                  "list one of base, base_kshot, tuned too"], "eval.models")
+    arms = arm_rows(rendered, llm_arms, ev.max_examples)
+    rows = arms[llm_arms[0]]
     task_types = resolve_task_types(rows, ev.task_types)
     examples = {ex["id"]: ex for ex in read_jsonl(prepared / "test.jsonl")}
     references = {i: ex["output"] for i, ex in examples.items()}
@@ -167,7 +202,7 @@ def run(cfg: config.PipelineConfig, rendered: Path, prepared: Path, base_model: 
     predictions: dict[str, list[str]] = {}
     outputs: dict[str, dict[str, scoring.TaskOutputs]] = {}
     classifier = model_kind(base_model) == "sequence_classification"
-    for name in ev.models:
+    for name in llm_arms:
         if classifier:  # config validation allows only the tuned encoder: its base has no trained head
             predictions[name], nll = classify(tuned, arms[name], tokenizer.pad_token_id, ev.batch_size)  # type: ignore[arg-type]
         else:
@@ -180,13 +215,31 @@ def run(cfg: config.PipelineConfig, rendered: Path, prepared: Path, base_model: 
                                                 [predictions[name][i] for i in ii], labels.get(t),
                                                 [nll[i][0] for i in ii], [nll[i][1] for i in ii])
                          for t, ii in idx.items()}
-    scores = {name: scoring.score_model(o, indices) for name, o in outputs.items()}
+    encoder_note = ""
+    if "encoder" in ev.models:
+        arm = encoder_arm(encoder_dir, rows, examples, task_types, ev.batch_size)
+        if isinstance(arm, str):
+            encoder_note = f"\nEncoder arm: skipped ({arm}).\n"
+            print(f"evaluate: encoder arm skipped: {arm}", flush=True)
+        else:
+            by_id, enc_nll = arm
+            # A full-length column (None off its tasks), so prediction rows line up with the other arms.
+            predictions["encoder"] = [by_id.get(r["id"]) for r in rows]  # type: ignore[misc]
+            outputs["encoder"] = {
+                t: scoring.TaskOutputs(task_types[t], [references[rows[i]["id"]] for i in ii],
+                                       [by_id[rows[i]["id"]] for i in ii], labels.get(t),
+                                       [enc_nll[rows[i]["id"]] for i in ii], [1] * len(ii))
+                for t, ii in idx.items() if ii and rows[ii[0]]["id"] in by_id}
+    scores = {name: scoring.score_model(o, {t: indices[t] for t in o}) for name, o in outputs.items()}
     deltas = scoring.compare_arms(scores)
+    llm_outputs = {name: o for name, o in outputs.items() if name != "encoder"}
 
-    flags = {name: [rules.check(p) for p in preds] for name, preds in predictions.items()} if rules else {}
+    # The encoder answers with one of its labels: nothing for the safety rules to review.
+    flags = ({name: [rules.check(p) for p in preds] for name, preds in predictions.items() if name != "encoder"}
+             if rules else {})
     safety_rates = {name: safety.flag_rate(f, ev.bootstrap.n_resamples, ev.bootstrap.seed) for name, f in flags.items()}
     slice_values = [{k: slices.slice_value(examples[r["id"]], k, ev.length_buckets) for k in ev.slices} for r in rows]
-    slice_table = slices.score_slices(ev.slices, slice_values, outputs, [r["task"] for r in rows],
+    slice_table = slices.score_slices(ev.slices, slice_values, llm_outputs, [r["task"] for r in rows],
                                       ev.bootstrap.n_resamples, ev.bootstrap.seed)
 
     metrics = scoring.metrics_json(scores, deltas)
@@ -198,7 +251,7 @@ def run(cfg: config.PipelineConfig, rendered: Path, prepared: Path, base_model: 
                           "slices": {"rows": slice_table.rows, "gaps": slice_table.gaps,
                                      "largest_gap": slice_table.largest_gap()}}, pred_rows)
     _plots(out, scores, task_types, references, rows, idx, slice_table)
-    report = (scoring.markdown(scores, deltas, task_types) + _safety_markdown(safety_rates)
+    report = (scoring.markdown(scores, deltas, task_types) + encoder_note + _safety_markdown(safety_rates)
               + "\n## Slices\n\n" + slices.markdown(slice_table))
     (out / "report.md").write_text(report, encoding="utf-8")
     print(report)
@@ -226,6 +279,8 @@ def _prediction_rows(rows: list[dict[str, Any]], references: dict[str, str], pre
         task, k = position[i]
         row = {"id": r["id"], "task": r["task"], "prompt": r["prompt"], "reference": references[r["id"]]}
         for name, ms in scores.items():
+            if task not in ms.tasks:  # the encoder arm scores classification tasks only
+                continue
             row[f"{name}_prediction"] = predictions[name][i]
             if ms.tasks[task].labels:  # classification: the label the answer was mapped to (or <unmatched>)
                 row[f"{name}_label"] = ms.tasks[task].labels[k]
@@ -274,6 +329,9 @@ def _plots(out: Path, scores: dict, task_types: dict[str, str], references: dict
             if name == ("tuned" if "tuned" in scores else "base"):
                 plots.confusion(s.confusion["matrix"], s.confusion["labels"], f"{t} ({name})",
                                 out / "plots" / f"confusion_{t}.png")
+            elif name == "encoder":
+                plots.confusion(s.confusion["matrix"], s.confusion["labels"], f"{t} (encoder)",
+                                out / "plots" / f"confusion_{t}_encoder.png")
 
 
 def _log_mlflow(tracking: Tracking, cfg: config.PipelineConfig, tuned: Path | None, rendered: Path,
@@ -333,6 +391,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--prepared", type=Path, required=True)
     parser.add_argument("--base-model", type=Path, required=True)
     parser.add_argument("--tuned", type=Path, default=None, help="train stage output; not needed for eval.models=[base]")
+    parser.add_argument("--encoder", type=Path, default=None,
+                        help="train_encoder stage output: the encoder arm (skipped when absent or marked skipped)")
     parser.add_argument("--out", type=Path, required=True, help="directory for metrics, predictions, plots")
     args = parser.parse_args(argv)
     root = Path.cwd()
@@ -340,7 +400,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = config.load(args.params)
         rules = safety.from_config(cfg.safety, [root, PROJECT])
-        run(cfg, args.rendered, args.prepared, args.base_model, args.tuned, args.out, tracking, rules)
+        run(cfg, args.rendered, args.prepared, args.base_model, args.tuned, args.out, tracking, rules, args.encoder)
     except (TemplateMismatch, config.ConfigError, FileNotFoundError, safety.SafetyListError) as err:
         print(f"evaluate: error: {err}", file=sys.stderr)
         return 1

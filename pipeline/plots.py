@@ -57,8 +57,10 @@ def task_bars(scores: Mapping[str, Mapping[str, Sequence[float]]], metric_names:
     fig, ax = plt.subplots(figsize=(1.6 * len(tasks) + 2, 4))
     for i, model in enumerate(models):
         xs = [j + i * width for j in range(len(tasks))]
-        pts = [scores[model].get(t, (0.0, 0.0, 0.0)) for t in tasks]
-        ax.bar(xs, [p[0] for p in pts], width, label=model,
+        # A model that did not score a task (the encoder on generation tasks) leaves its slot empty.
+        kept = [(x, scores[model][t]) for x, t in zip(xs, tasks) if t in scores[model]]
+        pts = [p for _, p in kept]
+        ax.bar([x for x, _ in kept], [p[0] for p in pts], width, label=model,
                yerr=[[p[0] - p[1] for p in pts], [p[2] - p[0] for p in pts]], capsize=3)
     ax.set_xticks([j + width * (len(models) - 1) / 2 for j in range(len(tasks))])
     ax.set_xticklabels([f"{t}\n({metric_names.get(t, '')})" for t in tasks])

@@ -113,19 +113,27 @@ def score_model(outputs: Mapping[str, TaskOutputs], indices: Mapping[str, np.nda
 
 
 def compare(base: ModelScores, tuned: ModelScores) -> dict[str, dict[str, dict[str, float]]]:
-    """Paired bootstrap of tuned minus base for every metric of every task and the overall score."""
+    """Paired bootstrap of tuned minus base for every metric of every task both scored, and of
+    the overall score when both scored the same tasks (the encoder arm scores classification only)."""
     out = {
         t: {k: R.paired(u.values[k] - base.tasks[t].values[k], u.resampled[k] - base.tasks[t].resampled[k])
-            for k in u.resampled}
-        for t, u in tuned.tasks.items()
+            for k in u.resampled if k in base.tasks[t].resampled}
+        for t, u in tuned.tasks.items() if t in base.tasks
     }
-    out["overall"] = {"score": R.paired(tuned.overall - base.overall,
-                                        tuned.overall_resampled - base.overall_resampled)}
+    if set(tuned.tasks) == set(base.tasks):
+        out["overall"] = {"score": R.paired(tuned.overall - base.overall,
+                                            tuned.overall_resampled - base.overall_resampled)}
     return out
 
 
 # The paired differences evaluate reports when both arms ran: (minuend, subtrahend).
-PAIRS = (("tuned", "base"), ("tuned", "base_kshot"), ("base_kshot", "base"))
+PAIRS = (("tuned", "base"), ("tuned", "base_kshot"), ("base_kshot", "base"), ("tuned", "encoder"))
+
+
+def partial_arms(scores: Mapping[str, ModelScores]) -> set[str]:
+    """Arms that scored only some tasks (the encoder): their mean over those tasks is no overall score."""
+    every = set().union(*(ms.tasks for ms in scores.values())) if scores else set()
+    return {m for m, ms in scores.items() if set(ms.tasks) != every}
 
 
 def delta_key(a: str, b: str) -> str:
@@ -134,8 +142,15 @@ def delta_key(a: str, b: str) -> str:
 
 
 def compare_arms(scores: Mapping[str, ModelScores]) -> dict[str, dict[str, Any]]:
-    """Paired bootstrap deltas of every pair in :data:`PAIRS` whose two arms were scored."""
-    return {delta_key(a, b): compare(scores[b], scores[a]) for a, b in PAIRS if a in scores and b in scores}
+    """Paired bootstrap deltas of every pair in :data:`PAIRS` whose two arms were scored.
+
+    The encoder's perplexity is over its label distribution, the causal LM's over answer tokens:
+    that difference would mean nothing, so the tuned - encoder pair leaves it out.
+    """
+    out = {delta_key(a, b): compare(scores[b], scores[a]) for a, b in PAIRS if a in scores and b in scores}
+    for per_task in out.get(delta_key("tuned", "encoder"), {}).values():
+        per_task.pop("perplexity", None)
+    return out
 
 
 def metrics_json(scores: Mapping[str, ModelScores], deltas: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -143,8 +158,10 @@ def metrics_json(scores: Mapping[str, ModelScores], deltas: Mapping[str, Any] | 
 
     ``deltas`` maps a :func:`delta_key` to that pair's :func:`compare` result.
     """
+    partial = partial_arms(scores)
     out: dict[str, Any] = {
-        m: {**{t: dict(s.values) for t, s in ms.tasks.items()}, "overall": {"score": ms.overall}}
+        m: {**{t: dict(s.values) for t, s in ms.tasks.items()},
+            **({} if m in partial else {"overall": {"score": ms.overall}})}
         for m, ms in scores.items()
     }
     for key, pair in (deltas or {}).items():
@@ -154,8 +171,10 @@ def metrics_json(scores: Mapping[str, ModelScores], deltas: Mapping[str, Any] | 
 
 def intervals_json(scores: Mapping[str, ModelScores], deltas: Mapping[str, Any] | None) -> dict[str, Any]:
     """Intervals of every metric, paired deltas, per-class scores and confusion matrices."""
+    partial = partial_arms(scores)
     intervals: dict[str, Any] = {
-        m: {**{t: s.intervals for t, s in ms.tasks.items()}, "overall": {"score": ms.overall_interval}}
+        m: {**{t: s.intervals for t, s in ms.tasks.items()},
+            **({} if m in partial else {"overall": {"score": ms.overall_interval}})}
         for m, ms in scores.items()
     }
     intervals.update(deltas or {})
@@ -177,6 +196,8 @@ def bar_rows(scores: Mapping[str, ModelScores], task_types: Mapping[str, str]) -
     for t in sorted(task_types):
         metric = PRIMARY[task_types[t]]
         for m, ms in scores.items():
+            if t not in ms.tasks:  # the encoder arm scores classification tasks only
+                continue
             low, high = ms.tasks[t].intervals[metric]
             rows.append({"bar": f"{t} · {m}", "task": t, "model": m, "metric": metric,
                          "score": ms.tasks[t].values[metric], "low": low, "high": high})
@@ -187,19 +208,25 @@ def markdown(scores: Mapping[str, ModelScores], deltas: Mapping[str, Any] | None
              task_types: Mapping[str, str]) -> str:
     """A table of every metric per task, each with its 95% interval, and each paired delta with its p-value."""
     models, deltas = list(scores), deltas or {}
+    partial = partial_arms(scores)
     names = {delta_key(a, b): f"{a} − {b}" for a, b in PAIRS}
     head = "| task | metric | " + " | ".join(models) + "".join(f" | {names.get(k, k)} (95% CI, p)" for k in deltas)
     lines = [head + " |", "|---|---|" + "---|" * (len(models) + len(deltas))]
-    rows = [(t, k) for t in sorted(task_types) for k in scores[models[0]].tasks[t].values]
+    rows = [(t, k) for t in sorted(task_types)
+            for k in next(ms.tasks[t].values for ms in scores.values() if t in ms.tasks)]
     rows.append(("overall", "score"))
     for t, k in rows:
         cells = []
         for m in models:
             ms = scores[m]
+            if (t == "overall" and m in partial) or (t != "overall" and (t not in ms.tasks or k not in ms.tasks[t].values)):
+                cells.append("—")  # an arm that did not score this task (the encoder on generation tasks)
+                continue
             value, (low, high) = ((ms.overall, ms.overall_interval) if t == "overall"
                                   else (ms.tasks[t].values[k], ms.tasks[t].intervals[k]))
             cells.append(f"{value:.3f} [{low:.3f}, {high:.3f}]")
-        delta = "".join(f" | {d['delta']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}], p={d['p_value']:.3f}"
-                        for d in (pair[t][k] for pair in deltas.values()))
+        delta = "".join(" | —" if d is None else
+                        f" | {d['delta']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}], p={d['p_value']:.3f}"
+                        for d in (pair.get(t, {}).get(k) for pair in deltas.values()))
         lines.append(f"| {t} | {k} | " + " | ".join(cells) + delta + " |")
     return "\n".join(lines) + "\n"

@@ -60,7 +60,7 @@ def test_three_arms_scored_side_by_side_with_paired_deltas(tmp_path: Path, data:
     out = tmp_path / "eval"
     metrics = evaluate.run(smoke_cfg, data / "rendered", data / "prepared", smoke_base, tuned, out, None, rules)
     arms = ("base", "base_kshot", "tuned")
-    assert set(smoke_cfg.eval.models) == set(arms)
+    assert set(smoke_cfg.eval.models) == {*arms, "encoder"}  # no --encoder folder here: that arm is skipped
     for arm in arms:
         assert set(metrics[arm]) == {"topic", "qa", "past_tense", "summary", "overall"}
     assert metrics["tuned"] == metrics["base"]  # identical weights and prompts: the same code, the same numbers
@@ -77,8 +77,21 @@ def test_three_arms_scored_side_by_side_with_paired_deltas(tmp_path: Path, data:
     report = (out / "report.md").read_text()
     assert "| tuned − base (95% CI, p) | tuned − base_kshot (95% CI, p) | base_kshot − base (95% CI, p) |" in report
     assert "Largest gap between slices" in report and "## Safety review of outputs" in report
+    assert "Encoder arm: skipped (no --encoder folder given)." in report and "encoder" not in metrics
     bars = read_json(out / "per_task.json")
     assert {b["model"] for b in bars} == set(arms)
     slice_rows = read_json(out / "slices.json")
     assert {r["slice"] for r in slice_rows} == set(smoke_cfg.eval.slices)
     assert (out / "plots" / "slices.png").is_file()
+    # compare --arms reads this real output: each arm's overall score and every paired difference, side by side
+    from pipeline import compare
+
+    table = compare.arms_table(compare.load_evaluation(str(out), tmp_path, ""))
+    assert table["arms"] == list(arms)
+    overall = table["rows"][-1]
+    assert {a: c["value"] for a, c in overall["arms"].items()} == {a: metrics[a]["overall"]["score"] for a in arms}
+    assert overall["differences"]["tuned − base_kshot"]["delta"] == pytest.approx(
+        metrics["delta_tuned_vs_base_kshot"]["overall"]["score"])
+    assert [(r["task"], r["metric"]) for r in table["rows"]] == [
+        ("past_tense", "rougeL"), ("qa", "exact_match"), ("summary", "rougeL"), ("topic", "accuracy"),
+        ("topic", "macro_f1"), ("overall", "score")]

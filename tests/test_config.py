@@ -35,6 +35,8 @@ def assert_contains(full: dict, part: dict, where: str = "", overridden: frozens
     for key, value in part.items():
         if key == "defaults" or value == "???" or f"{where}{key}" in overridden:
             continue
+        if isinstance(value, str) and value.startswith("${"):  # an interpolation: checked below, resolved
+            continue
         assert key in full, f"{where}{key} missing from the composition"
         if isinstance(value, dict) and value:
             assert_contains(full[key], value, f"{where}{key}.", overridden)
@@ -43,7 +45,7 @@ def assert_contains(full: dict, part: dict, where: str = "", overridden: frozens
 
 
 def test_groups_found() -> None:
-    assert {g for g, _ in OPTIONS} == {"data", "eval", "experiment", "finetune", "model", "prompt", "safety", "trainer"}
+    assert {g for g, _ in OPTIONS} == {"data", "encoder", "eval", "experiment", "finetune", "model", "prompt", "safety", "trainer"}
     assert len(OPTIONS) >= 12
 
 
@@ -57,6 +59,20 @@ def test_every_option_composes_and_validates(group: str, option: str) -> None:
     overridden = frozenset(o.split("=")[0] for o in overrides[1:])
     assert_contains(raw if group == "experiment" else raw[group], own, "" if group == "experiment" else f"{group}.",
                     overridden)
+
+
+def test_encoder_arm_follows_the_trainer_budget_unless_set() -> None:
+    raw = compose(["trainer.max_steps=7", "trainer.batch_size=3"])
+    enc = from_mapping(raw).encoder
+    assert enc.enabled and enc.model.kind == "sequence_classification" and enc.finetune.method == "full"
+    assert (enc.trainer.max_steps, enc.trainer.batch_size) == (7, 3)  # the LLM's budget...
+    assert enc.trainer.lr == 1.0e-4 != raw["trainer"]["lr"]  # ...but its own learning rate
+    assert raw["encoder"]["model"] == compose(["model=minilm_cls", "finetune=full", "eval.models=[tuned]"])["model"]
+    assert from_mapping(compose(["encoder=none"])).encoder.enabled is False
+    with pytest.raises(ConfigError) as err:
+        from_mapping(compose(["encoder.model.kind=causal_lm", "encoder.finetune.method=lora", "encoder.max_length=2"]))
+    assert {"encoder.model.kind", "encoder.finetune.method", "encoder.max_length"} <= {
+        p.split(":")[0] for p in err.value.problems}
 
 
 def test_data_base_alone_is_incomplete() -> None:

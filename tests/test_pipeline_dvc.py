@@ -56,6 +56,10 @@ def test_every_stage_writes_its_outputs(smoke_repo: Path) -> None:
         "reports/eval/metrics.json", "reports/eval/intervals.json", "reports/eval/predictions.jsonl",
         "reports/eval/report.md", "reports/eval/plots/per_task.png", "reports/eval/plots/confusion_topic.png",
         "reports/eval/per_task.json", "reports/eval/confusion/topic_base.json", "reports/eval/confusion/topic_tuned.json",
+        # the encoder arm, trained by its own stage on the same prepared splits
+        "models/encoder/model/model.safetensors", "models/encoder/labels.json", "models/encoder/run.json",
+        "reports/train_encoder/train_loss.csv", "reports/eval/confusion/topic_encoder.json",
+        "reports/eval/plots/confusion_topic_encoder.png",
     ]
     missing = [p for p in expected if not (smoke_repo / p).is_file()]
     assert not missing, missing
@@ -66,8 +70,9 @@ def test_every_stage_writes_its_outputs(smoke_repo: Path) -> None:
 
 def test_metric_keys_per_model_and_task(smoke_repo: Path) -> None:
     metrics = json.loads((smoke_repo / "reports/eval/metrics.json").read_text())
-    assert set(metrics) == {"base", "base_kshot", "tuned", "delta", "delta_tuned_vs_base_kshot",
-                            "delta_base_kshot_vs_base", "safety"}
+    assert set(metrics) == {"base", "base_kshot", "tuned", "encoder", "delta", "delta_tuned_vs_base_kshot",
+                            "delta_base_kshot_vs_base", "delta_tuned_vs_encoder", "safety"}
+    assert set(metrics["encoder"]) == set(metrics["delta_tuned_vs_encoder"]) == {"topic"}  # classification only
     for model in ("base", "base_kshot", "tuned"):
         assert set(metrics[model]) == {"topic", "qa", "past_tense", "summary", "overall"}
         assert {"accuracy", "macro_f1", "unmatched_rate", "perplexity"} <= set(metrics[model]["topic"])
@@ -131,7 +136,8 @@ def test_dvc_plots_show_renders_eval_plots(smoke_repo: Path) -> None:
     [bars] = shown["reports/eval/per_task.json"]
     assert bars["content"]["mark"]["type"] == "bar"
     assert {row["bar"] for row in bars["content"]["data"]["values"]} == {
-        f"{t} · {m}" for t in ("topic", "qa", "past_tense", "summary") for m in ("base", "base_kshot", "tuned")}
+        f"{t} · {m}" for t in ("topic", "qa", "past_tense", "summary") for m in ("base", "base_kshot", "tuned")} | {
+        "topic · encoder"}
     [slice_bars] = shown["reports/eval/slices.json"]
     assert {row["model"] for row in slice_bars["content"]["data"]["values"]} == {"base", "base_kshot", "tuned"}
     assert "reports/eval/plots/per_task.png" in shown
@@ -148,7 +154,7 @@ def test_eval_change_does_not_retrain(smoke_repo: Path) -> None:
     out = _sh([sys.executable, "-m", "dvc", "exp", "run", "-S", "+experiment=smoke", "-S", "eval.batch_size=4"],
               smoke_repo)
     assert "Running stage 'evaluate'" in out
-    for stage in ("base_model", "prepare", "render", "train"):
+    for stage in ("base_model", "prepare", "render", "train", "train_encoder"):
         assert f"Running stage '{stage}'" not in out
     proc = subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json"], cwd=smoke_repo, env=_env(),
                           capture_output=True, text=True, check=True)
