@@ -246,7 +246,9 @@ class LossCurve(L.Callback):
         if loss is not None:
             self.train.append((trainer.global_step, float(loss)))
 
-    def on_validation_epoch_end(self, trainer: L.Trainer, *args: Any) -> None:
+    def on_validation_end(self, trainer: L.Trainer, *args: Any) -> None:
+        # Not on_validation_epoch_end: callbacks' epoch-end hooks run before the module's, which
+        # logs val_loss, so they would see the previous validation's value (a step late).
         loss = trainer.callback_metrics.get("val_loss")
         if loss is not None and not trainer.sanity_checking:
             self.val.append((trainer.global_step, float(loss)))

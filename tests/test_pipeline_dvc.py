@@ -119,6 +119,15 @@ def test_mlflow_run_has_params_tags_metrics_artifacts(smoke_repo: Path) -> None:
         assert key in metrics, key
     history = client.get_metric_history(run_id, "train_loss")
     assert len(history) == 6
+    # The DVC loss curve holds every validation (after optimizer steps 3 and 6), each with the value
+    # MLflow logged then (Lightning's logger numbers steps from 0: step s is logged at s - 1).
+    val_csv = (smoke_repo / "reports/train/val_loss.csv").read_text().split()[1:]
+    logged = {m.step: m.value for m in client.get_metric_history(run_id, "val_loss")}
+    assert [int(r.split(",")[0]) for r in val_csv] == [3, 6]
+    assert set(logged) == {2, 5}
+    for row in val_csv:
+        step, loss = row.split(",")
+        assert float(loss) == pytest.approx(logged[int(step) - 1], rel=1e-6)
     artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert {"config.yaml", "template.json", "adapter", "plots", "eval"} <= artifacts
     eval_files = {a.path for a in client.list_artifacts(run_id, "eval")}
