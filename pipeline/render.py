@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import re
 import sys
+from itertools import chain
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -147,9 +148,10 @@ class PieceEncoder:
         if new:
             batch = self.tokenizer.backend_tokenizer.encode_batch(new, add_special_tokens=False)
             self.cache.update(zip(new, (e.ids for e in batch)))
-        cache = self.cache
+        pieces = self.cache.__getitem__
+        out = [list(chain.from_iterable(map(pieces, ps))) for ps in parts]
         prefix, suffix = self.affixes if special else ([], [])
-        return [[*prefix, *(i for p in ps for i in cache[p]), *suffix] for ps in parts]
+        return [prefix + ids + suffix for ids in out] if prefix or suffix else out
 
 
 def _piece_splitter(tokenizer: Any) -> Callable[[str], list[str]] | None:
@@ -166,13 +168,12 @@ def _piece_splitter(tokenizer: Any) -> Callable[[str], list[str]] | None:
     if not added or any(t.lstrip or t.rstrip or t.single_word for t in added):
         return None
     # Longest first: Python's alternation takes the first that matches, the tokenizer the longest.
-    specials = re.compile("(" + "|".join(re.escape(t.content) for t in sorted(added, key=lambda t: -len(t.content)))
-                          + ")")
-    newline = re.compile(r"(?<=\S)(?=\n)") if pre is not None and pre.use_regex else None
+    specials = "|".join(re.escape(t.content) for t in sorted(added, key=lambda t: -len(t.content)))
+    newline = r"|(?<=\S)(?=\n)" if pre is not None and pre.use_regex else ""
+    pattern = re.compile(f"({specials}){newline}")  # one pass: keeps the tokens, cuts before the newlines
 
     def split(text: str) -> list[str]:
-        chunks = [c for c in specials.split(text) if c]
-        return [p for c in chunks for p in newline.split(c)] if newline else chunks
+        return [p for p in pattern.split(text) if p]
 
     return split
 
