@@ -169,7 +169,7 @@ def _piece_splitter(tokenizer: Any) -> Callable[[str], list[str]] | None:
         return None
     # Longest first: Python's alternation takes the first that matches, the tokenizer the longest.
     specials = "|".join(re.escape(t.content) for t in sorted(added, key=lambda t: -len(t.content)))
-    newline = r"|(?<=\S)(?=\n)" if pre is not None and pre.use_regex else ""
+    newline = r"|(?=\n)(?<=\S)" if pre is not None and pre.use_regex else ""  # lookahead first: faster
     pattern = re.compile(f"({specials}){newline}")  # one pass: keeps the tokens, cuts before the newlines
 
     def split(text: str) -> list[str]:
@@ -180,7 +180,7 @@ def _piece_splitter(tokenizer: Any) -> Callable[[str], list[str]] | None:
 
 def _report(rows: list[dict[str, Any]], truncated: list[str], dropped: list[dict[str, Any]]) -> dict[str, Any]:
     total = sum(len(r["input_ids"]) for r in rows)
-    loss_tokens = sum(sum(1 for t in r["labels"] if t != IGNORE_INDEX) for r in rows)
+    loss_tokens = sum(len(r["labels"]) - r["labels"].count(IGNORE_INDEX) for r in rows)
     lengths = sorted(len(r["input_ids"]) for r in rows)
     return {
         "rows": len(rows),
