@@ -68,7 +68,8 @@ def measure(n_per_task: int, base_model: Path, work: Path) -> dict[str, float]:
     rest = [t for p in pieces for t, _ in p[1:]]
     t_pieces, fast = timed(lambda: (lambda enc: (enc(first, True), enc(rest, False)))(render.PieceEncoder(tokenizer)))
     t_whole, whole = timed(lambda: (render.encode(tokenizer, first, True), render.encode(tokenizer, rest, False)))
-    t_base, base = timed(lambda: (tokenizer(first)["input_ids"], tokenizer(rest, add_special_tokens=False)["input_ids"]))
+    t_base, base = timed(lambda: (tokenizer(first)["input_ids"],
+                                  tokenizer(rest, add_special_tokens=False)["input_ids"]))
     assert fast == whole == base, "render's encoders must give the tokenizer's own ids"
     return {"examples": n, "rendered": rendered, "prepare_off_s": t_prep_off, "prepare_on_s": t_prep_on,
             "render_s": t_render, "texts": len(pieces), "load_s": t_load, "read_s": t_read,
