@@ -17,7 +17,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from pipeline import prepare, render
-from pipeline.files import read_jsonl
+from pipeline.files import read_jsonl, write_jsonl
 from pipeline.models import load_tokenizer
 from pipeline.prompts import _compile, _transparent, conversation, make_template, segments
 from pipeline.shots import ShotPool
@@ -145,3 +145,14 @@ def test_k_shot_draw_equals_filtering_every_row(prepared) -> None:
         for k, seed in ((1, 0), (3, 7), (len(train) + 5, 1)):
             assert pool.draw(ex, k, seed) == reference(ex, k, seed)
             assert all(r["id"] != ex["id"] for r in pool.draw(ex, k, seed))
+
+
+def test_write_rows_writes_what_write_jsonl_writes(tmp_path: Path) -> None:
+    rows = [{"id": "a\"1", "prompt": "naïve \\ \n 日本 🙂 \u2028", "completion": "x", "input_ids": [1, 2, 30000],
+             "labels": [-100, -100, 30000]},
+            {"id": "b", "input_ids": [], "labels": []},
+            {"input_ids": [5], "labels": [-100]},
+            {"labels": [1, 2], "input_ids": [3, 4], "id": "keys in another order"}]
+    render.write_rows(tmp_path / "fast.jsonl", rows)
+    write_jsonl(tmp_path / "plain.jsonl", rows)
+    assert (tmp_path / "fast.jsonl").read_bytes() == (tmp_path / "plain.jsonl").read_bytes()
