@@ -2,9 +2,11 @@
 
 Runs the real stage functions in-process (files written included): prepare with
 near-duplicate detection off and on, then render with the real tokenizer. Prints
-examples/s against the 20k/s goal, and the render tokenization's speed against the
-baseline measured in this same process: the tokenizer's own batched ``__call__`` on
-the same texts, which is what render did before ``render.encode``.
+examples/s against the 20k/s goal, where render's time goes (loading the tokenizer in a
+fresh process, reading, templates, tokenization, the rest: masks, rows, JSON), and its
+tokenization against the baselines measured in this same process on the same texts: the
+tokenizer's own batched ``__call__`` and ``render.encode`` (whole texts, each distinct
+text once); ``render.PieceEncoder`` is what render uses.
 
     python benchmarks/prepare_render_throughput.py                  # 100k examples
     python benchmarks/prepare_render_throughput.py --smoke --base-model DIR   # seconds
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import subprocess
 import sys
 import tempfile
 import time
@@ -29,6 +32,7 @@ from pipeline.files import read_jsonl  # noqa: E402
 from pipeline.models import load_tokenizer  # noqa: E402
 from pipeline.params import compose  # noqa: E402
 from pipeline.prompts import make_template, segments  # noqa: E402
+from pipeline.shots import ShotPool  # noqa: E402
 
 GOAL = 20_000  # examples/s, near-duplicate detection off
 
@@ -50,19 +54,36 @@ def measure(n_per_task: int, base_model: Path, work: Path) -> dict[str, float]:
                              work / "render.json")
     rendered = sum(r["rows"] for r in report["splits"].values())
 
-    # Tokenization alone: render.encode against the tokenizer's own batched call.
+    # Render's parts, redone on the same data: what a fresh process pays to load the tokenizer
+    # (importing transformers and torch), reading, templates (k-shot arm included), tokenization.
+    t_load = load_seconds(base_model)
     tokenizer = load_tokenizer(base_model)
     template = make_template(cfg.prompt, tokenizer.chat_template, tokenizer.bos_token, tokenizer.eos_token)
-    rows = read_jsonl(work / "prep_off" / "train.jsonl")
-    t_segments, pieces = timed(lambda: [segments(r, template) for r in rows])
-    texts = [p[0][0] for p in pieces]
-    answers = [p[1][0] for p in pieces]
-    t_base, base = timed(lambda: (tokenizer(texts)["input_ids"], tokenizer(answers, add_special_tokens=False)["input_ids"]))
-    t_fast, fast = timed(lambda: (render.encode(tokenizer, texts, True), render.encode(tokenizer, answers, False)))
-    assert fast == base, "render.encode must give the tokenizer's own ids"
+    t_read, splits = timed(lambda: {s: read_jsonl(work / "prep_off" / f"{s}.jsonl") for s in render.SPLITS})
+    kshot = dataclasses.replace(template, k_shot=cfg.prompt.eval_k_shot)
+    t_segments, pieces = timed(lambda: [segments(r, template) for rows in splits.values() for r in rows] + (
+        [segments(r, kshot, pool.draw(r, kshot.k_shot, kshot.shot_seed))
+         for pool in [ShotPool(splits["train"])] for r in splits["test"]] if kshot.k_shot else []))
+    first = [p[0][0] for p in pieces]
+    rest = [t for p in pieces for t, _ in p[1:]]
+    t_pieces, fast = timed(lambda: (lambda enc: (enc(first, True), enc(rest, False)))(render.PieceEncoder(tokenizer)))
+    t_whole, whole = timed(lambda: (render.encode(tokenizer, first, True), render.encode(tokenizer, rest, False)))
+    t_base, base = timed(lambda: (tokenizer(first)["input_ids"],
+                                  tokenizer(rest, add_special_tokens=False)["input_ids"]))
+    assert fast == whole == base, "render's encoders must give the tokenizer's own ids"
     return {"examples": n, "rendered": rendered, "prepare_off_s": t_prep_off, "prepare_on_s": t_prep_on,
-            "render_s": t_render, "train_rows": len(rows), "segments_s": t_segments,
-            "tokenize_baseline_s": t_base, "tokenize_encode_s": t_fast}
+            "render_s": t_render, "texts": len(pieces), "load_s": t_load, "read_s": t_read,
+            "segments_s": t_segments, "tokenize_baseline_s": t_base, "tokenize_whole_s": t_whole,
+            "tokenize_pieces_s": t_pieces}
+
+
+def load_seconds(base_model: Path) -> float:
+    """Seconds a fresh interpreter takes to load the tokenizer the way render does (imports included)."""
+    code = ("import sys, time; t = time.perf_counter(); sys.path.insert(0, sys.argv[1]); "
+            "from pipeline.models import load_tokenizer; load_tokenizer(sys.argv[2]); print(time.perf_counter() - t)")
+    out = subprocess.run([sys.executable, "-c", code, str(REPO), str(base_model)], capture_output=True, text=True,
+                         check=True)
+    return float(out.stdout.strip().splitlines()[-1])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -82,16 +103,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     n = m["examples"]
     off = n / (m["prepare_off_s"] + m["render_s"])
     on = n / (m["prepare_on_s"] + m["render_s"])
-    rows = m["train_rows"]
+    parts = {"tokenizer load (fresh process)": m["load_s"], "read prepared": m["read_s"],
+             "templates": m["segments_s"], "tokenization": m["tokenize_pieces_s"]}
     print(f"examples: {n} ({m['rendered']} rendered)")
     print(f"prepare, near-dup off: {m['prepare_off_s']:.2f}s  ({n / m['prepare_off_s']:,.0f} ex/s)")
     print(f"prepare, near-dup on:  {m['prepare_on_s']:.2f}s  ({n / m['prepare_on_s']:,.0f} ex/s)")
     print(f"render:                {m['render_s']:.2f}s  ({n / m['render_s']:,.0f} ex/s)")
     print(f"prepare + render, near-dup off: {off:,.0f} ex/s  ({off / GOAL:.2f}x the {GOAL:,} ex/s goal)")
     print(f"prepare + render, near-dup on:  {on:,.0f} ex/s  ({on / GOAL:.2f}x the goal)")
-    print(f"render parts on {rows} train rows: templates {rows / m['segments_s']:,.0f} ex/s; tokenization "
-          f"{rows / m['tokenize_encode_s']:,.0f} ex/s vs {rows / m['tokenize_baseline_s']:,.0f} ex/s for the "
-          f"tokenizer's own call ({m['tokenize_baseline_s'] / m['tokenize_encode_s']:.2f}x)")
+    print("render's parts, redone: " + "; ".join(f"{k} {v:.2f}s" for k, v in parts.items())
+          + f"; the rest (masks, rows, JSON, files) ~{m['render_s'] - sum(parts.values()):.2f}s")
+    texts = m["texts"]
+    print(f"tokenization of {texts} texts: render.PieceEncoder {texts / m['tokenize_pieces_s']:,.0f} texts/s, "
+          f"render.encode (whole texts) {texts / m['tokenize_whole_s']:,.0f}/s, "
+          f"the tokenizer's own call {texts / m['tokenize_baseline_s']:,.0f}/s "
+          f"({m['tokenize_baseline_s'] / m['tokenize_pieces_s']:.1f}x)")
     return 0
 
 

@@ -61,8 +61,13 @@ def read_json(path: str | Path) -> Any:
         return json.load(fh)
 
 
+# One encoder for every row: json.dumps(..., ensure_ascii=False) builds a new one per call.
+_JSONL = json.JSONEncoder(ensure_ascii=False)
+
+
 def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
-    write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    encode = _JSONL.encode
+    write_text_atomic(path, "".join(encode(r) + "\n" for r in rows))
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:

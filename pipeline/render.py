@@ -16,15 +16,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import re
 import sys
+from itertools import chain
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from tqdm import tqdm
 
 from pipeline import config
 from pipeline.encoder import LABELS_FILE, LabelError, label_map, render_rows, template_info
-from pipeline.files import atomic_dir, read_jsonl, write_json, write_jsonl
+from pipeline.files import atomic_dir, read_jsonl, write_json, write_jsonl, write_text_atomic
 from pipeline.models import IGNORE_INDEX, load_tokenizer, model_kind
 from pipeline.prompts import PromptError, Template, make_template, read_template_file, segments
 from pipeline.shots import ShotPool
@@ -34,7 +37,9 @@ SPLITS = ("train", "val", "test")
 
 def tokenize_split(examples: list[dict[str, Any]], template: Template, tokenizer: Any, max_length: int,
                    overflow: str, last_only: bool = False,
-                   pool: ShotPool | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+                   pool: ShotPool | None = None,
+                   encoder: Callable[[list[str], bool], list[list[int]]] | None = None,
+                   ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Render, tokenize (batched, fast tokenizer) and mask one split.
 
     Each read and learnt piece of the text (see :func:`pipeline.prompts.segments`) is
@@ -43,13 +48,15 @@ def tokenize_split(examples: list[dict[str, Any]], template: Template, tokenizer
     Labels cover every assistant turn (``train_on: all_assistant``) or only the last
     (``last_assistant``, or ``last_only``). Over-long rows keep the last answer whole
     and lose tokens from the start (``truncate``) or are removed (``drop``); both are counted.
+    ``encoder`` (a :class:`PieceEncoder`, shared across splits) gives the ids; by default a new one.
     """
     pieces = [segments(ex, template, pool.draw(ex, template.k_shot, template.shot_seed) if pool else ())
               for ex in examples]
     last_only = last_only or template.train_on == "last_assistant"
     # Two batched calls for the whole split: first pieces get the tokenizer's special tokens (BOS).
-    first_ids = encode(tokenizer, [p[0][0] for p in pieces], special=True)
-    rest_ids = iter(encode(tokenizer, [t for p in pieces for t, _ in p[1:]], special=False))
+    encoder = encoder or PieceEncoder(tokenizer)
+    first_ids = encoder([p[0][0] for p in pieces], True)
+    rest_ids = iter(encoder([t for p in pieces for t, _ in p[1:]], False))
     rows, truncated, dropped = [], [], []
     for ex, parts, head in zip(examples, pieces, first_ids):
         ids, labels = list(head), [IGNORE_INDEX] * len(head)
@@ -93,9 +100,113 @@ def encode(tokenizer: Any, texts: list[str], special: bool) -> list[list[int]]:
     return [ids[t] for t in texts]
 
 
+class PieceEncoder:
+    """:func:`encode`, but tokenizing each distinct *piece* of text once, across calls.
+
+    A fast tokenizer splits out its added (special) tokens before anything else, so the
+    text between them is tokenized on its own: cutting there and concatenating the ids
+    is exact. The chat template's system prompt, role headers and a task's instruction
+    repeat in every example, and k-shot exemplars repeat train rows, so most pieces
+    are cache hits. With GPT-2's byte-level pre-tokenizer a piece is also cut before a
+    newline that follows a non-space: no pre-token spans such a point, so the cut is
+    exact too, and the instruction and the input become separate pieces.
+
+    Tokenizers where that does not hold (a normalizer, a prefix space per piece,
+    added tokens that strip whitespace, a slow tokenizer) are detected from their
+    settings and get :func:`encode`; the first batch is also checked against it, and a
+    single difference turns piece encoding off (``self.pieces`` says which path runs).
+    """
+
+    def __init__(self, tokenizer: Any, sample: int = 64):
+        self.tokenizer = tokenizer
+        self.sample = sample
+        self.checked: set[bool] = set()  # the `special` values checked against `encode`
+        self.cache: dict[str, list[int]] = {}
+        self.splitter = _piece_splitter(tokenizer)
+        self.pieces = self.splitter is not None
+        if self.pieces:  # what add_special_tokens=True puts around a text (e.g. BOS)
+            backend = tokenizer.backend_tokenizer
+            bare, full = (backend.encode("a", add_special_tokens=s).ids for s in (False, True))
+            at = next((i for i in range(len(full) - len(bare) + 1) if full[i:i + len(bare)] == bare), None)
+            self.affixes = (full[:at], full[at + len(bare):]) if at is not None else None
+            self.pieces = at is not None
+
+    def __call__(self, texts: list[str], special: bool) -> list[list[int]]:
+        if not self.pieces:
+            return encode(self.tokenizer, texts, special)
+        if special not in self.checked:
+            self.checked.add(special)
+            head = list(dict.fromkeys(texts))[:self.sample]
+            if self._encode(head, special) != encode(self.tokenizer, head, special):
+                self.pieces = False
+                return encode(self.tokenizer, texts, special)
+        return self._encode(texts, special)
+
+    def _encode(self, texts: list[str], special: bool) -> list[list[int]]:
+        split = self.splitter
+        parts = [split(t) for t in texts]
+        new = list(dict.fromkeys(p for ps in parts for p in ps if p not in self.cache))
+        if new:
+            batch = self.tokenizer.backend_tokenizer.encode_batch(new, add_special_tokens=False)
+            self.cache.update(zip(new, (e.ids for e in batch)))
+        pieces = self.cache.__getitem__
+        out = [list(chain.from_iterable(map(pieces, ps))) for ps in parts]
+        prefix, suffix = self.affixes if special else ([], [])
+        return [prefix + ids + suffix for ids in out] if prefix or suffix else out
+
+
+def _piece_splitter(tokenizer: Any) -> Callable[[str], list[str]] | None:
+    """How to cut a text into pieces that tokenize independently, or None where cutting is not exact."""
+    if not getattr(tokenizer, "is_fast", False):
+        return None
+    backend = tokenizer.backend_tokenizer
+    pre = backend.pre_tokenizer
+    if backend.normalizer is not None or backend.truncation or backend.padding:
+        return None
+    if pre is not None and not (type(pre).__name__ == "ByteLevel" and not pre.add_prefix_space):
+        return None  # e.g. Metaspace: each piece would get its own prefix space
+    added = list(backend.get_added_tokens_decoder().values())
+    if not added or any(t.lstrip or t.rstrip or t.single_word for t in added):
+        return None
+    # Longest first: Python's alternation takes the first that matches, the tokenizer the longest.
+    specials = "|".join(re.escape(t.content) for t in sorted(added, key=lambda t: -len(t.content)))
+    newline = r"|(?=\n)(?<=\S)" if pre is not None and pre.use_regex else ""  # lookahead first: faster
+    pattern = re.compile(f"({specials}){newline}")  # one pass: keeps the tokens, cuts before the newlines
+
+    def split(text: str) -> list[str]:
+        return [p for p in pattern.split(text) if p]
+
+    return split
+
+
+ID_LISTS = ("input_ids", "labels")  # the last keys of a row: most of its bytes
+
+
+def write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
+    """``write_jsonl(path, rows)``, byte for byte, with the id lists encoded by orjson when it is installed.
+
+    orjson (a dependency of DVC's) writes ``[1,2]`` where ``json`` writes ``[1, 2]``; a
+    list of ints has no other comma, so adding the space back is exact.
+    """
+    try:
+        import orjson
+    except ImportError:
+        return write_jsonl(path, rows)
+    encode, dumps = json.JSONEncoder(ensure_ascii=False).encode, orjson.dumps
+
+    def line(row: dict[str, Any]) -> str:
+        if tuple(row)[-2:] != ID_LISTS:
+            return encode(row) + "\n"
+        head = encode({k: v for k, v in row.items() if k not in ID_LISTS})
+        lists = ", ".join(f'"{k}": ' + dumps(row[k]).decode().replace(",", ", ") for k in ID_LISTS)
+        return f"{head[:-1]}, {lists}}}\n" if len(head) > 2 else f"{{{lists}}}\n"
+
+    write_text_atomic(path, "".join(map(line, rows)))
+
+
 def _report(rows: list[dict[str, Any]], truncated: list[str], dropped: list[dict[str, Any]]) -> dict[str, Any]:
     total = sum(len(r["input_ids"]) for r in rows)
-    loss_tokens = sum(sum(1 for t in r["labels"] if t != IGNORE_INDEX) for r in rows)
+    loss_tokens = sum(len(r["labels"]) - r["labels"].count(IGNORE_INDEX) for r in rows)
     lengths = sorted(len(r["input_ids"]) for r in rows)
     return {
         "rows": len(rows),
@@ -123,16 +234,18 @@ def run(prompt_cfg: config.PromptConfig, prepared: Path, base_model: Path, out: 
     splits = {split: read_jsonl(prepared / f"{split}.jsonl") for split in SPLITS}
     pool = ShotPool(splits["train"]) if template.k_shot else None
     lengths = {}
+    encoder = PieceEncoder(tokenizer)  # one piece cache for every split and the k-shot arm
     with atomic_dir(out) as tmp:
         for split, examples in tqdm(splits.items(), desc="render", unit="split", disable=None):
             rows, split_report = tokenize_split(examples, template, tokenizer, prompt_cfg.max_length,
-                                                prompt_cfg.overflow, last_only=split == "test", pool=pool)
-            write_jsonl(tmp / f"{split}.jsonl", rows)
+                                                prompt_cfg.overflow, last_only=split == "test", pool=pool,
+                                                encoder=encoder)
+            write_rows(tmp / f"{split}.jsonl", rows)
             report["splits"][split] = split_report
             lengths[split] = [len(r["input_ids"]) for r in rows]
         write_json(tmp / "template.json", template.to_dict())
         if prompt_cfg.eval_k_shot:
-            report["kshot_arm"] = render_kshot_arm(splits, template, prompt_cfg, tokenizer, tmp)
+            report["kshot_arm"] = render_kshot_arm(splits, template, prompt_cfg, tokenizer, tmp, encoder)
     write_json(report_path, report)
     if plot_path is not None:
         from pipeline.plots import length_histograms
@@ -175,7 +288,7 @@ def run_encoder(prompt_cfg: config.PromptConfig, prepared: Path, base_model: Pat
 
 
 def render_kshot_arm(splits: dict[str, list[dict[str, Any]]], template: Template, prompt_cfg: config.PromptConfig,
-                     tokenizer: Any, out: Path) -> dict[str, Any]:
+                     tokenizer: Any, out: Path, encoder: PieceEncoder | None = None) -> dict[str, Any]:
     """The test split with ``eval_k_shot`` train exemplars before each prompt: the base model's k-shot arm.
 
     Written to ``test_kshot.jsonl`` with its own ``template_kshot.json``; ``template.json``
@@ -186,8 +299,8 @@ def render_kshot_arm(splits: dict[str, list[dict[str, Any]]], template: Template
     kshot = dataclasses.replace(template, k_shot=prompt_cfg.eval_k_shot)
     limit = prompt_cfg.max_length * (prompt_cfg.eval_k_shot + 1)
     rows, report = tokenize_split(splits["test"], kshot, tokenizer, limit, prompt_cfg.overflow,
-                                  last_only=True, pool=ShotPool(splits["train"]))
-    write_jsonl(out / "test_kshot.jsonl", rows)
+                                  last_only=True, pool=ShotPool(splits["train"]), encoder=encoder)
+    write_rows(out / "test_kshot.jsonl", rows)
     write_json(out / "template_kshot.json", kshot.to_dict())
     return report
 

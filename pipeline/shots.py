@@ -20,13 +20,20 @@ class ShotPool:
     def __init__(self, train: Sequence[Row]):
         self.rows = list(train)
         self.by_task: dict[str, list[Row]] = defaultdict(list)
+        self.ids: dict[str, set[str]] = defaultdict(set)  # per task: whether a row must be left out
         for row in self.rows:
             self.by_task[row["task"]].append(row)
+            self.ids[row["task"]].add(row["id"])
 
     def draw(self, example: Row, k: int, seed: int) -> list[Row]:
         """``k`` exemplars for ``example`` (fewer if train has fewer); depends only on (pool, id, k, seed)."""
         if k <= 0:
             return []
-        same = [r for r in self.by_task.get(example["task"], []) if r["id"] != example["id"]]
-        pool = same if len(same) >= k else [r for r in self.rows if r["id"] != example["id"]]
+        # Filtering is O(train) per example; skip it when the example is not in its task's
+        # rows (every val/test example): the pool, hence the draw, is the same list.
+        task, own = example["task"], example["id"]
+        same = self.by_task.get(task, [])
+        if own in self.ids.get(task, ()):
+            same = [r for r in same if r["id"] != own]
+        pool = same if len(same) >= k else [r for r in self.rows if r["id"] != own]
         return random.Random(f"{seed}:{example['id']}").sample(pool, min(k, len(pool)))

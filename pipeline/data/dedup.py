@@ -8,6 +8,7 @@ Texts are compared after :func:`normalize` (Unicode NFKC, case folding, whitespa
 
 from __future__ import annotations
 
+import functools
 import unicodedata
 from typing import Any, Iterable
 
@@ -49,7 +50,13 @@ def exact_duplicates(examples: Iterable[Example]) -> list[Flag]:
 def _exact_key(ex: Example) -> tuple[str, ...]:
     # Fields stay apart: ("a b", "") and ("a", "b") as instruction and input are different rows.
     turns = tuple(f"{m['role']}: {normalize(m['content'])}" for m in ex.messages or ())
-    return (ex.task, normalize(ex.instruction), normalize(ex.input), normalize(ex.output), *turns)
+    return (ex.task, _normalize_repeated(ex.instruction), normalize(ex.input), normalize(ex.output), *turns)
+
+
+@functools.lru_cache(maxsize=4096)
+def _normalize_repeated(text: str) -> str:
+    """:func:`normalize` for text that repeats across rows (a task's instruction), computed once each."""
+    return normalize(text)
 
 
 def _shingles(text: str, size: int) -> set[bytes]:
@@ -91,7 +98,9 @@ def near_duplicates(examples: list[Example], threshold: float, shingle: int, num
 
 def _ngrams(text: str, n: int) -> set[tuple[str, ...]]:
     words = normalize(text).split()
-    return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
+    if n < 1:
+        return {()}
+    return set(zip(*(words[i:] for i in range(n))))  # the n-word windows, built in C
 
 
 def contamination(train: list[Example], held_out: list[Example], ngram: int, threshold: float) -> list[Flag]:
@@ -121,7 +130,9 @@ def contamination(train: list[Example], held_out: list[Example], ngram: int, thr
 
 
 def _prompt_key(ex: Example) -> tuple[str, ...]:
-    return _exact_key(ex)[1:3] if not ex.messages else tuple(normalize(m["content"]) for m in ex.messages[:-1])
+    if ex.messages:
+        return tuple(normalize(m["content"]) for m in ex.messages[:-1])
+    return (_normalize_repeated(ex.instruction), normalize(ex.input))  # == _exact_key(ex)[1:3]
 
 
 def _specific_text(ex: Example) -> str:

@@ -8,7 +8,8 @@ of one traceback at a time.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import copy
+from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 TASK_TYPES = ("classification", "short_answer", "free_text")
@@ -37,14 +38,29 @@ class Example:
     messages: list[dict[str, str]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        row = asdict(self)
-        if row["messages"] is None:  # single-turn rows keep the original shape
-            del row["messages"]
+        """The row as written to JSON: fields in order, ``meta``/``messages`` copied, not shared.
+
+        Built field by field: ``dataclasses.asdict`` sends every string through ``copy.deepcopy``, which cost
+        more than the rest of the prepare stage's writing at 100k rows.
+        """
+        row = {"id": self.id, "task": self.task, "task_type": self.task_type, "instruction": self.instruction,
+               "input": self.input, "output": self.output, "source": self.source, "meta": _copy(self.meta)}
+        if self.messages is not None:  # single-turn rows keep the original shape
+            row["messages"] = _copy(self.messages)
         return row
 
     @classmethod
     def from_dict(cls, row: dict[str, Any]) -> "Example":
         return cls(**{k: row[k] for k in cls.__dataclass_fields__ if k in row})
+
+
+def _copy(value: Any) -> Any:
+    """A deep copy of JSON-like data (what ``asdict`` gives a field), leaving immutable leaves shared."""
+    if isinstance(value, dict):
+        return {k: _copy(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_copy(v) for v in value)
+    return value if isinstance(value, (str, int, float, bool, type(None))) else copy.deepcopy(value)
 
 
 @dataclass(frozen=True)

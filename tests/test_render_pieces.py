@@ -1,0 +1,158 @@
+"""The render stage's shortcuts give exactly what the plain computation gives.
+
+Piece-wise tokenization (:class:`pipeline.render.PieceEncoder`) against the tokenizer's
+own encoding of each whole text, over every text the embedded default renders (k-shot arm
+included); chat templates rendered from a per-role skeleton against Jinja per example; the
+k-shot draw against the filter-every-row definition.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from pathlib import Path
+
+import pytest
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from pipeline import prepare, render
+from pipeline.files import read_jsonl, write_jsonl
+from pipeline.models import load_tokenizer
+from pipeline.prompts import _compile, _transparent, conversation, make_template, segments
+from pipeline.shots import ShotPool
+
+@pytest.fixture(scope="module")
+def tokenizer(smoke_base: Path):
+    return load_tokenizer(smoke_base)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory, smoke_cfg) -> dict[str, list[dict]]:
+    out = tmp_path_factory.mktemp("pieces")
+    data = dataclasses.replace(smoke_cfg.data, n_per_task=250)  # the embedded default's tasks, 1000 examples
+    prepare.run(data, smoke_cfg.seed, out / "prepared", out / "stats.json")
+    return {split: read_jsonl(out / "prepared" / f"{split}.jsonl") for split in render.SPLITS}
+
+
+def all_texts(prepared, template) -> list[str]:
+    """Every piece render tokenizes: each split, and the test split with 3 train exemplars."""
+    pool = ShotPool(prepared["train"])
+    pieces = [segments(ex, template) for rows in prepared.values() for ex in rows]
+    pieces += [segments(ex, template, pool.draw(ex, 3, 0)) for ex in prepared["test"]]
+    return [text for parts in pieces for text, _ in parts]
+
+
+def test_piece_encoding_equals_whole_text_encoding_on_every_rendered_text(tokenizer, smoke_cfg, prepared) -> None:
+    template = make_template(smoke_cfg.prompt, tokenizer.chat_template, tokenizer.bos_token, tokenizer.eos_token)
+    texts = all_texts(prepared, template)
+    assert len(texts) > 1500 and any(t.count("<|im_start|>") > 4 for t in texts)  # k-shot texts are in
+    encoder = render.PieceEncoder(tokenizer)
+    assert encoder.pieces, "SmolLM2's byte-level BPE is cut into pieces"
+    assert encoder.splitter("<|im_start|>user\nSay hi.\n\nHello  there\n<|im_end|>") == [
+        "<|im_start|>", "user", "\nSay hi.", "\n\nHello  there", "\n", "<|im_end|>"]
+    for special in (True, False):
+        assert encoder(texts, special) == render.encode(tokenizer, texts, special)
+        assert encoder(texts, special) == [tokenizer(t, add_special_tokens=special)["input_ids"] for t in texts]
+    assert encoder.pieces  # the check on the first batch passed
+
+
+def test_awkward_texts_tokenize_the_same_in_pieces(tokenizer) -> None:
+    texts = ["", "\n", "a\n", "\na", " \n \n", "x \n\ny", "<|im_end|><|im_end|>", "<|im_end|>\n\nword",
+             "word<|im_start|>  \n", "tab\t\nnewline", "123\n456", "don't\n's", "naïve café\n日本語\n",
+             "emoji 🙂\n🙂", "<|im_start|", "<|endoftext|>x\r\ny"]
+    encoder = render.PieceEncoder(tokenizer, sample=0)
+    assert encoder(texts, True) == [tokenizer(t)["input_ids"] for t in texts]
+    assert encoder(texts, False) == [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
+def test_a_tokenizer_with_a_prefix_space_gets_whole_texts() -> None:
+    vocab = {"[UNK]": 0, "▁a": 1, "a": 2, "▁b": 3, "<x>": 4}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    slow_path = PreTrainedTokenizerFast(tokenizer_object=backend, additional_special_tokens=["<x>"])
+    encoder = render.PieceEncoder(slow_path)
+    assert not encoder.pieces  # cut at <x>, "b" would get a prefix space it does not have in "a<x>b"
+    texts = ["a <x>a b", "a"]
+    assert encoder(texts, False) == [slow_path(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
+def test_a_cut_that_changes_the_ids_is_caught_and_whole_texts_are_used(tokenizer) -> None:
+    encoder = render.PieceEncoder(tokenizer)
+    encoder.splitter = lambda text: list(text)  # one piece per character: not how BPE sees "Hello"
+    texts = ["Hello world", "Hello there"]
+    assert encoder(texts, False) == [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    assert not encoder.pieces
+
+
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] "
+          "+ '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+@pytest.mark.parametrize(("source", "transparent"), [
+    (CHATML, True),
+    ("{{ messages[0]['content'] + '!' }}{% for m in messages[1:] %}{{ m.role ~ m.content }}{% endfor %}"
+     "{{ messages|length }}", True),
+    ("{% for m in messages %}{{ m.content|trim }}{% endfor %}", False),
+    ("{% for m in messages %}{% if m.content %}{{ m.content }}{% endif %}{% endfor %}", False),
+    ("{% for m in messages %}{{ m.content.strip() }}{% endfor %}", False),
+    ("{{ messages|tojson }}", False),
+    ("{% for m in messages %}{{ m }}{% endfor %}", False),
+    ("{% for m in messages %}{{ m.name }}{{ m.content }}{% endfor %}", False),
+    ("{% for m in messages %}{% set c = m.content %}{{ c }}{% endfor %}", False),
+    ("{% for m in messages %}{% set c %}{{ m.content }}{% endset %}{{ c|trim }}{% endfor %}", False),
+])
+def test_transparent_templates_are_recognized_conservatively(source: str, transparent: bool) -> None:
+    assert _transparent(source) is transparent
+
+
+CONVERSATION = {"id": "c1", "task": "chat", "task_type": "free_text", "instruction": "Hi", "input": "", "output": "Bye",
+                "messages": [{"role": "system", "content": "  Be brief.\n"},
+                             {"role": "user", "content": "Hi {{ x }} \ue0000\ue001"},
+                             {"role": "assistant", "content": "Hello!"},
+                             {"role": "user", "content": "\nAnd now?  "},
+                             {"role": "assistant", "content": "Bye"}]}
+
+
+@pytest.mark.parametrize("which", ["tokenizer", "chatml", "trim"])
+def test_chat_segments_equal_jinja_per_example(which: str, tokenizer, smoke_cfg, prepared) -> None:
+    """The substituted skeleton gives Jinja's text; a template that is not transparent still renders."""
+    own = {"tokenizer": None, "chatml": CHATML, "trim": CHATML.replace("message['content']", "message['content']|trim")}
+    cfg = smoke_cfg.prompt if own[which] is None else \
+        dataclasses.replace(smoke_cfg.prompt, name=which, template=own[which])
+    template = make_template(cfg, tokenizer.chat_template, tokenizer.bos_token, tokenizer.eos_token)
+    compiled = _compile(template.chat_template)
+    pool = ShotPool(prepared["train"])
+    cases = [(ex, ()) for ex in prepared["test"][:40]] + [(ex, pool.draw(ex, 2, 1)) for ex in prepared["val"][:20]]
+    for ex, shots in cases + [(CONVERSATION, ()), (CONVERSATION, prepared["train"][:1])]:
+        messages, _ = conversation(ex, template, shots)
+        expected = compiled.render(messages=messages, add_generation_prompt=False,
+                                   bos_token=template.bos_token, eos_token=template.eos_token)
+        assert "".join(text for text, _ in segments(ex, template, shots)) == expected.rstrip("\n")
+
+
+def test_k_shot_draw_equals_filtering_every_row(prepared) -> None:
+    train = prepared["train"]
+    pool = ShotPool(train)
+
+    def reference(example: dict, k: int, seed: int) -> list[dict]:  # the definition, O(train) per draw
+        same = [r for r in train if r["task"] == example["task"] and r["id"] != example["id"]]
+        rows = same if len(same) >= k else [r for r in train if r["id"] != example["id"]]
+        return random.Random(f"{seed}:{example['id']}").sample(rows, min(k, len(rows)))
+
+    odd = {"id": "x", "task": "no-such-task"}  # falls back to every train row
+    for ex in train[:30] + prepared["test"][:30] + [odd]:
+        for k, seed in ((1, 0), (3, 7), (len(train) + 5, 1)):
+            assert pool.draw(ex, k, seed) == reference(ex, k, seed)
+            assert all(r["id"] != ex["id"] for r in pool.draw(ex, k, seed))
+
+
+def test_write_rows_writes_what_write_jsonl_writes(tmp_path: Path) -> None:
+    rows = [{"id": "a\"1", "prompt": "naïve \\ \n 日本 🙂 \u2028", "completion": "x", "input_ids": [1, 2, 30000],
+             "labels": [-100, -100, 30000]},
+            {"id": "b", "input_ids": [], "labels": []},
+            {"input_ids": [5], "labels": [-100]},
+            {"labels": [1, 2], "input_ids": [3, 4], "id": "keys in another order"}]
+    render.write_rows(tmp_path / "fast.jsonl", rows)
+    write_jsonl(tmp_path / "plain.jsonl", rows)
+    assert (tmp_path / "fast.jsonl").read_bytes() == (tmp_path / "plain.jsonl").read_bytes()
