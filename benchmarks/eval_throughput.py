@@ -25,7 +25,7 @@ import torch
 
 from pipeline import base_model, prepare
 from pipeline.config import PipelineConfig, from_mapping
-from pipeline.generation import generate_ids, until_eos
+from pipeline.generation import generate_ids, plain_greedy, until_eos
 from pipeline.models import load_causal_lm, load_tokenizer
 from pipeline.data.schema import ProblemCollector
 from pipeline.params import compose
@@ -70,12 +70,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="a base_model stage output (default: models/base, or a fresh smoke model with --smoke)")
     parser.add_argument("--n", type=int, default=None, help="prompts (default 64, 8 with --smoke)")
     parser.add_argument("--batch-size", type=int, default=None, help="default: eval.batch_size from conf/")
+    parser.add_argument("--decode-batch-size", type=int, default=None,
+                        help="rows decoded together (default: eval.decode_batch_size from conf/)")
     parser.add_argument("--smoke", action="store_true", help="tiny random model and 8 prompts: seconds")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. eval.max_new_tokens.free_text=20")
     args = parser.parse_args(argv)
     cfg = from_mapping(compose((["+experiment=smoke"] if args.smoke else []) + list(args.overrides)))
     n = args.n or (8 if args.smoke else 64)
     batch_size = args.batch_size or cfg.eval.batch_size
+    group = args.decode_batch_size or cfg.eval.decode_batch_size
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model or (REPO / "models" / "base")
         if args.smoke and args.model is None:
@@ -84,25 +87,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         tokenizer, model = load_tokenizer(model_dir), load_causal_lm(model_dir).eval()
     prompts, budgets = test_prompts(cfg, tokenizer, n)
     print(f"{len(prompts)} prompts, {sum(map(len, prompts))} prompt tokens, budgets {sorted(set(budgets))}, "
-          f"batch size {batch_size}, {torch.get_num_threads()} threads, model {model_dir}")
+          f"prefill batch {batch_size}, decode batch {group}, {torch.get_num_threads()} threads, model {model_dir}")
     generate_ids(model, tokenizer, prompts[:2], budgets[:2], batch_size, cfg.eval.stop_strings, desc="warm-up")
+    print("batched path: " + ("own greedy loop (shared prefix, rows leave when done)" if plain_greedy(model)
+                              else "model.generate (the generation config has logits processors)"))
 
-    # Interleaved: each batch the batched path forms (same sort as generate_ids) is timed, then
-    # the per-example loop on the same prompts, so background load hits both paths alike.
+    # Interleaved: each decode group the batched path forms (same sort as generate_ids) is timed,
+    # then the per-example loop on the same prompts, so background load hits both paths alike.
     order = sorted(range(len(prompts)), key=lambda i: (budgets[i], len(prompts[i])))
     batched: list[list[int]] = []
     single: list[list[int]] = []
     t_batched = t_single = 0.0
-    for k in range(0, len(order), batch_size):
-        chunk = order[k:k + batch_size]
+    for k in range(0, len(order), group):
+        chunk = order[k:k + group]
         p, b = [prompts[i] for i in chunk], [budgets[i] for i in chunk]
         start = time.perf_counter()
-        batched += generate_ids(model, tokenizer, p, b, batch_size, cfg.eval.stop_strings, desc="batched")
+        batched += generate_ids(model, tokenizer, p, b, batch_size, cfg.eval.stop_strings, desc="batched",
+                                decode_batch_size=group)
         t_batched += time.perf_counter() - start
         start = time.perf_counter()
         single += one_by_one(model, tokenizer, p, b, cfg.eval.stop_strings)
         t_single += time.perf_counter() - start
-        print(f"batch {k // batch_size + 1}: batched {t_batched:.1f}s, per-example {t_single:.1f}s so far", flush=True)
+        print(f"group {k // group + 1}: batched {t_batched:.1f}s, per-example {t_single:.1f}s so far", flush=True)
 
     tok_batched, tok_single = sum(map(len, batched)), sum(map(len, single))
     same = sum(a == b for a, b in zip(batched, single))

@@ -293,6 +293,7 @@ MODELS = ("base", "base_kshot", "tuned", "encoder")
 class EvalConfig:
     models: list[str] = MISSING
     batch_size: int = MISSING
+    decode_batch_size: int = MISSING  # rows decoded together; prefill runs batch_size at a time
     max_new_tokens: dict[str, int] = MISSING
     stop_strings: list[str] = MISSING
     max_examples: Optional[int] = MISSING
@@ -312,6 +313,8 @@ class EvalConfig:
             out += _choice(f"eval.task_types.{task}", task_type, TASK_TYPES)
         if self.batch_size < 1:
             out.append("eval.batch_size: must be >= 1")
+        if self.decode_batch_size < 1:
+            out.append("eval.decode_batch_size: must be >= 1")
         if self.bootstrap.n_resamples < 1:
             out.append("eval.bootstrap.n_resamples: must be >= 1")
         if self.max_examples is not None and self.max_examples < 1:

@@ -208,7 +208,8 @@ def run(cfg: config.PipelineConfig, rendered: Path, prepared: Path, base_model: 
         else:
             model = load_finetuned(base_model, tuned) if name == "tuned" else load_causal_lm(base_model)  # type: ignore[arg-type]
             predictions[name] = generate(model, tokenizer, [_prompt_ids(r) for r in arms[name]], budgets,
-                                         ev.batch_size, ev.stop_strings, desc=f"evaluate {name}")
+                                         ev.batch_size, ev.stop_strings, desc=f"evaluate {name}",
+                                         decode_batch_size=ev.decode_batch_size)
             nll = reference_nll(model, arms[name], tokenizer.pad_token_id, ev.batch_size)
             del model
         outputs[name] = {t: scoring.TaskOutputs(task_types[t], [references[rows[i]["id"]] for i in ii],
