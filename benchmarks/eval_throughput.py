@@ -72,10 +72,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=None, help="default: eval.batch_size from conf/")
     parser.add_argument("--decode-batch-size", type=int, default=None,
                         help="rows decoded together (default: eval.decode_batch_size from conf/)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads for both paths (default: torch's, one per core)")
     parser.add_argument("--smoke", action="store_true", help="tiny random model and 8 prompts: seconds")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. eval.max_new_tokens.free_text=20")
     args = parser.parse_args(argv)
     cfg = from_mapping(compose((["+experiment=smoke"] if args.smoke else []) + list(args.overrides)))
+    if args.threads:  # on a shared machine, 1 thread avoids OpenMP workers waiting on a busy core
+        torch.set_num_threads(args.threads)
     n = args.n or (8 if args.smoke else 64)
     batch_size = args.batch_size or cfg.eval.batch_size
     group = args.decode_batch_size or cfg.eval.decode_batch_size

@@ -3,9 +3,10 @@
 Prompts are sorted by (token budget, length). Each group of ``decode_batch_size`` of them
 is decoded together, after a prefill ``batch_size`` prompts at a time:
 
-- *Prefill* runs the longest token prefix a chunk's prompts share (the chat template's
-  system prompt) once, at batch 1, and repeats its KV cache across the chunk; only the
-  rest is run batched, left-padded after the prefix: ``[prefix][pad][suffix]``. Positions
+- *Prefill* groups prompts that share a token prefix (the chat template's system prompt,
+  an instruction's wording) into chunks, runs each chunk's shared prefix once, at batch
+  1, and repeats its KV cache across the chunk; only the rest is run batched, left-padded
+  after the prefix: ``[prefix][pad][suffix]``. Positions
   come from the attention mask's cumsum, so every real token gets the position it has
   in its unpadded prompt. Prefill is compute-bound on a CPU: skipping the shared part
   and sorting by length (little padding) is what makes it cheaper than per-example.
@@ -57,6 +58,28 @@ def _shared_prefix(prompts: Sequence[Sequence[int]]) -> int:
     return max(limit, 0)
 
 
+def _prefill_chunks(prompts: Sequence[Sequence[int]], size: int) -> list[list[int]]:
+    """Indices of ``prompts`` in prefill chunks of at most ``size``, grouped by shared prefix.
+
+    Prompts sorted by their tokens sit next to those sharing the longest prefix with them
+    (the same instruction wording). A prompt joins the open chunk when that computes fewer
+    tokens (shared prefix once, then every row padded to the longest) than running it
+    alone would; otherwise it opens a new chunk.
+    """
+    def cost(chunk: list[int]) -> int:
+        rows = [prompts[i] for i in chunk]
+        shared = _shared_prefix(rows)
+        return shared + len(rows) * (max(map(len, rows)) - shared)
+
+    chunks: list[list[int]] = []
+    for i in sorted(range(len(prompts)), key=lambda i: list(prompts[i])):
+        if chunks and len(chunks[-1]) < size and cost(chunks[-1] + [i]) <= cost(chunks[-1]) + len(prompts[i]):
+            chunks[-1].append(i)
+        else:
+            chunks.append([i])
+    return chunks
+
+
 def _prefill(model: Any, prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[Any, torch.Tensor, torch.Tensor]:
     """KV cache, attention mask and last-position logits of ``prompts`` (one forward after the shared prefix)."""
     from transformers import DynamicCache
@@ -95,13 +118,14 @@ def _stack(parts: list[tuple[Any, torch.Tensor, torch.Tensor]]) -> tuple[Any, to
 
 def _greedy_group(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], budgets: Sequence[int],
                   prefill_size: int, stop: Any) -> list[list[int]]:
-    """Greedy new ids of one decode group (prompts sorted by length)."""
+    """Greedy new ids of one decode group, in the order of ``prompts``."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos = tokenizer.eos_token_id
-    parts = [_prefill(model, prompts[k:k + prefill_size], pad_id) for k in range(0, len(prompts), prefill_size)]
+    chunks = _prefill_chunks(prompts, prefill_size)
+    parts = [_prefill(model, [prompts[i] for i in chunk], pad_id) for chunk in chunks]
     cache, mask, logits = _stack(parts) if len(parts) > 1 else parts[0]
-    positions = torch.tensor([len(p) for p in prompts])
-    rows = list(range(len(prompts)))
+    rows = [i for chunk in chunks for i in chunk]  # batch row k holds prompt rows[k]
+    positions = torch.tensor([len(prompts[r]) for r in rows])
     out: list[list[int]] = [[] for _ in prompts]
     while True:
         tokens = logits.argmax(-1)
