@@ -7,11 +7,15 @@ definition (overrides, search space, sweeper, launcher, metric) and writes its i
 the parent (tag ``mlflow.parentRunId``) with the sweep id (tag ``sweep.id``). A file, not
 an environment variable, because launchers such as submitit start jobs on other
 machines that share only the file system. When the multirun ends, the parent gets the
-best value of the metric over its children and the id of the run that reached it.
+best value of the metric over its children and the id of the run that reached it. When it
+stops early (a job raised, which ends Hydra's multirun without ``on_multirun_end``, or the
+user interrupted it), an exit hook closes the parent as FAILED with what its children got
+so far, instead of leaving it RUNNING in the dashboard.
 """
 
 from __future__ import annotations
 
+import atexit
 import time
 import uuid
 from dataclasses import dataclass
@@ -114,6 +118,18 @@ class MlflowSweep(Callback):
 
     def __init__(self, metric: str, direction: str) -> None:
         self.objective = Objective(metric, direction)
+        self._open: Path | None = None  # the sweep dir whose parent run is still open
+
+    def _close_if_open(self) -> None:
+        """Exit hook: the multirun ended without on_multirun_end (a job failed, or an interrupt)."""
+        if self._open is None:
+            return
+        sweep_dir, self._open = self._open, None
+        parent = read_parent(sweep_dir)
+        if parent is not None:
+            summary = summarize(parent, self.objective, sweep_dir, stopped=True)
+            print(f"sweep {parent.sweep_id}: stopped early after {summary['runs']} runs; "
+                  f"MLflow parent run {parent.run_id} closed as FAILED", flush=True)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         cwd = Path.cwd()  # Hydra's entry point: jobs resolve the same default store from here
@@ -128,9 +144,12 @@ class MlflowSweep(Callback):
         write_json(sweep_dir / PARENT_FILE, {"run_id": run_id, "sweep_id": sweep_id, "uri": uri,
                                              "experiment": config.tracking.experiment})
         print(f"sweep {sweep_id}: MLflow parent run {run_id}", flush=True)
+        self._open = sweep_dir
+        atexit.register(self._close_if_open)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
+        self._open = None
         parent = read_parent(sweep_dir)
         if parent is None:
             return
@@ -139,15 +158,16 @@ class MlflowSweep(Callback):
               f"{summary.get('best_value')} (run {summary.get('best_run_id')})", flush=True)
 
 
-def summarize(parent: Parent, objective: Objective, sweep_dir: Path) -> dict[str, Any]:
-    """Log the best child value onto the parent, attach Hydra's sweep files, close the parent."""
+def summarize(parent: Parent, objective: Objective, sweep_dir: Path, stopped: bool = False) -> dict[str, Any]:
+    """Log the best child value onto the parent, attach Hydra's sweep files, close the parent
+    (FAILED when no child has the metric, or when the multirun ``stopped`` before its end)."""
     from mlflow.tracking import MlflowClient
 
     children = tracking.child_runs(parent.uri, parent.run_id)
     values = {r.info.run_id: r.data.metrics[objective.metric] for r in children
               if objective.metric in r.data.metrics}
     best = objective.best(values)
-    summary: dict[str, Any] = {"runs": len(children), "with_metric": len(values)}
+    summary: dict[str, Any] = {"runs": len(children), "with_metric": len(values), "stopped_early": stopped}
     client = MlflowClient(parent.uri)
 
     def log() -> None:
@@ -159,7 +179,11 @@ def summarize(parent: Parent, objective: Objective, sweep_dir: Path) -> dict[str
         for name in ("multirun.yaml", "optimization_results.yaml"):
             if (sweep_dir / name).exists():
                 client.log_artifact(parent.run_id, str(sweep_dir / name), artifact_path="sweep")
-        client.set_terminated(parent.run_id, "FINISHED" if best is not None else "FAILED")
+        if stopped:
+            client.set_tag(parent.run_id, "sweep.stopped_early",
+                           "the multirun ended before its last job (a job failed, or it was interrupted); "
+                           "see the jobs' logs under sweep.dir")
+        client.set_terminated(parent.run_id, "FINISHED" if best is not None and not stopped else "FAILED")
 
     tracking.locked_write(parent.uri, log)
     write_json(sweep_dir / "summary.json", summary)

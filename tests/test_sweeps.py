@@ -178,3 +178,23 @@ def test_mlflow_ui_lists_the_runs_in_headless_chromium(grid: dict[str, Any], mlf
     text = re.sub(r"<[^>]+>", "", dom)  # the count is `<strong>5</strong> matching runs`
     assert "5 matching runs" in text, "parent + 4 nested children"
     assert (tmp_path / "ui.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_failed_job_closes_the_parent_as_failed(tmp_path: Path, smoke_base: Path) -> None:
+    """Hydra ends a multirun at the first job that raises, without on_multirun_end: the exit
+    hook still closes the parent run (FAILED, tagged), with the child that did finish."""
+    from mlflow.tracking import MlflowClient
+
+    seed_base_model(tmp_path, smoke_base, SMOKE)
+    proc = subprocess.run(pipeline("-m", *SMOKE, "trainer.lr=1e-3,-1", f"hydra.sweep.dir={tmp_path / 'multirun'}"),
+                          cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-3000:]
+    assert "trainer.lr: must be > 0" in out
+    parent = json.loads((tmp_path / "multirun" / "mlflow_sweep.json").read_text())
+    run = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(parent["run_id"])
+    assert run.info.status == "FAILED"
+    assert "sweep.stopped_early" in run.data.tags
+    assert run.data.metrics["sweep.runs"] == 1  # the lr=1e-3 job finished before the second one failed
+    summary = json.loads((tmp_path / "multirun" / "summary.json").read_text())
+    assert summary["stopped_early"] is True and summary["with_metric"] == 1
