@@ -25,7 +25,7 @@ import torch
 
 from pipeline import base_model, prepare
 from pipeline.config import PipelineConfig, from_mapping
-from pipeline.generation import generate_ids, plain_greedy, until_eos
+from pipeline.generation import generate_ids, one_by_one_ids, plain_greedy
 from pipeline.models import load_causal_lm, load_tokenizer
 from pipeline.data.schema import ProblemCollector
 from pipeline.params import compose
@@ -47,21 +47,6 @@ def test_prompts(cfg: PipelineConfig, tokenizer: Any, n: int) -> tuple[list[list
                              cfg.prompt.overflow)
     prompts = [r["input_ids"][: r["labels"].index(next(t for t in r["labels"] if t != -100))] for r in rows]
     return prompts, [cfg.eval.max_new_tokens[r["task_type"]] for r in rows]
-
-
-def one_by_one(model: Any, tokenizer: Any, prompts: list[list[int]], budgets: list[int],
-               stop_strings: Sequence[str]) -> list[list[int]]:
-    """The baseline: ``model.generate`` on each prompt alone (no padding, batch of one)."""
-    extra = {"stop_strings": list(stop_strings), "tokenizer": tokenizer} if stop_strings else {}
-    out = []
-    with torch.inference_mode():
-        for ids, budget in zip(prompts, budgets):
-            x = torch.tensor([ids])
-            y = model.generate(input_ids=x, attention_mask=torch.ones_like(x), do_sample=False, use_cache=True,
-                               max_new_tokens=budget, pad_token_id=tokenizer.pad_token_id,
-                               eos_token_id=tokenizer.eos_token_id, **extra)
-            out.append(until_eos(y[0, len(ids):].tolist(), tokenizer.eos_token_id))
-    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -110,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 decode_batch_size=group)
         t_batched += time.perf_counter() - start
         start = time.perf_counter()
-        single += one_by_one(model, tokenizer, p, b, cfg.eval.stop_strings)
+        single += one_by_one_ids(model, tokenizer, p, b, cfg.eval.stop_strings)
         t_single += time.perf_counter() - start
         print(f"group {k // group + 1}: batched {t_batched:.1f}s, per-example {t_single:.1f}s so far", flush=True)
 

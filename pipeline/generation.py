@@ -201,6 +201,22 @@ def generate_ids(model: Any, tokenizer: Any, prompt_ids: Sequence[Sequence[int]]
     return outputs
 
 
+def one_by_one_ids(model: Any, tokenizer: Any, prompt_ids: Sequence[Sequence[int]], max_new_tokens: Sequence[int],
+                   stop_strings: Sequence[str] = ()) -> list[list[int]]:
+    """The reference :func:`generate_ids` is checked and benchmarked against: a plain
+    ``model.generate`` on each prompt alone (batch of one, no padding, KV cache on)."""
+    extra = {"stop_strings": list(stop_strings), "tokenizer": tokenizer} if stop_strings else {}
+    out = []
+    with torch.inference_mode():
+        for ids, budget in zip(prompt_ids, max_new_tokens):
+            x = torch.tensor([list(ids)])
+            y = model.generate(input_ids=x, attention_mask=torch.ones_like(x), do_sample=False, use_cache=True,
+                               max_new_tokens=budget, pad_token_id=tokenizer.pad_token_id,
+                               eos_token_id=tokenizer.eos_token_id, **extra)
+            out.append(until_eos(y[0, len(ids):].tolist(), tokenizer.eos_token_id))
+    return out
+
+
 def decode(tokenizer: Any, new_ids: Sequence[int], stop_strings: Sequence[str] = ()) -> str:
     """Answer text: special tokens dropped, cut at the first stop string, stripped."""
     text = tokenizer.decode(list(new_ids), skip_special_tokens=True)

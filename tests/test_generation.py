@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.generation import generate
+from pipeline.generation import generate, one_by_one_ids
 from pipeline.models import load_causal_lm, load_tokenizer
 
 TEXTS = [
@@ -69,23 +69,6 @@ def test_stop_strings_cut_the_answer(model_and_tokenizer, prompts) -> None:
     assert any(s != p for s, p in zip(stopped, plain))
 
 
-def hf_one_by_one(model, tokenizer, prompts, budgets, stop_strings=()) -> list[list[int]]:
-    """The reference: plain ``model.generate`` on each prompt alone, cut after EOS."""
-    import torch
-
-    from pipeline.generation import until_eos
-
-    extra = {"stop_strings": list(stop_strings), "tokenizer": tokenizer} if stop_strings else {}
-    out = []
-    with torch.inference_mode():
-        for ids, budget in zip(prompts, budgets):
-            x = torch.tensor([ids])
-            y = model.generate(input_ids=x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=budget,
-                               pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **extra)
-            out.append(until_eos(y[0, len(ids):].tolist(), tokenizer.eos_token_id))
-    return out
-
-
 @pytest.fixture(scope="module")
 def prefixed(model_and_tokenizer, prompts) -> list[list[int]]:
     """The prompts behind a shared system text, as the chat template makes them."""
@@ -103,7 +86,7 @@ def test_shared_prefix_and_stacked_chunks_equal_per_example_generate(model_and_t
     assert _shared_prefix(prefixed) >= 8
     budgets = [7, 3, 9, 5, 1, 8]
     batched = generate_ids(model, tokenizer, prefixed, budgets, batch_size=2, decode_batch_size=6)
-    assert batched == hf_one_by_one(model, tokenizer, prefixed, budgets)
+    assert batched == one_by_one_ids(model, tokenizer, prefixed, budgets)
     assert all(len(b) <= n for b, n in zip(batched, budgets)) and len(set(map(tuple, batched))) > 1
 
 
@@ -114,7 +97,7 @@ def test_stop_strings_stop_like_model_generate(model_and_tokenizer, prefixed) ->
     plain = generate_ids(model, tokenizer, prefixed, [8] * 6, batch_size=3, decode_batch_size=6)
     word = next(t for t in (tokenizer.decode(p) for p in plain) if len(t) > 2)[1:3]
     stopped = generate_ids(model, tokenizer, prefixed, [8] * 6, batch_size=3, stop_strings=[word], decode_batch_size=6)
-    assert stopped == hf_one_by_one(model, tokenizer, prefixed, [8] * 6, [word])
+    assert stopped == one_by_one_ids(model, tokenizer, prefixed, [8] * 6, [word])
     assert stopped != plain
 
 
@@ -128,7 +111,7 @@ def test_logits_processors_fall_back_to_model_generate(smoke_base: Path, model_a
     assert not plain_greedy(model)
     budgets = [6] * len(prefixed)
     penalized = generate_ids(model, tokenizer, prefixed, budgets, batch_size=1)
-    assert penalized == hf_one_by_one(model, tokenizer, prefixed, budgets)
+    assert penalized == one_by_one_ids(model, tokenizer, prefixed, budgets)
     assert penalized != generate_ids(plain_model, tokenizer, prefixed, budgets, batch_size=1), "penalty had no effect"
     with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
         generate_ids(model, tokenizer, prefixed[:1], [0], batch_size=1)
