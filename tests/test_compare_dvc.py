@@ -93,7 +93,13 @@ def test_dvc_queue_runs_land_in_the_repository_store(tmp_path_factory: pytest.Te
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("instruction-tuning").experiment_id])
+    found = client.search_runs([client.get_experiment_by_name("instruction-tuning").experiment_id])
+    runs = [r for r in found if r.data.tags.get("arm") != "encoder"]  # the causal LM's train+evaluate runs
+    encoder_runs = [r for r in found if r.data.tags.get("arm") == "encoder"]  # train_encoder's, one each
     assert sorted(float(r.data.params["trainer.lr"]) for r in runs) == [1e-4, 3e-4]
     assert {r.data.tags["dvc.exp_name"] for r in runs} == {e["revs"][0]["name"] for e in exps}
+    # trainer.lr is not an encoder param: the second experiment takes train_encoder from DVC's run
+    # cache, so the encoder trained (and logged a run) once, under the first experiment's name.
+    assert len(encoder_runs) == 1
+    assert encoder_runs[0].data.tags["dvc.exp_name"] in {e["revs"][0]["name"] for e in exps}
     assert all("eval.tuned.overall.score" in r.data.metrics for r in runs)
