@@ -6,7 +6,9 @@ select (``optuna_eval``, ``joblib``, ``submitit_slurm``; see the README). Each j
 training and evaluation outputs to its own Hydra job directory (``outputs/<date>/<time>/``
 or ``multirun/<date>/<time>/<job>/``); the outputs of ``base_model``, ``prepare`` and
 ``render`` are content-addressed under ``outputs/cache/`` and shared by every job with the
-same inputs (:mod:`pipeline.stage_cache`). A job returns the sweep metric
+same inputs (:mod:`pipeline.stage_cache`), and so is the encoder arm (``train_encoder``):
+its key holds ``encoder`` and ``seed``, so a sweep over the causal LM's trainer.lr trains it
+once (its metrics land in each job's run through evaluate). A job returns the sweep metric
 (``hydra.callbacks.mlflow_sweep.metric``), which is what the Optuna sweeper optimizes.
 
 This is an entry point, not a stage: it calls the stages' ``run`` functions the way
@@ -24,13 +26,13 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import base_model, config, evaluate, prepare, render, stage_cache, train
+from pipeline import base_model, config, evaluate, prepare, render, stage_cache, train, train_encoder
 from pipeline import tracking as mlf
 from pipeline.files import read_json, write_json
 from pipeline.sweeps import Objective, Parent, eval_metrics, objective_value, read_parent
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SHARED_STAGES = ("base_model", "prepare", "render")
+SHARED_STAGES = ("base_model", "prepare", "render", "train_encoder")
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,7 @@ class JobContext:
 
 
 def shared_stages(cfg: config.PipelineConfig, params: dict[str, Any], cache: Path, repo_root: Path) -> dict[str, Path]:
-    """Build (or reuse) base_model, prepare and render; return each stage's entry directory."""
+    """Build (or reuse) base_model, prepare, render and train_encoder; return each stage's entry directory."""
     recipes = stage_cache.stage_keys(stage_cache.read_specs(repo_root / "dvc.yaml"), params, repo_root,
                                      SHARED_STAGES)
     base, built = stage_cache.build_once(cache, "base_model", recipes["base_model"],
@@ -60,7 +62,12 @@ def shared_stages(cfg: config.PipelineConfig, params: dict[str, Any], cache: Pat
         cache, "render", recipes["render"],
         lambda d: render.run(cfg.prompt, prepared / "out", base / "out", d / "out", d / "report.json"))
     _report("render", rendered, built)
-    return {"base_model": base, "prepare": prepared, "render": rendered}
+    # No MLflow run of its own here: built once for many jobs, its scores go into each job's run.
+    encoder_arm, built = stage_cache.build_once(
+        cache, "train_encoder", recipes["train_encoder"],
+        lambda d: train_encoder.run(cfg, params, prepared / "out", d / "out", d / "curves", None))
+    _report("train_encoder", encoder_arm, built)
+    return {"base_model": base, "prepare": prepared, "render": rendered, "train_encoder": encoder_arm}
 
 
 def _report(stage: str, path: Path, built: bool) -> None:
@@ -68,7 +75,7 @@ def _report(stage: str, path: Path, built: bool) -> None:
 
 
 def run_pipeline(cfg: config.PipelineConfig, params: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
-    """All five stages for one job; returns evaluate's metrics."""
+    """All six stages for one job; returns evaluate's metrics."""
     shared = shared_stages(cfg, params, ctx.cache, ctx.repo_root)
     base, prepared, rendered = shared["base_model"] / "out", shared["prepare"] / "out", shared["render"] / "out"
     job = ctx.job_dir
@@ -76,7 +83,8 @@ def run_pipeline(cfg: config.PipelineConfig, params: dict[str, Any], ctx: JobCon
     tuned = job / "models" / "finetuned"
     train.run(cfg, params, rendered, base, tuned, job / "reports" / "train", job / "checkpoints", ctx.tracking)
     _tag_job(ctx, read_json(tuned / "run.json")["run_id"])
-    return evaluate.run(cfg, rendered, prepared, base, tuned, job / "reports" / "eval", ctx.tracking)
+    return evaluate.run(cfg, rendered, prepared, base, tuned, job / "reports" / "eval", ctx.tracking,
+                        encoder_dir=shared["train_encoder"] / "out")
 
 
 def _tag_job(ctx: JobContext, run_id: str) -> None:

@@ -53,6 +53,7 @@ def test_grid_has_one_parent_and_four_children(grid: dict[str, Any]) -> None:
         assert r.info.status == "FINISHED"
         assert r.data.tags["sweep.id"] == grid["sweep_id"]
         assert "eval.tuned.overall.score" in r.data.metrics and "eval.base.topic.accuracy" in r.data.metrics
+        assert "eval.encoder.topic.accuracy" in r.data.metrics  # the encoder arm, beside the LLM in every job
         job_dir = Path(r.data.tags["hydra.job_dir"])
         assert job_dir.parent == grid["cwd"] / "multirun" and job_dir.name == r.data.tags["sweep.job_num"]
         assert (job_dir / "reports/eval/metrics.json").is_file() and (job_dir / "models/finetuned/adapter").is_dir()
@@ -67,11 +68,13 @@ def test_grid_built_shared_stages_once(grid: dict[str, Any]) -> None:
 
     cache = grid["cwd"] / "outputs" / "cache"
     builds = [b["stage"] for b in stage_cache.builds(cache)]
-    # base_model was seeded from the session's smoke checkpoint; prepare and render ran once for 4 jobs.
-    assert builds == ["prepare", "render"]
+    # base_model was seeded from the session's smoke checkpoint; prepare, render and the encoder arm
+    # (whose key holds no trainer.lr or finetune.lora.r) ran once for 4 jobs.
+    assert builds == ["prepare", "render", "train_encoder"]
     assert len(list((cache / "render").glob("*/key.json"))) == 1
-    used = {json.loads(p.read_text())["render"] for p in (grid["cwd"] / "multirun").glob("*/stages.json")}
-    assert len(used) == 1 and grid["log"].count("render: reused") == 3
+    for stage in ("render", "train_encoder"):
+        used = {json.loads(p.read_text())[stage] for p in (grid["cwd"] / "multirun").glob("*/stages.json")}
+        assert len(used) == 1 and grid["log"].count(f"{stage}: reused") == 3
 
 
 def test_compare_sweep_names_the_swept_params(grid: dict[str, Any], tmp_path: Path) -> None:
