@@ -136,10 +136,12 @@ def test_joblib_two_parallel_jobs_lose_no_run(tmp_path: Path, smoke_base: Path) 
         assert len(client.get_metric_history(r.info.run_id, "train_loss")) == 6, "every step's metric arrived"
         assert "eval.tuned.overall.score" in r.data.metrics
     assert client.get_run(parent["run_id"]).info.status == "FINISHED"
-    # Both workers wanted the same render; the per-key lock let exactly one of them build it.
+    # Both workers wanted the same render and encoder arm; the per-key lock let exactly one of them build each.
     from pipeline import stage_cache
 
-    assert [b["stage"] for b in stage_cache.builds(tmp_path / "outputs" / "cache")] == ["prepare", "render"]
+    assert [b["stage"] for b in stage_cache.builds(tmp_path / "outputs" / "cache")] == [
+        "prepare", "render", "train_encoder"]
+    assert all("eval.encoder.topic.accuracy" in r.data.metrics for r in children)
 
 
 @pytest.mark.slow
