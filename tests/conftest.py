@@ -1,12 +1,15 @@
-"""Shared fixtures: the smoke config, composed from conf/, and the smoke base model built from it."""
+"""Shared fixtures: the smoke config, composed from conf/, the smoke base model built from it, and its
+prepared and rendered data."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
-from pipeline import base_model
+from pipeline import base_model, prepare, render
 from pipeline.config import PipelineConfig, from_mapping
 from pipeline.params import compose
 
@@ -26,3 +29,20 @@ def smoke_base(tmp_path_factory: pytest.TempPathFactory, smoke_cfg: PipelineConf
     out = tmp_path_factory.mktemp("smoke") / "base"
     base_model.run(smoke_cfg.model, smoke_cfg.seed, out)
     return out
+
+
+def prepared_workdir(root: Path, raw: dict[str, Any], base: Path) -> Path:
+    """``root`` with ``params.yaml`` (``raw``), its prepared and rendered data (plus ``stats.json`` and
+    ``render.json``) and a link ``base`` to the model: what the later stages read."""
+    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    cfg = from_mapping(raw)
+    prepare.run(cfg.data, cfg.seed, root / "prepared", root / "stats.json")
+    render.run(cfg.prompt, root / "prepared", base, root / "rendered", root / "render.json")
+    (root / "base").symlink_to(base)
+    return root
+
+
+@pytest.fixture(scope="session")
+def smoke_data(tmp_path_factory: pytest.TempPathFactory, smoke_base: Path) -> Path:
+    """The smoke config's prepared and rendered data, built once; tests only read it."""
+    return prepared_workdir(tmp_path_factory.mktemp("smoke_data"), compose(["+experiment=smoke"]), smoke_base)

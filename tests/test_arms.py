@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import evaluate, prepare, render, safety
-from pipeline.config import PipelineConfig
+from pipeline import evaluate, safety
 from pipeline.files import read_json, read_jsonl
 from pipeline.shots import ShotPool
 
@@ -17,11 +16,8 @@ ASSISTANT = "<|im_start|>assistant\n"
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory, smoke_cfg: PipelineConfig, smoke_base: Path) -> Path:
-    root = tmp_path_factory.mktemp("arms")
-    prepare.run(smoke_cfg.data, smoke_cfg.seed, root / "prepared", root / "stats.json")
-    render.run(smoke_cfg.prompt, root / "prepared", smoke_base, root / "rendered", root / "render.json")
-    return root
+def data(smoke_data: Path) -> Path:
+    return smoke_data
 
 
 def test_kshot_prompts_hold_exactly_k_exemplars_from_train_never_from_test(data: Path, smoke_cfg) -> None:

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import compare, encoder, evaluate, prepare, render, train_encoder
+from pipeline import compare, encoder, evaluate, train_encoder
 from pipeline.config import PipelineConfig
 from pipeline.files import read_json, read_jsonl, write_jsonl
 from pipeline.models import materialize
@@ -26,13 +26,14 @@ from pipeline.tracking import Tracking
 
 
 @pytest.fixture(scope="module")
-def chain(tmp_path_factory: pytest.TempPathFactory, smoke_cfg: PipelineConfig, smoke_base: Path) -> Path:
+def chain(tmp_path_factory: pytest.TempPathFactory, smoke_cfg: PipelineConfig, smoke_base: Path,
+          smoke_data: Path) -> Path:
     """prepare -> render (LLM) and train_encoder -> evaluate with the tuned LLM arm and the encoder arm."""
     from pipeline.models import load_causal_lm
 
     root = tmp_path_factory.mktemp("encoder_arm")
-    prepare.run(smoke_cfg.data, smoke_cfg.seed, root / "prepared", root / "stats.json")
-    render.run(smoke_cfg.prompt, root / "prepared", smoke_base, root / "rendered", root / "render.json")
+    for name in ("prepared", "rendered"):  # the shared smoke data, read only
+        (root / name).symlink_to(smoke_data / name)
     tracking = Tracking(f"sqlite:///{root / 'mlflow.db'}", root / "mlartifacts", root)
     train_encoder.run(smoke_cfg, compose(["+experiment=smoke"]), root / "prepared", root / "encoder",
                       root / "curves", tracking)

@@ -9,18 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import evaluate, prepare, render
+from pipeline import evaluate
 from pipeline.config import ConfigError, PipelineConfig
 from pipeline.files import read_json, read_jsonl
 from pipeline.params import compose, dump
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory, smoke_cfg: PipelineConfig, smoke_base: Path) -> Path:
-    root = tmp_path_factory.mktemp("eval_data")
-    prepare.run(smoke_cfg.data, smoke_cfg.seed, root / "prepared", root / "stats.json")
-    render.run(smoke_cfg.prompt, root / "prepared", smoke_base, root / "rendered", root / "render.json")
-    return root
+def data(smoke_data: Path) -> Path:
+    return smoke_data
 
 
 def with_eval(cfg: PipelineConfig, **changes) -> PipelineConfig:

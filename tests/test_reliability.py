@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline import evaluate, prepare, render, train
+from conftest import prepared_workdir
+from pipeline import evaluate, train
 from pipeline.config import from_mapping
 from pipeline.params import compose
 from pipeline.tracking import REDACTED, params_for_logging, redact_tree
@@ -43,14 +44,7 @@ def _assert_one_clear_error(proc: subprocess.CompletedProcess, stage: str, *need
 @pytest.fixture(scope="module")
 def smoke_dir(tmp_path_factory: pytest.TempPathFactory, smoke_base: Path) -> Path:
     """params.yaml, prepared and rendered smoke data next to a link to the smoke model."""
-    root = tmp_path_factory.mktemp("reliability")
-    raw = compose(SMOKE)
-    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    cfg = from_mapping(raw)
-    prepare.run(cfg.data, cfg.seed, root / "prepared", root / "stats.json")
-    render.run(cfg.prompt, root / "prepared", smoke_base, root / "rendered", root / "render.json")
-    (root / "base").symlink_to(smoke_base)
-    return root
+    return prepared_workdir(tmp_path_factory.mktemp("reliability"), compose(SMOKE), smoke_base)
 
 
 def _train_args(base: str, out: str) -> list[str]:

@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline import prepare, render
-from pipeline.config import from_mapping
+from conftest import prepared_workdir
 from pipeline.files import read_json
 from pipeline.params import compose
 
@@ -26,15 +25,9 @@ OVERRIDES = ["+experiment=smoke", "trainer.max_steps=40", "trainer.val_check_int
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory, smoke_base: Path) -> Path:
-    root = tmp_path_factory.mktemp("resume")
-    raw = compose(OVERRIDES)
-    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    root = prepared_workdir(tmp_path_factory.mktemp("resume"), compose(OVERRIDES), smoke_base)
     long = compose([*OVERRIDES, "trainer.max_steps=5000"])  # still training when SIGTERM arrives
     (root / "long.yaml").write_text(yaml.safe_dump(long, sort_keys=False))
-    cfg = from_mapping(raw)
-    prepare.run(cfg.data, cfg.seed, root / "prepared", root / "stats.json")
-    render.run(cfg.prompt, root / "prepared", smoke_base, root / "rendered", root / "render.json")
-    (root / "base").symlink_to(smoke_base)
     return root
 
 
