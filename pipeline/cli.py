@@ -18,12 +18,18 @@ USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPER
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
+    # Imported only when something failed: none of these modules is on the --help path.
     from pipeline.config import ConfigError
     from pipeline.data.schema import DataError
+    from pipeline.encoder import LabelError
+    from pipeline.evaluate import TemplateMismatch
     from pipeline.models import ModelError
+    from pipeline.prepare import SplitError
     from pipeline.prompts import PromptError
+    from pipeline.safety import SafetyListError
 
-    known: list[type[BaseException]] = [ConfigError, DataError, ModelError, PromptError]
+    known: list[type[BaseException]] = [ConfigError, DataError, LabelError, ModelError, PromptError,
+                                        SafetyListError, SplitError, TemplateMismatch]
     try:  # Hydra's "unknown option in a config group" and friends
         from hydra.errors import HydraException
         from omegaconf.errors import OmegaConfBaseException
@@ -40,7 +46,7 @@ def describe(err: BaseException) -> str | None:
         if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
             return f"no space left to write {err.filename or 'an output'} ({err.strerror}); free disk space and re-run"
         return f"cannot write or read {err.filename or 'a path'}: {err.strerror}"
-    if isinstance(err, _known_errors()) or type(err).__name__ in ("TemplateMismatch", "SplitError"):
+    if isinstance(err, _known_errors()):
         return str(err).strip()
     return None
 
