@@ -109,13 +109,12 @@ def run(cfg: config.PipelineConfig, params: dict[str, Any], rendered: Path, base
     from lightning.pytorch.utilities.exceptions import SIGTERMException
     from mlflow.tracking import MlflowClient
 
-    from pipeline import strategies
     from pipeline import tracking as mlf
     from pipeline import encoder
     from pipeline.models import apply_finetune, check_tokenizer, load_causal_lm, load_tokenizer, model_kind
     from pipeline.plots import loss_curve
     from pipeline.training import (CheckpointOnSigterm, InstructionTuner, LossCurve, RenderedData, RngState, collate,
-                                   prepare_for_batching, token_loss)
+                                   prepare_for_batching, token_loss, trainer_settings)
 
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     # Our sampler resumes mid-epoch itself (EpochSampler.skip), which Lightning cannot see.
@@ -158,12 +157,7 @@ def run(cfg: config.PipelineConfig, params: dict[str, Any], rendered: Path, base
         t = cfg.trainer
         curve = LossCurve(curves)
         trainer = L.Trainer(
-            accelerator=t.accelerator, devices=t.devices, precision=t.precision,  # type: ignore[arg-type]
-            max_steps=t.max_steps, max_epochs=t.max_epochs,
-            accumulate_grad_batches=t.accumulate_grad_batches, gradient_clip_val=t.gradient_clip_val,
-            val_check_interval=t.val_check_interval * t.accumulate_grad_batches, check_val_every_n_epoch=None,
-            num_sanity_val_steps=0, log_every_n_steps=t.log_every_n_steps, deterministic=True,
-            strategy=strategies.build(t.strategy), use_distributed_sampler=False,  # EpochSampler shards itself
+            **trainer_settings(t),
             logger=MLFlowLogger(experiment_name=cfg.tracking.experiment, tracking_uri=tracking.uri, run_id=run_id)
             if zero else False,
             # tqdm, not rich: it still draws when DVC pipes the output to a non-terminal.
@@ -173,7 +167,7 @@ def run(cfg: config.PipelineConfig, params: dict[str, Any], rendered: Path, base
                        # one rolling checkpoint, last.ckpt links to it
                        ModelCheckpoint(dirpath=checkpoints, filename="step-{step}", save_last="link",
                                        save_top_k=1, save_on_train_epoch_end=False)],
-            enable_model_summary=False, default_root_dir=checkpoints,
+            default_root_dir=checkpoints,
         )
         data = RenderedData(rendered, t.batch_size, tokenizer.pad_token_id, cfg.seed, t.num_workers,
                             encoder.collate if classifier else collate, t.batching, t.pack_length)

@@ -55,10 +55,9 @@ def run(cfg: config.PipelineConfig, params: dict[str, Any], prepared: Path, out:
     from lightning.pytorch.callbacks import TQDMProgressBar
     from lightning.pytorch.loggers import MLFlowLogger
 
-    from pipeline import strategies
     from pipeline.models import load_tokenizer, materialize
     from pipeline.plots import loss_curve
-    from pipeline.training import InstructionTuner, LossCurve, RenderedData
+    from pipeline.training import InstructionTuner, LossCurve, RenderedData, trainer_settings
 
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # the one place this stage seeds global RNGs
@@ -83,16 +82,12 @@ def run(cfg: config.PipelineConfig, params: dict[str, Any], prepared: Path, out:
             run_id = _open_run(cfg, params, prepared, template, tracking)
         curve = LossCurve(curves)
         trainer = L.Trainer(
-            accelerator=t.accelerator, devices=t.devices, precision=t.precision,  # type: ignore[arg-type]
-            max_steps=t.max_steps, max_epochs=t.max_epochs, accumulate_grad_batches=t.accumulate_grad_batches,
-            gradient_clip_val=t.gradient_clip_val, val_check_interval=t.val_check_interval * t.accumulate_grad_batches,
-            check_val_every_n_epoch=None, num_sanity_val_steps=0, log_every_n_steps=t.log_every_n_steps,
-            deterministic=True, strategy=strategies.build(t.strategy), use_distributed_sampler=False,
+            **trainer_settings(t),
             logger=MLFlowLogger(experiment_name=cfg.tracking.experiment, tracking_uri=tracking.uri, run_id=run_id)
             if tracking is not None else False,
             # No checkpoints: a short run that restarts from scratch (train's resume machinery is for the LLM).
             callbacks=[curve, TQDMProgressBar(refresh_rate=1)], enable_checkpointing=False,
-            enable_model_summary=False, default_root_dir=work,
+            default_root_dir=work,
         )
         data = RenderedData(rendered, t.batch_size, tokenizer.pad_token_id, cfg.seed, t.num_workers,
                             encoder.collate, t.batching, t.pack_length)

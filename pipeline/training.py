@@ -279,6 +279,22 @@ class CheckpointOnSigterm(L.Callback):
             trainer.save_checkpoint(self.path, weights_only=False)
 
 
+def trainer_settings(t: TrainerConfig) -> dict[str, Any]:
+    """``L.Trainer`` keywords every stage takes from a :class:`TrainerConfig` the same way
+    (budget, precision, devices and strategy, validation every ``val_check_interval`` optimizer steps)."""
+    from pipeline import strategies
+
+    return dict(
+        accelerator=t.accelerator, devices=t.devices, precision=t.precision,
+        max_steps=t.max_steps, max_epochs=t.max_epochs,
+        accumulate_grad_batches=t.accumulate_grad_batches, gradient_clip_val=t.gradient_clip_val,
+        val_check_interval=t.val_check_interval * t.accumulate_grad_batches, check_val_every_n_epoch=None,
+        num_sanity_val_steps=0, log_every_n_steps=t.log_every_n_steps, deterministic=True,
+        strategy=strategies.build(t.strategy), use_distributed_sampler=False,  # EpochSampler shards itself
+        enable_model_summary=False,
+    )
+
+
 def prepare_for_batching(model: torch.nn.Module, cfg: TrainerConfig) -> None:
     """Packed rows need the per-document attention; ``trainer.compile`` compiles the decoder.
 
