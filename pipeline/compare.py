@@ -58,8 +58,7 @@ def intervals_by_metric(doc: dict[str, Any]) -> dict[str, tuple[float, float]]:
     for model, tasks in doc.get("intervals", {}).items():
         for task, by_metric in tasks.items():
             for metric, ci in by_metric.items():
-                low, high = (ci["low"], ci["high"]) if isinstance(ci, dict) else ci
-                out[f"eval.{model}.{task}.{metric}"] = (float(low), float(high))
+                out[f"eval.{model}.{task}.{metric}"] = tuple(_ci(ci))  # type: ignore[assignment]
     return out
 
 
@@ -239,17 +238,6 @@ def _mlflow_eval_texts(uri: str, run_id: str) -> list[str]:
     return texts
 
 
-def delta_pair(key: str) -> tuple[str, str] | None:
-    """evaluate's name of a paired difference -> (minuend, subtrahend): ``delta`` is tuned - base,
-    ``delta_A_vs_B`` is A - B; any other key (an arm) -> None."""
-    if key == "delta":
-        return "tuned", "base"
-    if key.startswith("delta_") and "_vs_" in key:
-        a, b = key[len("delta_"):].split("_vs_", 1)
-        return a, b
-    return None
-
-
 def _ci(value: Any) -> list[float] | None:
     if value is None:
         return None
@@ -269,11 +257,12 @@ def arms_table(ev: Evaluation, task: str | None = None) -> dict[str, Any]:
     task_types = ev.intervals.get("task_types")
     if not isinstance(intervals, dict) or not isinstance(task_types, dict):
         raise SystemExit(f"compare: {where}: no 'intervals' and 'task_types' fields (written by an older evaluate?)")
-    arms = [k for k in intervals if delta_pair(k) is None]
-    pairs = {k: delta_pair(k) for k in intervals if delta_pair(k) is not None}
+    from pipeline.scoring import PRIMARY, delta_pair
+
+    pairs = {k: pair for k in intervals if (pair := delta_pair(k)) is not None}
+    arms = [k for k in intervals if k not in pairs]
     if task is not None and task not in task_types:
         raise SystemExit(f"compare: --task {task}: {where} has tasks {', '.join(sorted(task_types))}")
-    from pipeline.scoring import PRIMARY
 
     keys = []
     for t in sorted(task_types) if task is None else [task]:

@@ -246,11 +246,17 @@ def run(prompt_cfg: config.PromptConfig, prepared: Path, base_model: Path, out: 
         write_json(tmp / "template.json", template.to_dict())
         if prompt_cfg.eval_k_shot:
             report["kshot_arm"] = render_kshot_arm(splits, template, prompt_cfg, tokenizer, tmp, encoder)
+    return _finish(report, report_path, lengths, plot_path, prompt_cfg.max_length)
+
+
+def _finish(report: dict[str, Any], report_path: Path, lengths: dict[str, list[int]], plot_path: Path | None,
+            limit: int) -> dict[str, Any]:
+    """Write the report and, when asked, the token-length histogram per split."""
     write_json(report_path, report)
     if plot_path is not None:
         from pipeline.plots import length_histograms
 
-        length_histograms(lengths, "tokens per example", plot_path, limit=prompt_cfg.max_length)
+        length_histograms(lengths, "tokens per example", plot_path, limit=limit)
     return report
 
 
@@ -279,12 +285,7 @@ def run_encoder(prompt_cfg: config.PromptConfig, prepared: Path, base_model: Pat
             lengths[split] = [len(r["input_ids"]) for r in rows]
         write_json(tmp / "template.json", template)
         write_json(tmp / LABELS_FILE, labels)
-    write_json(report_path, report)
-    if plot_path is not None:
-        from pipeline.plots import length_histograms
-
-        length_histograms(lengths, "tokens per example", plot_path, limit=prompt_cfg.max_length)
-    return report
+    return _finish(report, report_path, lengths, plot_path, prompt_cfg.max_length)
 
 
 def render_kshot_arm(splits: dict[str, list[dict[str, Any]]], template: Template, prompt_cfg: config.PromptConfig,

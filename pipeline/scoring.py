@@ -141,6 +141,16 @@ def delta_key(a: str, b: str) -> str:
     return "delta" if (a, b) == ("tuned", "base") else f"delta_{a}_vs_{b}"
 
 
+def delta_pair(key: str) -> tuple[str, str] | None:
+    """The inverse of :func:`delta_key`: ``(minuend, subtrahend)`` of a difference's key, None for an arm."""
+    if key == "delta":
+        return "tuned", "base"
+    if key.startswith("delta_") and "_vs_" in key:
+        a, b = key[len("delta_"):].split("_vs_", 1)
+        return a, b
+    return None
+
+
 def compare_arms(scores: Mapping[str, ModelScores]) -> dict[str, dict[str, Any]]:
     """Paired bootstrap deltas of every pair in :data:`PAIRS` whose two arms were scored.
 
