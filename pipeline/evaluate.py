@@ -202,11 +202,17 @@ def run(cfg: config.PipelineConfig, rendered: Path, prepared: Path, base_model: 
     predictions: dict[str, list[str]] = {}
     outputs: dict[str, dict[str, scoring.TaskOutputs]] = {}
     classifier = model_kind(base_model) == "sequence_classification"
+    base_lm = None  # loaded once for the base and base_kshot arms
     for name in llm_arms:
         if classifier:  # config validation allows only the tuned encoder: its base has no trained head
             predictions[name], nll = classify(tuned, arms[name], tokenizer.pad_token_id, ev.batch_size)  # type: ignore[arg-type]
         else:
-            model = load_finetuned(base_model, tuned) if name == "tuned" else load_causal_lm(base_model)  # type: ignore[arg-type]
+            if name == "tuned":
+                base_lm = None  # one model in memory at a time
+                model = load_finetuned(base_model, tuned)  # type: ignore[arg-type]
+            else:
+                base_lm = base_lm if base_lm is not None else load_causal_lm(base_model)
+                model = base_lm
             predictions[name] = generate(model, tokenizer, [_prompt_ids(r) for r in arms[name]], budgets,
                                          ev.batch_size, ev.stop_strings, desc=f"evaluate {name}",
                                          decode_batch_size=ev.decode_batch_size)
