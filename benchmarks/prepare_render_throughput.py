@@ -1,12 +1,13 @@
 """Throughput of prepare + render on the embedded default scaled up (100k examples by default).
 
-Runs the real stage functions in-process (files written included): prepare with
-near-duplicate detection off and on, then render with the real tokenizer. Prints
-examples/s against the 20k/s goal, where render's time goes (loading the tokenizer in a
-fresh process, reading, templates, tokenization, the rest: masks, rows, JSON), and its
-tokenization against the baselines measured in this same process on the same texts: the
-tokenizer's own batched ``__call__`` and ``render.encode`` (whole texts, each distinct
-text once); ``render.PieceEncoder`` is what render uses.
+Runs the real stage functions in-process (files written included), as the DVC stages
+run them: prepare with the default safety rules and near-duplicate detection off and
+on, then render with the real tokenizer (in ``render.workers()`` processes). Prints
+examples/s against the 20k/s goal; then, redone in one process for reference, render's
+parts (loading the tokenizer in a fresh process, reading, templates, tokenization) and
+its tokenization against the baselines measured in this same process on the same
+texts: the tokenizer's own batched ``__call__`` and ``render.encode`` (whole texts, each
+distinct text once); ``render.PieceEncoder`` is what render uses.
 
     python benchmarks/prepare_render_throughput.py                  # 100k examples
     python benchmarks/prepare_render_throughput.py --smoke --base-model DIR   # seconds
@@ -26,7 +27,7 @@ from typing import Any, Sequence
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere, against this checkout
 
-from pipeline import prepare, render  # noqa: E402
+from pipeline import prepare, render, safety  # noqa: E402
 from pipeline.config import from_mapping  # noqa: E402
 from pipeline.files import read_jsonl  # noqa: E402
 from pipeline.models import load_tokenizer  # noqa: E402
@@ -48,8 +49,9 @@ def measure(n_per_task: int, base_model: Path, work: Path) -> dict[str, float]:
     n = 4 * n_per_task
     off = dataclasses.replace(cfg.data, dedup=dataclasses.replace(cfg.data.dedup, near="off"))
     on = dataclasses.replace(cfg.data, dedup=dataclasses.replace(cfg.data.dedup, near="report"))
-    t_prep_off, _ = timed(prepare.run, off, cfg.seed, work / "prep_off", work / "stats_off.json")
-    t_prep_on, _ = timed(prepare.run, on, cfg.seed, work / "prep_on", work / "stats_on.json")
+    rules = safety.from_config(cfg.safety, [REPO])  # the default lists, as the prepare stage reads them
+    t_prep_off, _ = timed(prepare.run, off, cfg.seed, work / "prep_off", work / "stats_off.json", None, rules)
+    t_prep_on, _ = timed(prepare.run, on, cfg.seed, work / "prep_on", work / "stats_on.json", None, rules)
     t_render, report = timed(render.run, cfg.prompt, work / "prep_off", base_model, work / "rendered",
                              work / "render.json")
     rendered = sum(r["rows"] for r in report["splits"].values())
@@ -80,7 +82,8 @@ def measure(n_per_task: int, base_model: Path, work: Path) -> dict[str, float]:
 def load_seconds(base_model: Path) -> float:
     """Seconds a fresh interpreter takes to load the tokenizer the way render does (imports included)."""
     code = ("import sys, time; t = time.perf_counter(); sys.path.insert(0, sys.argv[1]); "
-            "from pipeline.models import load_tokenizer; load_tokenizer(sys.argv[2]); print(time.perf_counter() - t)")
+            "from pipeline.models import load_fast_tokenizer; load_fast_tokenizer(sys.argv[2]); "
+            "print(time.perf_counter() - t)")
     out = subprocess.run([sys.executable, "-c", code, str(REPO), str(base_model)], capture_output=True, text=True,
                          check=True)
     return float(out.stdout.strip().splitlines()[-1])
@@ -108,11 +111,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"examples: {n} ({m['rendered']} rendered)")
     print(f"prepare, near-dup off: {m['prepare_off_s']:.2f}s  ({n / m['prepare_off_s']:,.0f} ex/s)")
     print(f"prepare, near-dup on:  {m['prepare_on_s']:.2f}s  ({n / m['prepare_on_s']:,.0f} ex/s)")
-    print(f"render:                {m['render_s']:.2f}s  ({n / m['render_s']:,.0f} ex/s)")
+    print(f"render ({render.workers()} processes): {m['render_s']:.2f}s  ({n / m['render_s']:,.0f} ex/s)")
     print(f"prepare + render, near-dup off: {off:,.0f} ex/s  ({off / GOAL:.2f}x the {GOAL:,} ex/s goal)")
     print(f"prepare + render, near-dup on:  {on:,.0f} ex/s  ({on / GOAL:.2f}x the goal)")
-    print("render's parts, redone: " + "; ".join(f"{k} {v:.2f}s" for k, v in parts.items())
-          + f"; the rest (masks, rows, JSON, files) ~{m['render_s'] - sum(parts.values()):.2f}s")
+    print("render's parts, redone in one process: " + "; ".join(f"{k} {v:.2f}s" for k, v in parts.items()))
     texts = m["texts"]
     print(f"tokenization of {texts} texts: render.PieceEncoder {texts / m['tokenize_pieces_s']:,.0f} texts/s, "
           f"render.encode (whole texts) {texts / m['tokenize_whole_s']:,.0f}/s, "

@@ -10,13 +10,22 @@ entry point. DVC re-runs this stage only when the prepared data, the tokenizer, 
 code or the ``prompt`` params change: that is the render cache. An encoder base
 (``model_info.json`` kind ``sequence_classification``) gets text + label-id rows of the
 classification tasks and ``labels.json`` instead (:mod:`pipeline.encoder`).
+
+Rows are rendered in chunks by one forked process per CPU (:func:`render_jobs`); the
+files are the same bytes as one process writes. The tokenizer is loaded with
+``tokenizers`` alone when its files are what the base_model stage recorded
+(:func:`pipeline.models.load_fast_tokenizer`): importing transformers would cost more
+than rendering a small dataset.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import multiprocessing
+import os
 import re
 import sys
 from itertools import chain
@@ -27,8 +36,8 @@ from tqdm import tqdm
 
 from pipeline import config
 from pipeline.encoder import LABELS_FILE, LabelError, label_map, render_rows, template_info
-from pipeline.files import atomic_dir, read_jsonl, write_json, write_jsonl, write_text_atomic
-from pipeline.models import IGNORE_INDEX, load_tokenizer, model_kind
+from pipeline.files import atomic_dir, read_jsonl, write_json, write_jsonl
+from pipeline.models import IGNORE_INDEX, load_fast_tokenizer, load_tokenizer, model_kind
 from pipeline.prompts import PromptError, Template, make_template, read_template_file, segments
 from pipeline.shots import ShotPool
 
@@ -50,6 +59,15 @@ def tokenize_split(examples: list[dict[str, Any]], template: Template, tokenizer
     and lose tokens from the start (``truncate``) or are removed (``drop``); both are counted.
     ``encoder`` (a :class:`PieceEncoder`, shared across splits) gives the ids; by default a new one.
     """
+    rows, truncated, dropped = _rows(examples, template, tokenizer, max_length, overflow, last_only, pool, encoder)
+    return rows, {**_report([len(r["input_ids"]) for r in rows], _loss_tokens(rows), truncated, dropped),
+                  "dropped_rows": dropped}
+
+
+def _rows(examples: list[dict[str, Any]], template: Template, tokenizer: Any, max_length: int, overflow: str,
+          last_only: bool, pool: ShotPool | None, encoder: Callable[[list[str], bool], list[list[int]]] | None,
+          ) -> tuple[list[dict[str, Any]], list[str], list[dict[str, Any]]]:
+    """:func:`tokenize_split`'s rows, and the ids it truncated and the rows it dropped (with reasons)."""
     pieces = [segments(ex, template, pool.draw(ex, template.k_shot, template.shot_seed) if pool else ())
               for ex in examples]
     last_only = last_only or template.train_on == "last_assistant"
@@ -79,7 +97,96 @@ def tokenize_split(examples: list[dict[str, Any]], template: Template, tokenizer
             "prompt": "".join(t for t, _ in parts[:-1]), "completion": parts[-1][0],
             "input_ids": ids, "labels": labels,
         })
-    return rows, {**_report(rows, truncated, dropped), "dropped_rows": dropped}
+    return rows, truncated, dropped
+
+
+def _loss_tokens(rows: list[dict[str, Any]]) -> int:
+    return sum(len(r["labels"]) - r["labels"].count(IGNORE_INDEX) for r in rows)
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One output file of render: a split (or the k-shot arm) and how to render it."""
+
+    name: str  # the file is <name>.jsonl
+    examples: list[dict[str, Any]]
+    template: Template
+    max_length: int
+    last_only: bool
+
+
+# What the worker processes render, set before they fork (they inherit it, nothing is pickled).
+_WORK: tuple[list[Job], Any, str, ShotPool | None] | None = None
+_ENCODER: PieceEncoder | None = None  # one piece cache per process, across chunks and files
+CHUNK = 4096  # rows per task handed to a worker
+MIN_PARALLEL = 2 * CHUNK  # fewer rows than this render in-process: forking costs more than it saves
+
+
+def _render_chunk(task: tuple[int, int, int]) -> tuple[bytes, list[int], int, list[str], list[dict[str, Any]]]:
+    """Rows ``start:stop`` of job ``j`` as JSONL bytes, with their lengths, loss tokens, truncations and drops."""
+    global _ENCODER
+    assert _WORK is not None
+    jobs, tokenizer, overflow, pool = _WORK
+    if _ENCODER is None:
+        _ENCODER = PieceEncoder(tokenizer)
+    j, start, stop = task
+    job = jobs[j]
+    rows, truncated, dropped = _rows(job.examples[start:stop], job.template, tokenizer, job.max_length, overflow,
+                                     job.last_only, pool if job.template.k_shot else None, _ENCODER)
+    return _lines(rows).encode(), [len(r["input_ids"]) for r in rows], _loss_tokens(rows), truncated, dropped
+
+
+def _worker_init() -> None:
+    # One process per CPU already: the tokenizer's own thread pool would only contend with the others.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+
+def workers() -> int:
+    """Processes render uses: the CPUs this process may run on (at most 8)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cpus, 8))
+
+
+def render_jobs(jobs: list[Job], tokenizer: Any, overflow: str, pool: ShotPool | None, out: Path,
+                n_workers: int | None = None) -> dict[str, tuple[dict[str, Any], list[int]]]:
+    """Write each job's ``<name>.jsonl`` into ``out`` (a directory being built, see
+    :func:`~pipeline.files.atomic_dir`); return its report and row lengths by name.
+
+    Rows are rendered in chunks by ``n_workers`` forked processes (default :func:`workers`)
+    when there are enough of them and the platform forks; the chunks come back in order,
+    so the files are the same bytes whatever the number of workers. Each process keeps
+    its own piece cache (:class:`PieceEncoder`).
+    """
+    global _WORK, _ENCODER
+    tasks = [(j, start, min(start + CHUNK, len(job.examples)))
+             for j, job in enumerate(jobs) for start in range(0, len(job.examples), CHUNK)]
+    total = sum(len(job.examples) for job in jobs)
+    n_workers = workers() if n_workers is None else n_workers
+    parallel = n_workers > 1 and total >= MIN_PARALLEL and "fork" in multiprocessing.get_all_start_methods()
+    chunks: list[list[tuple[list[int], int, list[str], list[dict[str, Any]]]]] = [[] for _ in jobs]
+    _WORK, _ENCODER = (jobs, tokenizer, overflow, pool), None
+    try:
+        with contextlib.ExitStack() as stack:
+            if parallel:
+                procs = multiprocessing.get_context("fork").Pool(min(n_workers, len(tasks)), _worker_init)
+                results = stack.enter_context(procs).imap(_render_chunk, tasks)
+            else:
+                results = map(_render_chunk, tasks)
+            files = [stack.enter_context(open(out / f"{job.name}.jsonl", "wb")) for job in jobs]
+            bar = stack.enter_context(tqdm(total=total, desc="render", unit="row", disable=None))
+            for (j, start, stop), (text, *rest) in zip(tasks, results):  # in order: written as they come
+                files[j].write(text)
+                chunks[j].append(rest)
+                bar.update(stop - start)
+    finally:
+        _WORK, _ENCODER = None, None
+    done = {}
+    for job, parts in zip(jobs, chunks):
+        lengths = [n for c in parts for n in c[0]]
+        dropped = [d for c in parts for d in c[3]]
+        report = _report(lengths, sum(c[1] for c in parts), [i for c in parts for i in c[2]], dropped)
+        done[job.name] = ({**report, "dropped_rows": dropped}, lengths)
+    return done
 
 
 def encode(tokenizer: Any, texts: list[str], special: bool) -> list[list[int]]:
@@ -182,8 +289,8 @@ def _piece_splitter(tokenizer: Any) -> Callable[[str], list[str]] | None:
 ID_LISTS = ("input_ids", "labels")  # the last keys of a row: most of its bytes
 
 
-def write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
-    """``write_jsonl(path, rows)``, byte for byte, with the id lists encoded by orjson when it is installed.
+def _lines(rows: list[dict[str, Any]]) -> str:
+    """The JSONL text ``write_jsonl`` writes for ``rows``, with the id lists encoded by orjson when installed.
 
     orjson (a dependency of DVC's) writes ``[1,2]`` where ``json`` writes ``[1, 2]``; a
     list of ints has no other comma, so adding the space back is exact.
@@ -191,25 +298,28 @@ def write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
     try:
         import orjson
     except ImportError:
-        return write_jsonl(path, rows)
-    encode, dumps = json.JSONEncoder(ensure_ascii=False).encode, orjson.dumps
+        return "".join(_JSON(row) + "\n" for row in rows)
+    dumps = orjson.dumps
 
     def line(row: dict[str, Any]) -> str:
         if tuple(row)[-2:] != ID_LISTS:
-            return encode(row) + "\n"
-        head = encode({k: v for k, v in row.items() if k not in ID_LISTS})
+            return _JSON(row) + "\n"
+        head = _JSON({k: v for k, v in row.items() if k not in ID_LISTS})
         lists = ", ".join(f'"{k}": ' + dumps(row[k]).decode().replace(",", ", ") for k in ID_LISTS)
         return f"{head[:-1]}, {lists}}}\n" if len(head) > 2 else f"{{{lists}}}\n"
 
-    write_text_atomic(path, "".join(map(line, rows)))
+    return "".join(map(line, rows))
 
 
-def _report(rows: list[dict[str, Any]], truncated: list[str], dropped: list[dict[str, Any]]) -> dict[str, Any]:
-    total = sum(len(r["input_ids"]) for r in rows)
-    loss_tokens = sum(len(r["labels"]) - r["labels"].count(IGNORE_INDEX) for r in rows)
-    lengths = sorted(len(r["input_ids"]) for r in rows)
+_JSON = json.JSONEncoder(ensure_ascii=False).encode  # what write_jsonl uses per row
+
+
+def _report(lengths: list[int], loss_tokens: int, truncated: list[str], dropped: list[dict[str, Any]]
+            ) -> dict[str, Any]:
+    total = sum(lengths)
+    lengths = sorted(lengths)
     return {
-        "rows": len(rows),
+        "rows": len(lengths),
         "tokens": total,
         "loss_token_fraction": loss_tokens / total if total else 0.0,
         "max_length_seen": lengths[-1] if lengths else 0,
@@ -228,25 +338,27 @@ def run(prompt_cfg: config.PromptConfig, prepared: Path, base_model: Path, out: 
     """
     if model_kind(base_model) == "sequence_classification":
         return run_encoder(prompt_cfg, prepared, base_model, out, report_path, plot_path)
-    tokenizer = load_tokenizer(base_model)
+    tokenizer = load_fast_tokenizer(base_model)
     template = make_template(prompt_cfg, tokenizer.chat_template, tokenizer.bos_token, tokenizer.eos_token)
     report: dict[str, Any] = {"template": template.name, "template_hash": template.hash(), "splits": {}}
     splits = {split: read_jsonl(prepared / f"{split}.jsonl") for split in SPLITS}
-    pool = ShotPool(splits["train"]) if template.k_shot else None
-    lengths = {}
-    encoder = PieceEncoder(tokenizer)  # one piece cache for every split and the k-shot arm
+    pool = ShotPool(splits["train"]) if template.k_shot or prompt_cfg.eval_k_shot else None
+    # The test split's labels are its last answer only: the answer evaluation generates and scores.
+    jobs = [Job(split, examples, template, prompt_cfg.max_length, split == "test")
+            for split, examples in splits.items()]
+    kshot = dataclasses.replace(template, k_shot=prompt_cfg.eval_k_shot)
+    if prompt_cfg.eval_k_shot:
+        jobs.append(kshot_job(splits["test"], kshot, prompt_cfg))
     with atomic_dir(out) as tmp:
-        for split, examples in tqdm(splits.items(), desc="render", unit="split", disable=None):
-            rows, split_report = tokenize_split(examples, template, tokenizer, prompt_cfg.max_length,
-                                                prompt_cfg.overflow, last_only=split == "test", pool=pool,
-                                                encoder=encoder)
-            write_rows(tmp / f"{split}.jsonl", rows)
-            report["splits"][split] = split_report
-            lengths[split] = [len(r["input_ids"]) for r in rows]
+        done = render_jobs(jobs, tokenizer, prompt_cfg.overflow, pool, tmp)
         write_json(tmp / "template.json", template.to_dict())
         if prompt_cfg.eval_k_shot:
-            report["kshot_arm"] = render_kshot_arm(splits, template, prompt_cfg, tokenizer, tmp, encoder)
-    return _finish(report, report_path, lengths, plot_path, prompt_cfg.max_length)
+            write_json(tmp / "template_kshot.json", kshot.to_dict())
+    report["splits"] = {split: done[split][0] for split in SPLITS}
+    if prompt_cfg.eval_k_shot:
+        report["kshot_arm"] = done[KSHOT][0]
+    return _finish(report, report_path, {split: done[split][1] for split in SPLITS}, plot_path,
+                   prompt_cfg.max_length)
 
 
 def _finish(report: dict[str, Any], report_path: Path, lengths: dict[str, list[int]], plot_path: Path | None,
@@ -288,22 +400,18 @@ def run_encoder(prompt_cfg: config.PromptConfig, prepared: Path, base_model: Pat
     return _finish(report, report_path, lengths, plot_path, prompt_cfg.max_length)
 
 
-def render_kshot_arm(splits: dict[str, list[dict[str, Any]]], template: Template, prompt_cfg: config.PromptConfig,
-                     tokenizer: Any, out: Path, encoder: PieceEncoder | None = None) -> dict[str, Any]:
+KSHOT = "test_kshot"  # the k-shot arm's file: test_kshot.jsonl, with its own template_kshot.json
+
+
+def kshot_job(test: list[dict[str, Any]], kshot: Template, prompt_cfg: config.PromptConfig) -> Job:
     """The test split with ``eval_k_shot`` train exemplars before each prompt: the base model's k-shot arm.
 
-    Written to ``test_kshot.jsonl`` with its own ``template_kshot.json``; ``template.json``
-    stays the training template, so evaluate's template guard still checks the tuned model.
-    The length limit is ``max_length`` per shown example (k exemplars + the question): cutting
-    exemplars to the training limit would truncate the very context this arm is about.
+    ``template.json`` stays the training template, so evaluate's template guard still
+    checks the tuned model. The length limit is ``max_length`` per shown example (k
+    exemplars + the question): cutting exemplars to the training limit would truncate the
+    very context this arm is about.
     """
-    kshot = dataclasses.replace(template, k_shot=prompt_cfg.eval_k_shot)
-    limit = prompt_cfg.max_length * (prompt_cfg.eval_k_shot + 1)
-    rows, report = tokenize_split(splits["test"], kshot, tokenizer, limit, prompt_cfg.overflow,
-                                  last_only=True, pool=ShotPool(splits["train"]), encoder=encoder)
-    write_rows(out / "test_kshot.jsonl", rows)
-    write_json(out / "template_kshot.json", kshot.to_dict())
-    return report
+    return Job(KSHOT, test, kshot, prompt_cfg.max_length * (prompt_cfg.eval_k_shot + 1), True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

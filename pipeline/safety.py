@@ -31,14 +31,21 @@ class Rules:
     def __post_init__(self) -> None:
         # Lookarounds rather than \b so a keyword that starts or ends with punctuation still
         # matches only as a whole word; whitespace inside a phrase matches any whitespace.
+        # Each keyword rule carries the words an ASCII text must contain (lower-cased) for
+        # it to match: a cheap exact test that skips the regex on most texts.
         compiled = [(f"keyword:{k}", re.compile(r"(?<!\w)" + r"\s+".join(map(re.escape, k.split())) + r"(?!\w)",
-                                                re.IGNORECASE)) for k in self.keywords]
-        compiled += [(f"regex:{p}", re.compile(p, re.IGNORECASE)) for p in self.patterns]
+                                                re.IGNORECASE), tuple(k.lower().split()) if k.isascii() else ())
+                    for k in self.keywords]
+        compiled += [(f"regex:{p}", re.compile(p, re.IGNORECASE), ()) for p in self.patterns]
         object.__setattr__(self, "_compiled", compiled)
 
     def check(self, text: str) -> list[str]:
         """Every rule ``text`` hits, in list order (keywords, regexes, then the classifier)."""
-        hits = [name for name, rx in self._compiled if rx.search(text)]  # type: ignore[attr-defined]
+        # For ASCII text and an ASCII keyword, IGNORECASE matching is matching the lower-cased
+        # text, so a keyword word missing from it means no match; other texts run every regex.
+        lower = text.lower() if text.isascii() else None
+        hits = [name for name, rx, words in self._compiled  # type: ignore[attr-defined]
+                if (lower is None or all(w in lower for w in words)) and rx.search(text)]
         if self.classifier is not None:
             reason = self.classifier(text)
             if reason:

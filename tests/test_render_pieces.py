@@ -9,6 +9,7 @@ k-shot draw against the filter-every-row definition.
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
 from pathlib import Path
 
@@ -147,12 +148,63 @@ def test_k_shot_draw_equals_filtering_every_row(prepared) -> None:
             assert all(r["id"] != ex["id"] for r in pool.draw(ex, k, seed))
 
 
-def test_write_rows_writes_what_write_jsonl_writes(tmp_path: Path) -> None:
+def test_rows_are_written_as_write_jsonl_writes_them(tmp_path: Path) -> None:
     rows = [{"id": "a\"1", "prompt": "naïve \\ \n 日本 🙂 \u2028", "completion": "x", "input_ids": [1, 2, 30000],
              "labels": [-100, -100, 30000]},
             {"id": "b", "input_ids": [], "labels": []},
             {"input_ids": [5], "labels": [-100]},
             {"labels": [1, 2], "input_ids": [3, 4], "id": "keys in another order"}]
-    render.write_rows(tmp_path / "fast.jsonl", rows)
     write_jsonl(tmp_path / "plain.jsonl", rows)
-    assert (tmp_path / "fast.jsonl").read_bytes() == (tmp_path / "plain.jsonl").read_bytes()
+    assert render._lines(rows).encode() == (tmp_path / "plain.jsonl").read_bytes()
+
+
+def test_render_in_worker_processes_writes_the_same_bytes_as_one_process(smoke_base, smoke_cfg, prepared, tmp_path,
+                                                                       monkeypatch) -> None:
+    """Forked workers render chunks of rows; the files, report and lengths are those of one process."""
+    prep = tmp_path / "prepared"
+    for split, rows in prepared.items():
+        write_jsonl(prep / f"{split}.jsonl", rows)
+    cfg = dataclasses.replace(smoke_cfg.prompt, eval_k_shot=2)
+    monkeypatch.setattr(render, "CHUNK", 37)  # many chunks, the last of each file a short one
+    monkeypatch.setattr(render, "MIN_PARALLEL", 0)
+    reports = {}
+    for n in (1, 3):
+        monkeypatch.setattr(render, "workers", lambda n=n: n)
+        reports[n] = render.run(cfg, prep, smoke_base, tmp_path / f"out{n}", tmp_path / f"report{n}.json")
+    assert reports[1] == reports[3] and reports[1]["kshot_arm"]["rows"] == len(prepared["test"])
+    for name in ("train", "val", "test", "test_kshot", "template", "template_kshot"):
+        suffix = "json" if name.startswith("template") else "jsonl"
+        one, three = (tmp_path / out / f"{name}.{suffix}" for out in ("out1", "out3"))
+        assert one.read_bytes() == three.read_bytes()
+
+
+def test_fast_tokenizer_is_what_transformers_loads_or_is_not_used(smoke_base: Path, tmp_path: Path) -> None:
+    """render loads the tokenizer with `tokenizers` alone only when its files hash to what the
+    base_model stage recorded from transformers; a changed file or an older checkpoint gets transformers."""
+    from pipeline.models import FastTokenizer, load_fast_tokenizer
+
+    reference = load_tokenizer(smoke_base)
+    fast = load_fast_tokenizer(smoke_base)
+    assert isinstance(fast, FastTokenizer)
+    assert (fast.chat_template, fast.bos_token, fast.eos_token) == (reference.chat_template, reference.bos_token,
+                                                                   reference.eos_token)
+    texts = ["<|im_start|>user\nHello  there\n\n日本<|im_end|>", "x" * 50, ""]
+    assert [e.ids for e in fast.backend_tokenizer.encode_batch(texts)] == reference(texts)["input_ids"]
+
+    import shutil
+
+    changed = tmp_path / "changed"
+    shutil.copytree(smoke_base, changed)
+    spec = (changed / "tokenizer.json").read_text()
+    (changed / "tokenizer.json").write_text(spec.replace('"<|im_end|>"', '"<|im_stop|>"', 1))
+    assert not isinstance(load_fast_tokenizer(changed), FastTokenizer)
+    (changed / "tokenizer.json").write_text(spec)
+    assert isinstance(load_fast_tokenizer(changed), FastTokenizer)
+    (changed / "chat_template.jinja").write_text("{{ messages }}")
+    assert not isinstance(load_fast_tokenizer(changed), FastTokenizer)
+    older = tmp_path / "older"  # a checkpoint materialized before the record existed
+    shutil.copytree(smoke_base, older)
+    info = json.loads((older / "model_info.json").read_text())
+    del info["tokenizer"]
+    (older / "model_info.json").write_text(json.dumps(info))
+    assert not isinstance(load_fast_tokenizer(older), FastTokenizer)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pipeline import config, prepare, safety, scoring, slices
 from pipeline.data.schema import Example
@@ -27,6 +29,16 @@ def test_keywords_match_whole_words_in_any_case_and_regexes_may_ask_for_more(tmp
     assert r.check("malwares and the malwarebytes scanner") == []
     assert r.check("a Pipe   Bomb, they said") == ["keyword:pipe bomb"]
     assert r.check("the pipe bombed") == []
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(["Malware", "mal", "ware", "pipe", "BOMB", "pipe\tbomb", "ſ", "K", "é", "x-ray",
+                                 " ", "\n", ".", "malwaRe!", "ma\u200blware"]), max_size=12).map("".join))
+def test_keyword_prefilter_never_changes_what_the_rules_find(text: str) -> None:
+    """The lower-cased word test that skips regexes on ASCII text gives exactly the regexes' answer."""
+    r = safety.Rules(("malware", "pipe bomb", "x-ray", "straße"), (r"\bk\w+",))
+    naive = [name for name, rx, _ in r._compiled if rx.search(text)]
+    assert r.check(text) == naive
 
 
 def test_classifier_hook_from_a_target_adds_its_reason(tmp_path: Path) -> None:
