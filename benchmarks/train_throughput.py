@@ -114,13 +114,16 @@ def run_ours(mode: str, args, rendered: Path) -> Meter:  # type: ignore[no-untyp
     from pipeline.training import InstructionTuner, RenderedData, prepare_for_batching
 
     model = _model(args.model, args.method)
-    cfg = TrainerConfig(accelerator=args.accelerator, devices=1, precision=args.precision, batch_size=args.batch_size,
-                        accumulate_grad_batches=1, max_steps=args.warmup + args.steps, max_epochs=1000, lr=1e-4,
+    # --micro-batches N: the same tokens per optimizer step in N micro-batches (gradient accumulation).
+    n = args.micro_batches
+    cfg = TrainerConfig(accelerator=args.accelerator, devices=1, precision=args.precision,
+                        batch_size=max(1, args.batch_size // n), accumulate_grad_batches=n,
+                        max_steps=args.warmup + args.steps, max_epochs=1000, lr=1e-4,
                         weight_decay=0.0, warmup_ratio=0.0, gradient_clip_val=None, val_check_interval=1000,
-                        log_every_n_steps=1000, num_workers=0, batching=mode, pack_length=args.pack_length,
-                        compile=args.compile)
+                        log_every_n_steps=1000, num_workers=0, batching=mode,
+                        pack_length=max(1, args.pack_length // n), compile=args.compile)
     prepare_for_batching(model, cfg)
-    meter = Meter(args.warmup)
+    meter = Meter(args.warmup * n)
 
     class Count(L.Callback):
         def on_train_batch_start(self, trainer, module, batch, idx):  # type: ignore[no-untyped-def]
@@ -211,6 +214,7 @@ def in_child(args, case: str, method: str) -> dict | None:  # type: ignore[no-un
     cmd = [sys.executable, __file__, "--case", case, "--method", method, "--model", args.model,
            "--rendered", str(args.rendered), "--batch-size", str(args.batch_size), "--warmup", str(args.warmup),
            "--steps", str(args.steps), "--pack-length", str(args.pack_length),
+           "--micro-batches", str(args.micro_batches),
            "--accelerator", args.accelerator, "--precision", args.precision] + (["--compile"] if args.compile else [])
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
@@ -281,6 +285,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--rounds", type=int, default=1, help="interleaved rounds of all cases (medians, per-round ratios)")
     p.add_argument("--compile", action="store_true", help="trainer.compile for our cases")
+    p.add_argument("--micro-batches", type=int, default=1,
+                   help="our cases: each optimizer step's rows (or packed tokens) in this many micro-batches, "
+                        "gradients accumulated: the same tokens per step, less activation memory")
     p.add_argument("--accelerator", default="cpu", help="our cases only (benchmarks/gpu_check.sh: gpu)")
     p.add_argument("--precision", default="32-true", help="our cases only (gpu_check.sh: bf16-mixed)")
     p.add_argument("--peak-flops", type=float, help="matmul peak in FLOP/s measured elsewhere (GPU bf16)")
@@ -303,7 +310,9 @@ def main(argv: list[str] | None = None) -> int:
         pack_length = args.pack_length = max(max(lengths), round(args.batch_size * sum(lengths) / len(lengths)))
         peak = args.peak_flops / 1e9 if args.peak_flops else matmul_peak()
         print(f"{len(lengths)} rows, mean length {sum(lengths) / len(lengths):.0f}, batch {args.batch_size} rows "
-              f"or one packed row of {pack_length} tokens; {'given' if args.peak_flops else 'fp32'} matmul peak {peak:.1f} GFLOP/s")
+              f"or one packed row of {pack_length} tokens"
+              + (f" (ours: in {args.micro_batches} micro-batches)" if args.micro_batches > 1 else "")
+              + f"; {'given' if args.peak_flops else 'fp32'} matmul peak {peak:.1f} GFLOP/s")
         mcfg = AutoConfig.from_pretrained(args.model)
         for method in args.methods.split(","):
             model = _model(args.model, method)

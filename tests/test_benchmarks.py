@@ -39,6 +39,16 @@ def test_prepare_render_throughput_smoke(smoke_base: Path, capsys) -> None:
     assert re.search(r"render's parts, redone in one process: tokenizer load \(fresh process\) [\d.]+s; .*tokenization [\d.]+s", out)
 
 
+def test_train_throughput_smoke_in_micro_batches(smoke_base: Path, capsys) -> None:
+    """--micro-batches 2: our packed case accumulates two half-size packed rows per optimizer step."""
+    bench = load("train_throughput")
+    assert bench.main(["--smoke", "--model", str(smoke_base), "--cases", "ours_packed", "--micro-batches", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "(ours: in 2 micro-batches)" in out
+    tok_s = re.search(r"^lora ours_packed +round 1: loss-bearing +([\d.]+) tok/s", out, flags=re.M)
+    assert tok_s and float(tok_s.group(1)) > 0
+
+
 def test_train_throughput_smoke(smoke_base: Path, capsys) -> None:
     pytest.importorskip("trl", reason="TRL is the `bench` extra")
     bench = load("train_throughput")

@@ -119,3 +119,11 @@ def test_trainer_updates_every_trainable_and_no_frozen_parameter(tmp_path: Path,
     changed_frozen = sorted(n for n in before if n not in trainable and not torch.equal(before[n], after[n]))
     assert unchanged == []
     assert changed_frozen == []
+
+
+def test_adamw_is_fused_except_where_lightning_forbids_clipping_it(smoke_cfg) -> None:
+    """The fused AdamW kernel (one pass per parameter) where it may run; Lightning's mixed-precision
+    plugin refuses to clip gradients of a fused optimizer, so mixed precision keeps the default."""
+    for precision, fused in (("32-true", True), ("bf16-true", True), ("bf16-mixed", None), ("16-mixed", None)):
+        tuner = InstructionTuner(torch.nn.Linear(4, 4), dataclasses.replace(smoke_cfg.trainer, precision=precision))
+        assert tuner.configure_optimizers()["optimizer"].defaults["fused"] is fused, precision
