@@ -2,7 +2,7 @@
 
 Runs the real stage functions in-process (files written included), as the DVC stages
 run them: prepare with the default safety rules and near-duplicate detection off and
-on, then render with the real tokenizer (in ``render.workers()`` processes). Prints
+on, then render with the real tokenizer (in ``pipeline.parallel.workers()`` processes). Prints
 examples/s against the 20k/s goal; then, redone in one process for reference, render's
 parts (loading the tokenizer in a fresh process, reading, templates, tokenization) and
 its tokenization against the baselines measured in this same process on the same
@@ -27,7 +27,7 @@ from typing import Any, Sequence
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere, against this checkout
 
-from pipeline import prepare, render, safety  # noqa: E402
+from pipeline import parallel, prepare, render, safety  # noqa: E402
 from pipeline.config import from_mapping  # noqa: E402
 from pipeline.files import read_jsonl  # noqa: E402
 from pipeline.models import load_tokenizer  # noqa: E402
@@ -111,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"examples: {n} ({m['rendered']} rendered)")
     print(f"prepare, near-dup off: {m['prepare_off_s']:.2f}s  ({n / m['prepare_off_s']:,.0f} ex/s)")
     print(f"prepare, near-dup on:  {m['prepare_on_s']:.2f}s  ({n / m['prepare_on_s']:,.0f} ex/s)")
-    print(f"render ({render.workers()} processes): {m['render_s']:.2f}s  ({n / m['render_s']:,.0f} ex/s)")
+    print(f"render ({parallel.workers()} processes): {m['render_s']:.2f}s  ({n / m['render_s']:,.0f} ex/s)")
     print(f"prepare + render, near-dup off: {off:,.0f} ex/s  ({off / GOAL:.2f}x the {GOAL:,} ex/s goal)")
     print(f"prepare + render, near-dup on:  {on:,.0f} ex/s  ({on / GOAL:.2f}x the goal)")
     print("render's parts, redone in one process: " + "; ".join(f"{k} {v:.2f}s" for k, v in parts.items()))

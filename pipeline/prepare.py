@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from pipeline import config, safety
+from pipeline import config, parallel, safety
 from pipeline.data import dedup, mixture
 from pipeline.data.schema import DataError, Example, Problem, ProblemCollector
 from pipeline.files import atomic_dir, write_json, write_jsonl
@@ -142,18 +142,26 @@ def safety_filter(rows: list[Example], rules: Any) -> tuple[list[Example], list[
     """Split off the examples any safety rule hits, as quarantine records naming the rules.
 
     Every turn of a conversation is checked, prompt and answer alike: a harmful answer
-    is what fine-tuning would teach.
+    is what fine-tuning would teach. Large inputs are checked in forked workers, unless a
+    classifier hook is set (a model may hold threads or a GPU context that must not fork).
     """
+    tasks = parallel.chunks(len(rows))
+    forked = len(rows) >= parallel.MIN_ROWS and rules.classifier is None
+    hits = [h for part in parallel.fork_map(_safety_hits, (rows, rules), tasks, parallel=forked) for h in part]
     kept, quarantined = [], []
-    for e in rows:
-        hits = rules.check(dedup.full_text(e) if e.messages is None
-                           else "\n".join(m["content"] for m in e.messages))
-        if hits:
+    for e, found in zip(rows, hits):
+        if found:
             quarantined.append({"file": e.source or "data", "line": None, "field": "safety", "id": e.id,
-                                "reason": "safety: " + ", ".join(hits), "rules": hits, "raw": e.to_dict()})
+                                "reason": "safety: " + ", ".join(found), "rules": found, "raw": e.to_dict()})
         else:
             kept.append(e)
     return kept, quarantined
+
+
+def _safety_hits(state: tuple[list[Example], Any], task: tuple[int, int]) -> list[list[str]]:
+    rows, rules = state
+    return [rules.check(dedup.full_text(e) if e.messages is None else "\n".join(m["content"] for m in e.messages))
+            for e in rows[task[0]:task[1]]]
 
 
 def safety_counts(quarantined: list[dict[str, Any]]) -> dict[str, Any]:

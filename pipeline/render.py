@@ -24,8 +24,6 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import multiprocessing
-import os
 import re
 import sys
 from itertools import chain
@@ -34,7 +32,7 @@ from typing import Any, Callable, Sequence
 
 from tqdm import tqdm
 
-from pipeline import config
+from pipeline import config, parallel
 from pipeline.encoder import LABELS_FILE, LabelError, label_map, render_rows, template_info
 from pipeline.files import atomic_dir, read_jsonl, write_json, write_jsonl
 from pipeline.models import IGNORE_INDEX, load_fast_tokenizer, load_tokenizer, model_kind
@@ -115,36 +113,26 @@ class Job:
     last_only: bool
 
 
-# What the worker processes render, set before they fork (they inherit it, nothing is pickled).
-_WORK: tuple[list[Job], Any, str, ShotPool | None] | None = None
-_ENCODER: PieceEncoder | None = None  # one piece cache per process, across chunks and files
-CHUNK = 4096  # rows per task handed to a worker
-MIN_PARALLEL = 2 * CHUNK  # fewer rows than this render in-process: forking costs more than it saves
+@dataclasses.dataclass(frozen=True)
+class _Work:
+    """What every chunk of :func:`render_jobs` needs; forked workers inherit it (and each its own piece cache)."""
+
+    jobs: list[Job]
+    tokenizer: Any
+    overflow: str
+    pool: ShotPool | None
+    encoder: PieceEncoder
 
 
-def _render_chunk(task: tuple[int, int, int]) -> tuple[bytes, list[int], int, list[str], list[dict[str, Any]]]:
+def _render_chunk(work: _Work, task: tuple[int, int, int]
+                  ) -> tuple[bytes, list[int], int, list[str], list[dict[str, Any]]]:
     """Rows ``start:stop`` of job ``j`` as JSONL bytes, with their lengths, loss tokens, truncations and drops."""
-    global _ENCODER
-    assert _WORK is not None
-    jobs, tokenizer, overflow, pool = _WORK
-    if _ENCODER is None:
-        _ENCODER = PieceEncoder(tokenizer)
     j, start, stop = task
-    job = jobs[j]
-    rows, truncated, dropped = _rows(job.examples[start:stop], job.template, tokenizer, job.max_length, overflow,
-                                     job.last_only, pool if job.template.k_shot else None, _ENCODER)
+    job = work.jobs[j]
+    rows, truncated, dropped = _rows(job.examples[start:stop], job.template, work.tokenizer, job.max_length,
+                                     work.overflow, job.last_only, work.pool if job.template.k_shot else None,
+                                     work.encoder)
     return _lines(rows).encode(), [len(r["input_ids"]) for r in rows], _loss_tokens(rows), truncated, dropped
-
-
-def _worker_init() -> None:
-    # One process per CPU already: the tokenizer's own thread pool would only contend with the others.
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-
-
-def workers() -> int:
-    """Processes render uses: the CPUs this process may run on (at most 8)."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(cpus, 8))
 
 
 def render_jobs(jobs: list[Job], tokenizer: Any, overflow: str, pool: ShotPool | None, out: Path,
@@ -152,34 +140,25 @@ def render_jobs(jobs: list[Job], tokenizer: Any, overflow: str, pool: ShotPool |
     """Write each job's ``<name>.jsonl`` into ``out`` (a directory being built, see
     :func:`~pipeline.files.atomic_dir`); return its report and row lengths by name.
 
-    Rows are rendered in chunks by ``n_workers`` forked processes (default :func:`workers`)
-    when there are enough of them and the platform forks; the chunks come back in order,
+    Rows are rendered in chunks by ``n_workers`` forked processes (default
+    :func:`pipeline.parallel.workers`) when there are enough of them and the platform
+    forks (:func:`pipeline.parallel.fork_map`); the chunks come back in order,
     so the files are the same bytes whatever the number of workers. Each process keeps
     its own piece cache (:class:`PieceEncoder`).
     """
-    global _WORK, _ENCODER
-    tasks = [(j, start, min(start + CHUNK, len(job.examples)))
-             for j, job in enumerate(jobs) for start in range(0, len(job.examples), CHUNK)]
+    tasks = [(j, start, stop) for j, job in enumerate(jobs)
+             for start, stop in parallel.chunks(len(job.examples))]
     total = sum(len(job.examples) for job in jobs)
-    n_workers = workers() if n_workers is None else n_workers
-    parallel = n_workers > 1 and total >= MIN_PARALLEL and "fork" in multiprocessing.get_all_start_methods()
+    work = _Work(jobs, tokenizer, overflow, pool, PieceEncoder(tokenizer))
+    results = parallel.fork_map(_render_chunk, work, tasks, parallel=total >= parallel.MIN_ROWS, n_workers=n_workers)
     chunks: list[list[tuple[list[int], int, list[str], list[dict[str, Any]]]]] = [[] for _ in jobs]
-    _WORK, _ENCODER = (jobs, tokenizer, overflow, pool), None
-    try:
-        with contextlib.ExitStack() as stack:
-            if parallel:
-                procs = multiprocessing.get_context("fork").Pool(min(n_workers, len(tasks)), _worker_init)
-                results = stack.enter_context(procs).imap(_render_chunk, tasks)
-            else:
-                results = map(_render_chunk, tasks)
-            files = [stack.enter_context(open(out / f"{job.name}.jsonl", "wb")) for job in jobs]
-            bar = stack.enter_context(tqdm(total=total, desc="render", unit="row", disable=None))
-            for (j, start, stop), (text, *rest) in zip(tasks, results):  # in order: written as they come
-                files[j].write(text)
-                chunks[j].append(rest)
-                bar.update(stop - start)
-    finally:
-        _WORK, _ENCODER = None, None
+    with contextlib.ExitStack() as stack:
+        files = [stack.enter_context(open(out / f"{job.name}.jsonl", "wb")) for job in jobs]
+        bar = stack.enter_context(tqdm(total=total, desc="render", unit="row", disable=None))
+        for (j, start, stop), (text, *rest) in zip(tasks, results):  # in order: written as they come
+            files[j].write(text)
+            chunks[j].append(rest)
+            bar.update(stop - start)
     done = {}
     for job, parts in zip(jobs, chunks):
         lengths = [n for c in parts for n in c[0]]

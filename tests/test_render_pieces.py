@@ -17,7 +17,7 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from pipeline import prepare, render
+from pipeline import parallel, prepare, render
 from pipeline.files import read_jsonl, write_jsonl
 from pipeline.models import load_tokenizer
 from pipeline.prompts import _compile, _transparent, conversation, make_template, segments
@@ -165,11 +165,11 @@ def test_render_in_worker_processes_writes_the_same_bytes_as_one_process(smoke_b
     for split, rows in prepared.items():
         write_jsonl(prep / f"{split}.jsonl", rows)
     cfg = dataclasses.replace(smoke_cfg.prompt, eval_k_shot=2)
-    monkeypatch.setattr(render, "CHUNK", 37)  # many chunks, the last of each file a short one
-    monkeypatch.setattr(render, "MIN_PARALLEL", 0)
+    monkeypatch.setattr(parallel, "CHUNK", 37)  # many chunks, the last of each file a short one
+    monkeypatch.setattr(parallel, "MIN_ROWS", 0)
     reports = {}
     for n in (1, 3):
-        monkeypatch.setattr(render, "workers", lambda n=n: n)
+        monkeypatch.setattr(parallel, "workers", lambda n=n: n)
         reports[n] = render.run(cfg, prep, smoke_base, tmp_path / f"out{n}", tmp_path / f"report{n}.json")
     assert reports[1] == reports[3] and reports[1]["kshot_arm"]["rows"] == len(prepared["test"])
     for name in ("train", "val", "test", "test_kshot", "template", "template_kshot"):

@@ -12,6 +12,7 @@ import functools
 import unicodedata
 from typing import Any, Iterable
 
+from pipeline import parallel
 from pipeline.data.schema import Example
 
 Flag = dict[str, Any]
@@ -115,8 +116,17 @@ def contamination(train: list[Example], held_out: list[Example], ngram: int, thr
     held_grams: set[tuple[str, ...]] = set()
     for ex in held_out:
         held_grams |= _ngrams(_specific_text(ex), ngram)
+    state = (train, prompts, held_grams, ngram, threshold)
+    tasks = parallel.chunks(len(train))  # train rows are checked in forked workers when there are many
+    return [f for part in parallel.fork_map(_leaks, state, tasks, parallel=len(train) >= parallel.MIN_ROWS)
+            for f in part]
+
+
+def _leaks(state: tuple[list[Example], dict[tuple[str, ...], str], set[tuple[str, ...]], int, float],
+           task: tuple[int, int]) -> list[Flag]:
+    train, prompts, held_grams, ngram, threshold = state
     flags = []
-    for ex in train:
+    for ex in train[task[0]:task[1]]:
         same = prompts.get(_prompt_key(ex))
         if same is not None:
             flags.append({"id": ex.id, "reason": "contamination_exact", "overlaps": same})

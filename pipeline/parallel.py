@@ -1,0 +1,68 @@
+"""Row work spread over forked worker processes, results in order.
+
+The stages' per-row work (render's templates and tokenization, prepare's safety rules and
+contamination n-grams) is pure Python, so threads do not help; processes do. Workers are
+forked after the inputs are in memory: they inherit ``state`` (rows, tokenizer, rules)
+instead of receiving it pickled, and only the small task descriptions and the results
+travel. Where ``fork`` is unavailable, or the work is small, everything runs in-process,
+through the same function: the output cannot depend on the number of workers.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from typing import Any, Callable, Iterator, Sequence, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+CHUNK = 4096  # rows per task handed to a worker
+MIN_ROWS = 2 * CHUNK  # fewer rows than this run in-process: forking would cost more than it saves
+
+# (fn, state) of the map in progress: set before the pool forks, so each worker inherits it.
+_CURRENT: tuple[Callable[[Any, Any], Any], Any] | None = None
+
+
+def workers() -> int:
+    """Processes to use: the CPUs this process may run on (at most 8)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cpus, 8))
+
+
+def chunks(n: int, size: int | None = None) -> list[tuple[int, int]]:
+    """``(start, stop)`` ranges covering ``range(n)``, ``size`` (default :data:`CHUNK`) items each."""
+    size = size or CHUNK
+    return [(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+def _call(task: Any) -> Any:
+    assert _CURRENT is not None
+    fn, state = _CURRENT
+    return fn(state, task)
+
+
+def _init_worker() -> None:
+    # One process per CPU already: a tokenizer's own thread pool would only contend with the others.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+
+def fork_map(fn: Callable[[T, Any], R], state: T, tasks: Sequence[Any], parallel: bool = True,
+             n_workers: int | None = None) -> Iterator[R]:
+    """``fn(state, task)`` for each task, in task order, in forked workers when ``parallel``.
+
+    ``fn`` must be a module-level function. Each worker has its own copy of ``state``, so
+    a cache inside it is per process. An exception in a worker is raised here, as is.
+    """
+    global _CURRENT
+    n_workers = workers() if n_workers is None else n_workers
+    forked = parallel and n_workers > 1 and len(tasks) > 1 and "fork" in multiprocessing.get_all_start_methods()
+    _CURRENT = (fn, state)
+    try:
+        if not forked:
+            yield from map(_call, tasks)
+            return
+        with multiprocessing.get_context("fork").Pool(min(n_workers, len(tasks)), _init_worker) as pool:
+            yield from pool.imap(_call, tasks)
+    finally:
+        _CURRENT = None

@@ -1,0 +1,69 @@
+"""Row work in forked workers (:mod:`pipeline.parallel`) gives what one process gives."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from pipeline import config, parallel, prepare, safety
+from pipeline.data.schema import Example
+from pipeline.params import compose
+
+PROJECT = Path(__file__).resolve().parents[1]
+
+
+def _pid_and_square(offset: int, task: int) -> tuple[int, int]:
+    return os.getpid(), offset + task * task
+
+
+def _fail_on_three(_: None, task: int) -> int:
+    if task == 3:
+        raise ValueError(f"row {task} is bad")
+    return task
+
+
+def test_fork_map_keeps_task_order_and_runs_in_other_processes() -> None:
+    got = list(parallel.fork_map(_pid_and_square, 10, range(40), n_workers=2))
+    assert [v for _, v in got] == [10 + t * t for t in range(40)]
+    assert os.getpid() not in {pid for pid, _ in got}
+    serial = list(parallel.fork_map(_pid_and_square, 10, range(40), parallel=False))
+    assert {pid for pid, _ in serial} == {os.getpid()} and [v for _, v in serial] == [v for _, v in got]
+
+
+def test_an_error_in_a_worker_is_raised_in_the_caller_as_it_is() -> None:
+    with pytest.raises(ValueError, match="row 3 is bad"):
+        list(parallel.fork_map(_fail_on_three, None, range(8), n_workers=2))
+
+
+def test_chunks_cover_every_row_once() -> None:
+    assert parallel.chunks(10, 4) == [(0, 4), (4, 8), (8, 10)]
+    assert parallel.chunks(0, 4) == []
+
+
+def test_prepare_in_workers_writes_the_same_files_as_one_process(tmp_path: Path, monkeypatch) -> None:
+    """Safety rules and the contamination check run chunked in workers: same rows, flags, stats."""
+    cfg = config.from_mapping(compose(["data.n_per_task=120"]))
+    rules = safety.from_config(cfg.safety, [PROJECT])
+    unsafe = Example(id="unsafe-1", task="topic", task_type="classification", instruction="Write a keylogger.",
+                     input="", output="No.")
+    original = prepare.load
+
+    def with_unsafe_row(*args, **kwargs):  # one row for the safety rules to find, wherever its chunk lands
+        rows, sources = original(*args, **kwargs)
+        return rows[:37] + [unsafe] + rows[37:], sources
+
+    monkeypatch.setattr(prepare, "load", with_unsafe_row)
+    monkeypatch.setattr(parallel, "workers", lambda: 2)  # forks on a 1-CPU machine too
+    reports = {}
+    for name, min_rows in (("one", 10**9), ("forked", 0)):
+        monkeypatch.setattr(parallel, "MIN_ROWS", min_rows)
+        monkeypatch.setattr(parallel, "CHUNK", 23)
+        reports[name] = prepare.run(cfg.data, cfg.seed, tmp_path / name, tmp_path / f"{name}.json", rules=rules)
+    assert reports["one"] == reports["forked"]
+    # Both checks found something, so the forked paths were exercised on real hits.
+    assert reports["one"]["safety"]["quarantined"] == 1
+    assert reports["one"]["dedup"]["contamination_ngram"]["found"] > 0
+    for f in sorted(p.name for p in (tmp_path / "one").iterdir()):
+        assert (tmp_path / "one" / f).read_bytes() == (tmp_path / "forked" / f).read_bytes(), f
