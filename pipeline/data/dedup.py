@@ -74,10 +74,13 @@ def near_duplicates(examples: list[Example], threshold: float, shingle: int, num
     the estimated similarity. The earlier row is kept, so the result does not depend on which
     pairs LSH happens to bucket together.
     """
-    from datasketch import MinHash, MinHashLSH
+    from datasketch import MinHashLSH
 
     lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
-    hashes = MinHash.bulk((_shingles(full_text(ex), shingle) for ex in examples), num_perm=num_perm, seed=seed)
+    # Shingling and hashing (most of the time) run in forked workers on large inputs; the LSH is one index.
+    hashes = [h for part in parallel.fork_map(_minhashes, (examples, shingle, num_perm, seed),
+                                              parallel.chunks(len(examples)),
+                                              parallel=len(examples) >= parallel.MIN_ROWS) for h in part]
     kept: dict[str, tuple[Example, Any]] = {}
     flags = []
     for ex, mh in zip(examples, hashes):
@@ -95,6 +98,15 @@ def near_duplicates(examples: list[Example], threshold: float, shingle: int, num
             flags.append({"id": ex.id, "reason": "near_duplicate", "duplicate_of": best,
                           "similarity": round(best_sim, 3)})
     return flags
+
+
+def _minhashes(state: tuple[list[Example], int, int, int], task: tuple[int, int]) -> list[Any]:
+    """MinHashes of the rows ``task`` covers, as LeanMinHash: the same hash values, compact to send back."""
+    from datasketch import LeanMinHash, MinHash
+
+    examples, shingle, num_perm, seed = state
+    sets = (_shingles(full_text(ex), shingle) for ex in examples[task[0]:task[1]])
+    return [LeanMinHash(m) for m in MinHash.bulk(sets, num_perm=num_perm, seed=seed)]
 
 
 def _ngrams(text: str, n: int) -> set[tuple[str, ...]]:
