@@ -72,12 +72,12 @@ def test_prepare_in_workers_writes_the_same_files_as_one_process(tmp_path: Path,
 def test_near_duplicates_hashed_in_workers_flag_the_same_rows(monkeypatch) -> None:
     from pipeline.data import dedup
 
-    words = [f"w{i}" for i in range(400)]
+    words = [f"w{i}" for i in range(1800)]  # rows share no words, except a near copy with its original
     rows = []
     for i in range(60):
-        text = " ".join(words[i * 6:i * 6 + 30])
+        text = " ".join(words[i * 30:i * 30 + 30])
         if i % 3 == 2:  # a near copy of the row before: one word of 30 changed
-            text = " ".join(words[(i - 1) * 6:(i - 1) * 6 + 29] + ["changed"])
+            text = " ".join(words[(i - 1) * 30:(i - 1) * 30 + 29] + ["changed"])
         rows.append(Example(id=f"r{i}", task="t", task_type="generation", instruction="Repeat.", input=text,
                             output="ok"))
     monkeypatch.setattr(parallel, "workers", lambda: 2)
@@ -85,6 +85,6 @@ def test_near_duplicates_hashed_in_workers_flag_the_same_rows(monkeypatch) -> No
     found = {}
     for name, min_rows in (("one", 10**9), ("forked", 0)):
         monkeypatch.setattr(parallel, "MIN_ROWS", min_rows)
-        found[name] = dedup.near_duplicates(rows, threshold=0.6, shingle=3, num_perm=128)
+        found[name] = dedup.near_duplicates(rows, threshold=0.7, shingle=3, num_perm=128)
     assert found["one"] == found["forked"]
     assert {f["id"] for f in found["one"]} == {f"r{i}" for i in range(2, 60, 3)}
