@@ -197,6 +197,11 @@ class PieceEncoder:
     newline that follows a non-space: no pre-token spans such a point, so the cut is
     exact too, and the instruction and the input become separate pieces.
 
+    Two levels, two caches: a text is cut at its special tokens (a fast literal search),
+    each *segment* between them is looked up whole (a k-shot exemplar's turn is the same
+    segment in every prompt it is shown in), and only a new segment is cut at its
+    newlines into pieces, each looked up in turn.
+
     Tokenizers where that does not hold (a normalizer, a prefix space per piece,
     added tokens that strip whitespace, a slow tokenizer) are detected from their
     settings and get :func:`encode`; the first batch is also checked against it, and a
@@ -207,15 +212,21 @@ class PieceEncoder:
         self.tokenizer = tokenizer
         self.sample = sample
         self.checked: set[bool] = set()  # the `special` values checked against `encode`
-        self.cache: dict[str, list[int]] = {}
-        self.splitter = _piece_splitter(tokenizer)
-        self.pieces = self.splitter is not None
+        self.cache: dict[str, list[int]] = {}  # piece -> ids
+        self.segment_cache: dict[str, list[int]] = {}  # text between special tokens (or one) -> ids
+        cutters = _piece_splitter(tokenizer)
+        self.segment, self.cut = cutters or (None, None)
+        self.pieces = cutters is not None
         if self.pieces:  # what add_special_tokens=True puts around a text (e.g. BOS)
             backend = tokenizer.backend_tokenizer
             bare, full = (backend.encode("a", add_special_tokens=s).ids for s in (False, True))
             at = next((i for i in range(len(full) - len(bare) + 1) if full[i:i + len(bare)] == bare), None)
             self.affixes = (full[:at], full[at + len(bare):]) if at is not None else None
             self.pieces = at is not None
+
+    def splitter(self, text: str) -> list[str]:
+        """The pieces ``text`` is tokenized in (both levels of cuts)."""
+        return [piece for segment in self.segment(text) for piece in self.cut(segment)]
 
     def __call__(self, texts: list[str], special: bool) -> list[list[int]]:
         if not self.pieces:
@@ -229,20 +240,25 @@ class PieceEncoder:
         return self._encode(texts, special)
 
     def _encode(self, texts: list[str], special: bool) -> list[list[int]]:
-        split = self.splitter
-        parts = [split(t) for t in texts]
-        new = list(dict.fromkeys(p for ps in parts for p in ps if p not in self.cache))
+        parts = [self.segment(t) for t in texts]
+        new = list(dict.fromkeys(p for ps in parts for p in ps if p not in self.segment_cache))
         if new:
-            batch = self.tokenizer.backend_tokenizer.encode_batch(new, add_special_tokens=False)
-            self.cache.update(zip(new, (e.ids for e in batch)))
-        pieces = self.cache.__getitem__
-        out = [list(chain.from_iterable(map(pieces, ps))) for ps in parts]
+            cuts = [self.cut(segment) for segment in new]
+            fresh = list(dict.fromkeys(p for ps in cuts for p in ps if p not in self.cache))
+            if fresh:
+                batch = self.tokenizer.backend_tokenizer.encode_batch(fresh, add_special_tokens=False)
+                self.cache.update(zip(fresh, (e.ids for e in batch)))
+            piece = self.cache.__getitem__
+            self.segment_cache.update(zip(new, (list(chain.from_iterable(map(piece, ps))) for ps in cuts)))
+        segment = self.segment_cache.__getitem__
+        out = [list(chain.from_iterable(map(segment, ps))) for ps in parts]
         prefix, suffix = self.affixes if special else ([], [])
         return [prefix + ids + suffix for ids in out] if prefix or suffix else out
 
 
-def _piece_splitter(tokenizer: Any) -> Callable[[str], list[str]] | None:
-    """How to cut a text into pieces that tokenize independently, or None where cutting is not exact."""
+def _piece_splitter(tokenizer: Any) -> tuple[Callable[[str], list[str]], Callable[[str], list[str]]] | None:
+    """How to cut a text into pieces that tokenize independently, or None where cutting is not exact:
+    at (and around) its special tokens, then each segment between them before its newlines."""
     if not getattr(tokenizer, "is_fast", False):
         return None
     backend = tokenizer.backend_tokenizer
@@ -255,14 +271,18 @@ def _piece_splitter(tokenizer: Any) -> Callable[[str], list[str]] | None:
     if not added or any(t.lstrip or t.rstrip or t.single_word for t in added):
         return None
     # Longest first: Python's alternation takes the first that matches, the tokenizer the longest.
-    specials = "|".join(re.escape(t.content) for t in sorted(added, key=lambda t: -len(t.content)))
-    newline = r"|(?=\n)(?<=\S)" if pre is not None and pre.use_regex else ""  # lookahead first: faster
-    pattern = re.compile(f"({specials}){newline}")  # one pass: keeps the tokens, cuts before the newlines
+    at_specials = re.compile("(" + "|".join(re.escape(t.content) for t in sorted(added, key=lambda t: -len(t.content)))
+                             + ")")  # literals only: a fast search; the group keeps the tokens
+    # Not at a segment's start: the text before it ends with a special token, a cut already.
+    at_newlines = re.compile(r"(?=\n)(?<=\S)") if pre is not None and pre.use_regex else None
 
-    def split(text: str) -> list[str]:
-        return [p for p in pattern.split(text) if p]
+    def segment(text: str) -> list[str]:
+        return [p for p in at_specials.split(text) if p]
 
-    return split
+    def cut(text: str) -> list[str]:
+        return [p for p in at_newlines.split(text) if p] if at_newlines is not None else [text]
+
+    return segment, cut
 
 
 ID_LISTS = ("input_ids", "labels")  # the last keys of a row: most of its bytes

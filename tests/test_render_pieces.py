@@ -80,7 +80,7 @@ def test_a_tokenizer_with_a_prefix_space_gets_whole_texts() -> None:
 
 def test_a_cut_that_changes_the_ids_is_caught_and_whole_texts_are_used(tokenizer) -> None:
     encoder = render.PieceEncoder(tokenizer)
-    encoder.splitter = lambda text: list(text)  # one piece per character: not how BPE sees "Hello"
+    encoder.cut = lambda text: list(text)  # one piece per character: not how BPE sees "Hello"
     texts = ["Hello world", "Hello there"]
     assert encoder(texts, False) == [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     assert not encoder.pieces
