@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 T = TypeVar("T")
@@ -43,6 +44,11 @@ def _call(task: Any) -> Any:
 
 
 def _init_worker() -> None:
+    # A forked worker inherits the parent's Python signal handlers (Lightning installs one for
+    # SIGTERM): the pool's terminate() would then not end a worker waiting for a task. Ctrl-C
+    # is the parent's to handle; it then terminates the workers.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     # One process per CPU already: a tokenizer's own thread pool would only contend with the others.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
@@ -62,7 +68,15 @@ def fork_map(fn: Callable[[T, Any], R], state: T, tasks: Sequence[Any], parallel
         if not forked:
             yield from map(_call, tasks)
             return
-        with multiprocessing.get_context("fork").Pool(min(n_workers, len(tasks)), _init_worker) as pool:
+        pool = multiprocessing.get_context("fork").Pool(min(n_workers, len(tasks)), _init_worker)
+        try:
             yield from pool.imap(_call, tasks)
+        except BaseException:  # a worker's error, or the caller stopped early (GeneratorExit)
+            pool.terminate()
+            raise
+        else:
+            pool.close()  # every result is in: the workers leave their loop and exit
+        finally:
+            pool.join()
     finally:
         _CURRENT = None

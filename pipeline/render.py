@@ -155,7 +155,7 @@ def render_jobs(jobs: list[Job], tokenizer: Any, overflow: str, pool: ShotPool |
     with contextlib.ExitStack() as stack:
         files = [stack.enter_context(open(out / f"{job.name}.jsonl", "wb")) for job in jobs]
         bar = stack.enter_context(tqdm(total=total, desc="render", unit="row", disable=None))
-        for (j, start, stop), (text, *rest) in zip(tasks, results):  # in order: written as they come
+        for (text, *rest), (j, start, stop) in zip(results, tasks):  # in order, written as they come
             files[j].write(text)
             chunks[j].append(rest)
             bar.update(stop - start)

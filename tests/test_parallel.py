@@ -88,3 +88,29 @@ def test_near_duplicates_hashed_in_workers_flag_the_same_rows(monkeypatch) -> No
         found[name] = dedup.near_duplicates(rows, threshold=0.7, shingle=3, num_perm=128)
     assert found["one"] == found["forked"]
     assert {f["id"] for f in found["one"]} == {f"r{i}" for i in range(2, 60, 3)}
+
+
+def _sleep_then_return(_: None, task: int) -> int:
+    import time
+
+    time.sleep(0.05)
+    return task
+
+
+@pytest.mark.timeout(60)  # the failure this guards against is a hang
+def test_workers_end_even_when_the_parent_handles_sigterm_itself() -> None:
+    """Lightning installs a SIGTERM handler; forked workers inherit Python handlers, and a worker
+    that ignored the pool's SIGTERM would leave the parent waiting forever. Stopping early
+    (terminate) and finishing (close) must both end every worker."""
+    import multiprocessing
+    import signal
+
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)  # what a handler that does not exit looks like
+    try:
+        results = parallel.fork_map(_sleep_then_return, None, range(20), n_workers=2)
+        assert next(results) == 0
+        results.close()  # the caller stops early: terminate
+        assert list(parallel.fork_map(_sleep_then_return, None, range(6), n_workers=2)) == list(range(6))
+        assert not multiprocessing.active_children()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
