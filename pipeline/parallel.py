@@ -4,7 +4,7 @@ The stages' per-row work (render's templates and tokenization, prepare's safety 
 contamination n-grams) is pure Python, so threads do not help; processes do. Workers are
 forked after the inputs are in memory: they inherit ``state`` (rows, tokenizer, rules)
 instead of receiving it pickled, and only the small task descriptions and the results
-travel. Where ``fork`` is unavailable, or the work is small, everything runs in-process,
+travel. Off Linux (no safe ``fork``), or when the work is small, everything runs in-process,
 through the same function: the output cannot depend on the number of workers.
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import sys
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 T = TypeVar("T")
@@ -62,7 +63,8 @@ def fork_map(fn: Callable[[T, Any], R], state: T, tasks: Sequence[Any], parallel
     """
     global _CURRENT
     n_workers = workers() if n_workers is None else n_workers
-    forked = parallel and n_workers > 1 and len(tasks) > 1 and "fork" in multiprocessing.get_all_start_methods()
+    # Linux only: macOS offers fork, but system frameworks loaded in the parent make it unsafe there.
+    forked = parallel and n_workers > 1 and len(tasks) > 1 and sys.platform.startswith("linux")
     _CURRENT = (fn, state)
     try:
         if not forked:
