@@ -120,6 +120,19 @@ def test_trainer_updates_every_trainable_and_no_frozen_parameter(tmp_path: Path,
     assert unchanged == []
     assert changed_frozen == []
 
+    # Checkpoints leave the frozen base weights out (a resume reloads them from the base model) ...
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=True)["state_dict"]
+    params = {f"model.{n}" for n, _ in model.named_parameters(remove_duplicate=False)}
+    assert {k for k in saved if k in params} == {f"model.{n}" for n in trainable}
+    # ... and a checkpoint without a trained weight is refused, not loaded half-trained.
+    tuner = trainer.lightning_module
+    tuner.on_load_checkpoint({"state_dict": saved})
+    assert tuner.strict_loading is False
+    del saved[f"model.{sorted(trainable)[0]}"]
+    with pytest.raises(KeyError, match="lacks 1 trained weight"):
+        tuner.on_load_checkpoint({"state_dict": saved})
+
 
 def test_adamw_is_fused_except_where_lightning_forbids_clipping_it(smoke_cfg) -> None:
     """The fused AdamW kernel (one pass per parameter) where it may run; Lightning's mixed-precision
