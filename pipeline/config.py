@@ -434,9 +434,14 @@ def from_mapping(raw: Mapping[str, Any], source: str = "config") -> PipelineConf
 
 def load(path: str | Path = "params.yaml") -> PipelineConfig:
     """Read a composed params file with a safe YAML loader and validate it."""
+    return read(path)[0]
+
+
+def read(path: str | Path = "params.yaml") -> tuple[PipelineConfig, dict[str, Any]]:
+    """:func:`load`, and the params as the file has them (what a stage logs and saves)."""
     with open(path, encoding="utf-8") as fh:
         raw = yaml.safe_load(fh) or {}
-    return from_mapping(raw, source=str(path))
+    return from_mapping(raw, source=str(path)), raw
 
 
 def to_dict(obj: Any) -> Any:
@@ -465,5 +470,5 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 __all__ = [
     "BootstrapConfig", "ConfigError", "DataConfig", "DedupConfig", "EncoderConfig", "SourceConfig", "EvalConfig", "FinetuneConfig", "LoraConfig",
     "ModelConfig", "PipelineConfig", "PromptConfig", "SafetyConfig", "TrackingConfig", "TrainerConfig",
-    "flatten", "from_mapping", "load", "to_dict",
+    "flatten", "from_mapping", "load", "read", "to_dict",
 ]

@@ -235,9 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--curves", type=Path, required=True, help="directory for loss curves")
     parser.add_argument("--checkpoints", type=Path, required=True, help="directory for Lightning checkpoints")
     args = parser.parse_args(argv)
-    cfg = config.load(args.params)
-    with open(args.params, encoding="utf-8") as fh:
-        params = yaml.safe_load(fh)
+    cfg, params = config.read(args.params)
     shutil.rmtree(args.curves, ignore_errors=True)
     run(cfg, params, args.rendered, args.base_model, args.out, args.curves, args.checkpoints,
         Tracking.from_env(Path.cwd()))

@@ -109,8 +109,7 @@ def run(cfg: config.PipelineConfig, params: dict[str, Any], prepared: Path, out:
         write_json(tmp / encoder.LABELS_FILE, labels)
         write_json(tmp / "template.json", template)
         write_json(tmp / "summary.json", summary)
-        (tmp / "config.yaml").write_text(yaml.safe_dump({k: params.get(k) for k in ("encoder", "seed")},
-                                                        sort_keys=False))
+        (tmp / "config.yaml").write_text(yaml.safe_dump(_own_params(params), sort_keys=False))
         write_json(tmp / "run.json", {"run_id": run_id, "experiment": cfg.tracking.experiment})
     loss_curve(curves / "train_loss.csv", curves / "val_loss.csv", curves / "loss.png")
     if tracking is not None:
@@ -120,6 +119,11 @@ def run(cfg: config.PipelineConfig, params: dict[str, Any], prepared: Path, out:
     return summary
 
 
+def _own_params(params: dict[str, Any]) -> dict[str, Any]:
+    """The params sections that decide the encoder arm (dvc.yaml lists these, and tracking): saved and logged."""
+    return {k: params.get(k) for k in ("encoder", "seed")}
+
+
 def _open_run(cfg: config.PipelineConfig, params: dict[str, Any], prepared: Path, template: dict[str, Any],
               tracking: Tracking) -> str:
     from pipeline import tracking as mlf
@@ -127,7 +131,7 @@ def _open_run(cfg: config.PipelineConfig, params: dict[str, Any], prepared: Path
     tags = {**mlf.run_tags(tracking.repo_root, hash_files([prepared / "train.jsonl", prepared / "val.jsonl"]),
                            template["hash"], tracking.dvc_exp_name, tracking.parent_run_id, tracking.sweep_id),
             "arm": "encoder"}
-    logged = mlf.redact_tree({k: params.get(k) for k in ("encoder", "seed")})
+    logged = mlf.redact_tree(_own_params(params))
     return mlf.start_run(tracking.uri, cfg.tracking.experiment, tracking.artifact_root, logged, tags,
                          run_name=f"encoder-{cfg.encoder.model.name}")
 
@@ -157,9 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="directory for the classifier (or the skip marker)")
     parser.add_argument("--curves", type=Path, required=True, help="directory for loss curves")
     args = parser.parse_args(argv)
-    cfg = config.load(args.params)
-    with open(args.params, encoding="utf-8") as fh:
-        params = yaml.safe_load(fh)
+    cfg, params = config.read(args.params)
     run(cfg, params, args.prepared, args.out, args.curves, Tracking.from_env(Path.cwd()))
     return 0
 
