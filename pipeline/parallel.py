@@ -82,3 +82,9 @@ def fork_map(fn: Callable[[T, Any], R], state: T, tasks: Sequence[Any], parallel
             pool.join()
     finally:
         _CURRENT = None
+
+
+def map_rows(fn: Callable[[T, tuple[int, int]], list[R]], state: T, n: int, parallel: bool = True) -> list[R]:
+    """``fn(state, (start, stop))`` over :func:`chunks` of ``range(n)``, the lists it returns joined
+    in row order; forked (:func:`fork_map`) when ``parallel`` and there are :data:`MIN_ROWS` rows."""
+    return [r for part in fork_map(fn, state, chunks(n), parallel=parallel and n >= MIN_ROWS) for r in part]

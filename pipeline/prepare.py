@@ -145,9 +145,7 @@ def safety_filter(rows: list[Example], rules: Any) -> tuple[list[Example], list[
     is what fine-tuning would teach. Large inputs are checked in forked workers, unless a
     classifier hook is set (a model may hold threads or a GPU context that must not fork).
     """
-    tasks = parallel.chunks(len(rows))
-    forked = len(rows) >= parallel.MIN_ROWS and rules.classifier is None
-    hits = [h for part in parallel.fork_map(_safety_hits, (rows, rules), tasks, parallel=forked) for h in part]
+    hits = parallel.map_rows(_safety_hits, (rows, rules), len(rows), parallel=rules.classifier is None)
     kept, quarantined = [], []
     for e, found in zip(rows, hits):
         if found:

@@ -78,9 +78,7 @@ def near_duplicates(examples: list[Example], threshold: float, shingle: int, num
 
     lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
     # Shingling and hashing (most of the time) run in forked workers on large inputs; the LSH is one index.
-    hashes = [h for part in parallel.fork_map(_minhashes, (examples, shingle, num_perm, seed),
-                                              parallel.chunks(len(examples)),
-                                              parallel=len(examples) >= parallel.MIN_ROWS) for h in part]
+    hashes = parallel.map_rows(_minhashes, (examples, shingle, num_perm, seed), len(examples))
     kept: dict[str, tuple[Example, Any]] = {}
     flags = []
     for ex, mh in zip(examples, hashes):
@@ -128,10 +126,8 @@ def contamination(train: list[Example], held_out: list[Example], ngram: int, thr
     held_grams: set[tuple[str, ...]] = set()
     for ex in held_out:
         held_grams |= _ngrams(_specific_text(ex), ngram)
-    state = (train, prompts, held_grams, ngram, threshold)
-    tasks = parallel.chunks(len(train))  # train rows are checked in forked workers when there are many
-    return [f for part in parallel.fork_map(_leaks, state, tasks, parallel=len(train) >= parallel.MIN_ROWS)
-            for f in part]
+    # Train rows are checked in forked workers when there are many.
+    return parallel.map_rows(_leaks, (train, prompts, held_grams, ngram, threshold), len(train))
 
 
 def _leaks(state: tuple[list[Example], dict[tuple[str, ...], str], set[tuple[str, ...]], int, float],
