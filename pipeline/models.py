@@ -157,19 +157,19 @@ def load_fast_tokenizer(path: str | Path) -> "FastTokenizer | PreTrainedTokenize
     path = Path(path)
     try:
         record = json.loads((path / "model_info.json").read_text()).get("tokenizer")
-        from tokenizers import Tokenizer
+        if record:
+            from tokenizers import Tokenizer
 
-        backend = Tokenizer.from_file(str(path / "tokenizer.json")) if record else None
-        jinja = path / "chat_template.jinja"
-        template = jinja.read_text(encoding="utf-8") if jinja.exists() else \
-            json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8")).get("chat_template")
+            backend = Tokenizer.from_file(str(path / "tokenizer.json"))
+            jinja = path / "chat_template.jinja"
+            template = jinja.read_text(encoding="utf-8") if jinja.exists() else \
+                json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8")).get("chat_template")
+            if (isinstance(template, (str, type(None))) and _sha256(template or "") == record["chat_template_sha256"]
+                    and _sha256(backend.to_str()) == record["backend_sha256"]):
+                return FastTokenizer(backend, template, record["bos_token"], record["eos_token"])
     except Exception:  # missing or unreadable files: the transformers path below says what is wrong
-        backend = None
-    if (backend is None or _sha256(backend.to_str()) != record["backend_sha256"]
-            or not isinstance(template, (str, type(None)))
-            or _sha256(template or "") != record["chat_template_sha256"]):
-        return load_tokenizer(path)
-    return FastTokenizer(backend, template, record["bos_token"], record["eos_token"])
+        pass
+    return load_tokenizer(path)
 
 
 def model_kind(base_dir: str | Path) -> str:

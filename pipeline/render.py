@@ -58,8 +58,7 @@ def tokenize_split(examples: list[dict[str, Any]], template: Template, tokenizer
     ``encoder`` (a :class:`PieceEncoder`, shared across splits) gives the ids; by default a new one.
     """
     rows, truncated, dropped = _rows(examples, template, tokenizer, max_length, overflow, last_only, pool, encoder)
-    return rows, {**_report([len(r["input_ids"]) for r in rows], _loss_tokens(rows), truncated, dropped),
-                  "dropped_rows": dropped}
+    return rows, _report(*_tally(rows, truncated, dropped))
 
 
 def _rows(examples: list[dict[str, Any]], template: Template, tokenizer: Any, max_length: int, overflow: str,
@@ -98,8 +97,13 @@ def _rows(examples: list[dict[str, Any]], template: Template, tokenizer: Any, ma
     return rows, truncated, dropped
 
 
-def _loss_tokens(rows: list[dict[str, Any]]) -> int:
-    return sum(len(r["labels"]) - r["labels"].count(IGNORE_INDEX) for r in rows)
+Tally = tuple[list[int], int, list[str], list[dict[str, Any]]]  # row lengths, loss tokens, truncated ids, drops
+
+
+def _tally(rows: list[dict[str, Any]], truncated: list[str], dropped: list[dict[str, Any]]) -> Tally:
+    """What a report is made of, from some of a split's rows (chunks' tallies add up)."""
+    return ([len(r["input_ids"]) for r in rows], sum(len(r["labels"]) - r["labels"].count(IGNORE_INDEX) for r in rows),
+            truncated, dropped)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,15 +128,14 @@ class _Work:
     encoder: PieceEncoder
 
 
-def _render_chunk(work: _Work, task: tuple[int, int, int]
-                  ) -> tuple[bytes, list[int], int, list[str], list[dict[str, Any]]]:
-    """Rows ``start:stop`` of job ``j`` as JSONL bytes, with their lengths, loss tokens, truncations and drops."""
+def _render_chunk(work: _Work, task: tuple[int, int, int]) -> tuple[bytes, Tally]:
+    """Rows ``start:stop`` of job ``j`` as JSONL bytes, and their :func:`_tally`."""
     j, start, stop = task
     job = work.jobs[j]
     rows, truncated, dropped = _rows(job.examples[start:stop], job.template, work.tokenizer, job.max_length,
                                      work.overflow, job.last_only, work.pool if job.template.k_shot else None,
                                      work.encoder)
-    return _lines(rows).encode(), [len(r["input_ids"]) for r in rows], _loss_tokens(rows), truncated, dropped
+    return _lines(rows).encode(), _tally(rows, truncated, dropped)
 
 
 def render_jobs(jobs: list[Job], tokenizer: Any, overflow: str, pool: ShotPool | None, out: Path,
@@ -151,20 +154,20 @@ def render_jobs(jobs: list[Job], tokenizer: Any, overflow: str, pool: ShotPool |
     total = sum(len(job.examples) for job in jobs)
     work = _Work(jobs, tokenizer, overflow, pool, PieceEncoder(tokenizer))
     results = parallel.fork_map(_render_chunk, work, tasks, parallel=total >= parallel.MIN_ROWS, n_workers=n_workers)
-    chunks: list[list[tuple[list[int], int, list[str], list[dict[str, Any]]]]] = [[] for _ in jobs]
+    tallies: list[list[Tally]] = [[] for _ in jobs]
     with contextlib.ExitStack() as stack:
         files = [stack.enter_context(open(out / f"{job.name}.jsonl", "wb")) for job in jobs]
         bar = stack.enter_context(tqdm(total=total, desc="render", unit="row", disable=None))
-        for (text, *rest), (j, start, stop) in zip(results, tasks):  # in order, written as they come
+        for (text, tally), (j, start, stop) in zip(results, tasks):  # in order, written as they come
             files[j].write(text)
-            chunks[j].append(rest)
+            tallies[j].append(tally)
             bar.update(stop - start)
     done = {}
-    for job, parts in zip(jobs, chunks):
-        lengths = [n for c in parts for n in c[0]]
-        dropped = [d for c in parts for d in c[3]]
-        report = _report(lengths, sum(c[1] for c in parts), [i for c in parts for i in c[2]], dropped)
-        done[job.name] = ({**report, "dropped_rows": dropped}, lengths)
+    for job, parts in zip(jobs, tallies):
+        lengths = [n for t in parts for n in t[0]]
+        report = _report(lengths, sum(t[1] for t in parts), [i for t in parts for i in t[2]],
+                         [d for t in parts for d in t[3]])
+        done[job.name] = (report, lengths)
     return done
 
 
@@ -325,6 +328,7 @@ def _report(lengths: list[int], loss_tokens: int, truncated: list[str], dropped:
         "median_length": lengths[len(lengths) // 2] if lengths else 0,
         "truncated": len(truncated),
         "dropped": len(dropped),
+        "dropped_rows": dropped,
     }
 
 
@@ -339,7 +343,6 @@ def run(prompt_cfg: config.PromptConfig, prepared: Path, base_model: Path, out: 
         return run_encoder(prompt_cfg, prepared, base_model, out, report_path, plot_path)
     tokenizer = load_fast_tokenizer(base_model)
     template = make_template(prompt_cfg, tokenizer.chat_template, tokenizer.bos_token, tokenizer.eos_token)
-    report: dict[str, Any] = {"template": template.name, "template_hash": template.hash(), "splits": {}}
     splits = {split: read_jsonl(prepared / f"{split}.jsonl") for split in SPLITS}
     pool = ShotPool(splits["train"]) if template.k_shot or prompt_cfg.eval_k_shot else None
     # The test split's labels are its last answer only: the answer evaluation generates and scores.
@@ -353,7 +356,8 @@ def run(prompt_cfg: config.PromptConfig, prepared: Path, base_model: Path, out: 
         write_json(tmp / "template.json", template.to_dict())
         if prompt_cfg.eval_k_shot:
             write_json(tmp / "template_kshot.json", kshot.to_dict())
-    report["splits"] = {split: done[split][0] for split in SPLITS}
+    report = {"template": template.name, "template_hash": template.hash(),
+              "splits": {split: done[split][0] for split in SPLITS}}
     if prompt_cfg.eval_k_shot:
         report["kshot_arm"] = done[KSHOT][0]
     return _finish(report, report_path, {split: done[split][1] for split in SPLITS}, plot_path,
