@@ -80,6 +80,21 @@ def _prefill_chunks(prompts: Sequence[Sequence[int]], size: int) -> list[list[in
     return chunks
 
 
+def _pad_id(tokenizer: Any) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def _left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``seqs`` right-aligned in one ``pad_id`` tensor as wide as the longest, and the mask of their tokens."""
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, s in enumerate(seqs):  # left padding: every sequence ends in the last column
+        ids[row, width - len(s):] = torch.tensor(list(s), dtype=torch.long)
+        mask[row, width - len(s):] = 1
+    return ids, mask
+
+
 def _prefill(model: Any, prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[Any, torch.Tensor, torch.Tensor]:
     """KV cache, attention mask and last-position logits of ``prompts`` (one forward after the shared prefix)."""
     from transformers import DynamicCache
@@ -89,14 +104,9 @@ def _prefill(model: Any, prompts: Sequence[Sequence[int]], pad_id: int) -> tuple
     if shared:
         model(input_ids=torch.tensor([list(prompts[0][:shared])]), cache=cache, use_cache=True, logits_to_keep=1)
         cache.batch_repeat_interleave(len(prompts))
-    width = max(len(p) for p in prompts) - shared
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), shared + width), dtype=torch.long)
-    mask[:, :shared] = 1
-    for row, p in enumerate(prompts):  # [prefix][pad][suffix]: every prompt ends where generation starts
-        n = len(p) - shared
-        ids[row, width - n:] = torch.tensor(list(p[shared:]))
-        mask[row, shared + width - n:] = 1
+    # [prefix][pad][suffix]: every prompt ends where generation starts.
+    ids, suffix_mask = _left_pad([p[shared:] for p in prompts], pad_id)
+    mask = torch.cat([torch.ones((len(prompts), shared), dtype=torch.long), suffix_mask], dim=1)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
                 logits_to_keep=1)
@@ -119,8 +129,7 @@ def _stack(parts: list[tuple[Any, torch.Tensor, torch.Tensor]]) -> tuple[Any, to
 def _greedy_group(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], budgets: Sequence[int],
                   prefill_size: int, stop: Any) -> list[list[int]]:
     """Greedy new ids of one decode group, in the order of ``prompts``."""
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    eos = tokenizer.eos_token_id
+    pad_id, eos = _pad_id(tokenizer), tokenizer.eos_token_id
     chunks = _prefill_chunks(prompts, prefill_size)
     parts = [_prefill(model, [prompts[i] for i in chunk], pad_id) for chunk in chunks]
     cache, mask, logits = _stack(parts) if len(parts) > 1 else parts[0]
@@ -133,10 +142,7 @@ def _greedy_group(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], 
             out[r].append(int(tokens[k]))
         done = [out[r][-1] == eos or len(out[r]) >= budgets[r] for r in rows]
         if stop is not None:
-            seqs = [list(prompts[r]) + out[r] for r in rows]
-            tail = torch.full((len(rows), max(map(len, seqs))), pad_id, dtype=torch.long)
-            for k, s in enumerate(seqs):
-                tail[k, tail.shape[1] - len(s):] = torch.tensor(s)
+            tail, _ = _left_pad([list(prompts[r]) + out[r] for r in rows], pad_id)
             done = [d or bool(s) for d, s in zip(done, stop(tail, None))]
         keep = [k for k, d in enumerate(done) if not d]
         if not keep:
@@ -155,13 +161,9 @@ def _greedy_group(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], 
 def _hf_generate(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], budgets: Sequence[int],
                  extra: dict[str, Any]) -> list[list[int]]:
     """``model.generate`` on one left-padded batch (the fallback for configs the own loop does not cover)."""
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    width = max(map(len, prompts))
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, p in enumerate(prompts):
-        ids[row, width - len(p):] = torch.tensor(list(p))
-        mask[row, width - len(p):] = 1
+    pad_id = _pad_id(tokenizer)
+    ids, mask = _left_pad(prompts, pad_id)
+    width = ids.shape[1]
     out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, use_cache=True,
                          max_new_tokens=max(budgets), pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id,
                          **extra)
@@ -181,10 +183,8 @@ def generate_ids(model: Any, tokenizer: Any, prompt_ids: Sequence[Sequence[int]]
 
     if any(b < 1 for b in max_new_tokens):
         raise ValueError(f"{desc}: every max_new_tokens must be >= 1, got {min(max_new_tokens)}")
-    group = decode_batch_size or batch_size
     own = plain_greedy(model)
-    if not own:
-        group = batch_size
+    group = (decode_batch_size or batch_size) if own else batch_size
     order = sorted(range(len(prompt_ids)), key=lambda i: (max_new_tokens[i], len(prompt_ids[i])))
     stop = StopStringCriteria(tokenizer, list(stop_strings)) if stop_strings else None
     extra = {"stop_strings": list(stop_strings), "tokenizer": tokenizer} if stop_strings else {}
