@@ -201,6 +201,14 @@ def run(cfg: config.PipelineConfig, rendered: Path, prepared: Path, base_model: 
 
     predictions: dict[str, list[str]] = {}
     outputs: dict[str, dict[str, scoring.TaskOutputs]] = {}
+
+    def task_outputs(preds: Sequence[Any], nll: Sequence[Any], tasks: Sequence[str]) -> dict[str, scoring.TaskOutputs]:
+        """One arm's answers and reference NLLs (both by row of ``rows``) for each of ``tasks``."""
+        return {t: scoring.TaskOutputs(task_types[t], [references[rows[i]["id"]] for i in idx[t]],
+                                       [preds[i] for i in idx[t]], labels.get(t),
+                                       [nll[i][0] for i in idx[t]], [nll[i][1] for i in idx[t]])
+                for t in tasks}
+
     classifier = model_kind(base_model) == "sequence_classification"
     base_lm = None  # loaded once for the base and base_kshot arms
     for name in llm_arms:
@@ -218,10 +226,7 @@ def run(cfg: config.PipelineConfig, rendered: Path, prepared: Path, base_model: 
                                          decode_batch_size=ev.decode_batch_size)
             nll = reference_nll(model, arms[name], tokenizer.pad_token_id, ev.batch_size)
             del model
-        outputs[name] = {t: scoring.TaskOutputs(task_types[t], [references[rows[i]["id"]] for i in ii],
-                                                [predictions[name][i] for i in ii], labels.get(t),
-                                                [nll[i][0] for i in ii], [nll[i][1] for i in ii])
-                         for t, ii in idx.items()}
+        outputs[name] = task_outputs(predictions[name], nll, list(idx))
     encoder_note = ""
     if "encoder" in ev.models:
         arm = encoder_arm(encoder_dir, rows, examples, task_types, ev.batch_size)
@@ -232,11 +237,9 @@ def run(cfg: config.PipelineConfig, rendered: Path, prepared: Path, base_model: 
             by_id, enc_nll = arm
             # A full-length column (None off its tasks), so prediction rows line up with the other arms.
             predictions["encoder"] = [by_id.get(r["id"]) for r in rows]  # type: ignore[misc]
-            outputs["encoder"] = {
-                t: scoring.TaskOutputs(task_types[t], [references[rows[i]["id"]] for i in ii],
-                                       [by_id[rows[i]["id"]] for i in ii], labels.get(t),
-                                       [enc_nll[rows[i]["id"]] for i in ii], [1] * len(ii))
-                for t, ii in idx.items() if ii and rows[ii[0]]["id"] in by_id}
+            outputs["encoder"] = task_outputs(predictions["encoder"],
+                                              [(enc_nll[r["id"]], 1) if r["id"] in by_id else None for r in rows],
+                                              [t for t, ii in idx.items() if ii and rows[ii[0]]["id"] in by_id])
     scores = {name: scoring.score_model(o, {t: indices[t] for t in o}) for name, o in outputs.items()}
     deltas = scoring.compare_arms(scores)
     llm_outputs = {name: o for name, o in outputs.items() if name != "encoder"}
