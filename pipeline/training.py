@@ -231,8 +231,7 @@ class InstructionTuner(L.LightningModule):
         # The fused kernel updates each parameter in one pass (CPU and CUDA); the default on CPU
         # is a per-parameter loop of separate ops, each a pass over memory (docs/benchmarks.md).
         # Lightning refuses gradient clipping with a fused optimizer under mixed precision.
-        fused = not str(self.cfg.precision).endswith("mixed") and all(
-            p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+        fused = not str(self.cfg.precision).endswith("mixed") and all(p.device.type in ("cpu", "cuda") for p in params)
         optimizer = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay, fused=fused or None)
         warmup = int(self.cfg.warmup_ratio * self.cfg.max_steps)
         scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, self.cfg.max_steps)
