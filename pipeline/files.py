@@ -15,6 +15,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+import orjson
+
 
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
@@ -71,8 +73,33 @@ def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+    """The rows of a JSON Lines file (blank lines skipped), as ``json.loads`` reads each line.
+
+    Lines are parsed by orjson, several times faster; the few it refuses and ``json``
+    accepts (``NaN``, integers beyond 64 bits) go through ``json``, so the values are the same.
+    """
+    loads = orjson.loads
+    with open(path, "rb") as fh:
+        data = fh.read()
+    rows = []
+    for line in data.splitlines():
+        if not line.strip():
+            continue
+        try:
+            rows.append(loads(line))
+        except orjson.JSONDecodeError:
+            rows.append(json.loads(line))
+    return rows
+
+
+def jsonl_bytes(rows: Iterable[dict[str, Any]]) -> bytes:
+    """JSON Lines of rows of strings, integers and lists/dicts of them (render's token rows), by orjson.
+
+    Compact (``[1,2]``, no spaces) and UTF-8; orjson writes a float NaN as ``null``, so
+    rows that may carry floats from user data go through :func:`write_jsonl` instead.
+    """
+    dumps = orjson.dumps
+    return b"".join([dumps(row) + b"\n" for row in rows])
 
 
 def hash_files(paths: Iterable[str | Path]) -> str:

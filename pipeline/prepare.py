@@ -168,6 +168,7 @@ def safety_counts(quarantined: list[dict[str, Any]]) -> dict[str, Any]:
             "by_rule": dict(sorted(Counter(r for q in quarantined for r in q["rules"]).items()))}
 
 
+@parallel.paused_gc()  # row work: no reference cycles to collect (see paused_gc)
 def run(data_cfg: config.DataConfig, seed: int, out: Path, stats_path: Path,
         plot_path: Path | None = None, rules: Any = None) -> dict[str, Any]:
     """Prepare the dataset into ``out`` (atomically), write the stats report and the length plot.

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
 import re
 import sys
 from itertools import chain
@@ -34,7 +33,7 @@ from tqdm import tqdm
 
 from pipeline import config, parallel
 from pipeline.encoder import LABELS_FILE, LabelError, label_map, render_rows, template_info
-from pipeline.files import atomic_dir, read_jsonl, write_json, write_jsonl
+from pipeline.files import atomic_dir, jsonl_bytes, read_jsonl, write_json, write_jsonl
 from pipeline.models import IGNORE_INDEX, load_fast_tokenizer, load_tokenizer, model_kind
 from pipeline.prompts import PromptError, Template, make_template, read_template_file, segments
 from pipeline.shots import ShotPool
@@ -135,7 +134,7 @@ def _render_chunk(work: _Work, task: tuple[int, int, int]) -> tuple[bytes, Tally
     rows, truncated, dropped = _rows(job.examples[start:stop], job.template, work.tokenizer, job.max_length,
                                      work.overflow, job.last_only, work.pool if job.template.k_shot else None,
                                      work.encoder)
-    return _lines(rows).encode(), _tally(rows, truncated, dropped)
+    return jsonl_bytes(rows), _tally(rows, truncated, dropped)
 
 
 def render_jobs(jobs: list[Job], tokenizer: Any, overflow: str, pool: ShotPool | None, out: Path,
@@ -288,34 +287,6 @@ def _piece_splitter(tokenizer: Any) -> tuple[Callable[[str], list[str]], Callabl
     return segment, cut
 
 
-ID_LISTS = ("input_ids", "labels")  # the last keys of a row: most of its bytes
-
-
-def _lines(rows: list[dict[str, Any]]) -> str:
-    """The JSONL text ``write_jsonl`` writes for ``rows``, with the id lists encoded by orjson when installed.
-
-    orjson (a dependency of DVC's) writes ``[1,2]`` where ``json`` writes ``[1, 2]``; a
-    list of ints has no other comma, so adding the space back is exact.
-    """
-    try:
-        import orjson
-    except ImportError:
-        return "".join(_JSON(row) + "\n" for row in rows)
-    dumps = orjson.dumps
-
-    def line(row: dict[str, Any]) -> str:
-        if tuple(row)[-2:] != ID_LISTS:
-            return _JSON(row) + "\n"
-        head = _JSON({k: v for k, v in row.items() if k not in ID_LISTS})
-        lists = ", ".join(f'"{k}": ' + dumps(row[k]).decode().replace(",", ", ") for k in ID_LISTS)
-        return f"{head[:-1]}, {lists}}}\n" if len(head) > 2 else f"{{{lists}}}\n"
-
-    return "".join(map(line, rows))
-
-
-_JSON = json.JSONEncoder(ensure_ascii=False).encode  # what write_jsonl uses per row
-
-
 def _report(lengths: list[int], loss_tokens: int, truncated: list[str], dropped: list[dict[str, Any]]
             ) -> dict[str, Any]:
     total = sum(lengths)
@@ -332,6 +303,7 @@ def _report(lengths: list[int], loss_tokens: int, truncated: list[str], dropped:
     }
 
 
+@parallel.paused_gc()  # row work: no reference cycles to collect (see paused_gc)
 def run(prompt_cfg: config.PromptConfig, prepared: Path, base_model: Path, out: Path, report_path: Path,
         plot_path: Path | None = None) -> dict[str, Any]:
     """Render every split of ``prepared`` into ``out`` atomically; write the report and the length plot.

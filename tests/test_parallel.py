@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from pathlib import Path
 
@@ -35,6 +36,28 @@ def test_fork_map_keeps_task_order_and_runs_in_other_processes() -> None:
 def test_an_error_in_a_worker_is_raised_in_the_caller_as_it_is() -> None:
     with pytest.raises(ValueError, match="row 3 is bad"):
         list(parallel.fork_map(_fail_on_three, None, range(8), n_workers=2))
+
+
+def _gc_enabled(_: None, task: int) -> bool:
+    return gc.isenabled()
+
+
+def test_paused_gc_is_off_inside_in_forked_workers_too_and_restored_after() -> None:
+    assert gc.isenabled()
+    with parallel.paused_gc():
+        assert not gc.isenabled()
+        assert list(parallel.fork_map(_gc_enabled, None, range(4), n_workers=2)) == [False] * 4
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with parallel.paused_gc():
+            pass
+        assert not gc.isenabled()  # restored as it was: a caller's own pause is not undone
+    finally:
+        gc.enable()
+    with pytest.raises(KeyError), parallel.paused_gc():
+        raise KeyError("an error inside")
+    assert gc.isenabled()
 
 
 def test_chunks_cover_every_row_once() -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline.files import read_jsonl
 from pipeline.params import compose
 from sweep_helpers import copy_checkout
 from test_pipeline_dvc import _sh
@@ -58,7 +59,7 @@ def test_a_template_file_edit_re_renders(repo: Path) -> None:
     assert "Running stage 'render'" in repro(repo)
     mine.write_text("Task: {{ instruction }}\n{{ input }}\nAnswer:", encoding="utf-8")  # same params, new text
     assert "Running stage 'render'" in repro(repo)
-    assert '"prompt": "Task: ' in (repo / "data/rendered/train.jsonl").read_text()
+    assert all(r["prompt"].startswith("Task: ") for r in read_jsonl(repo / "data/rendered/train.jsonl"))
 
 
 def test_a_data_change_re_prepares_and_re_renders(repo: Path) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import random
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from pipeline import parallel, prepare, render
-from pipeline.files import read_jsonl, write_jsonl
+from pipeline.files import jsonl_bytes, read_jsonl, write_jsonl
 from pipeline.models import load_tokenizer
 from pipeline.prompts import _compile, _transparent, conversation, make_template, segments
 from pipeline.shots import ShotPool
@@ -148,14 +149,24 @@ def test_k_shot_draw_equals_filtering_every_row(prepared) -> None:
             assert all(r["id"] != ex["id"] for r in pool.draw(ex, k, seed))
 
 
-def test_rows_are_written_as_write_jsonl_writes_them(tmp_path: Path) -> None:
+def test_token_rows_round_trip_through_jsonl_bytes_and_read_jsonl(tmp_path: Path) -> None:
     rows = [{"id": "a\"1", "prompt": "naïve \\ \n 日本 🙂 \u2028", "completion": "x", "input_ids": [1, 2, 30000],
              "labels": [-100, -100, 30000]},
             {"id": "b", "input_ids": [], "labels": []},
-            {"input_ids": [5], "labels": [-100]},
             {"labels": [1, 2], "input_ids": [3, 4], "id": "keys in another order"}]
-    write_jsonl(tmp_path / "plain.jsonl", rows)
-    assert render._lines(rows).encode() == (tmp_path / "plain.jsonl").read_bytes()
+    data = jsonl_bytes(rows)
+    assert "日本 🙂".encode() in data  # UTF-8, not \u escapes
+    assert [json.loads(line) for line in data.decode().split("\n")[:-1]] == rows
+    (tmp_path / "rows.jsonl").write_bytes(data)
+    assert read_jsonl(tmp_path / "rows.jsonl") == rows
+
+
+def test_read_jsonl_reads_what_json_reads_where_orjson_refuses(tmp_path: Path) -> None:
+    """NaN and integers beyond 64 bits (json writes both) are read as json.loads reads them; blank lines skipped."""
+    rows = [{"score": float("nan")}, {"big": 2 ** 70}, {"plain": [1, "x"]}]
+    (tmp_path / "odd.jsonl").write_text("".join(json.dumps(r) + "\n\n" for r in rows) + "\r\n", encoding="utf-8")
+    got = read_jsonl(tmp_path / "odd.jsonl")
+    assert math.isnan(got[0]["score"]) and got[1:] == rows[1:]
 
 
 def test_render_in_worker_processes_writes_the_same_bytes_as_one_process(smoke_base, smoke_cfg, prepared, tmp_path,
