@@ -122,18 +122,17 @@ def _compile(source: str) -> "jinja2.Template":
 
 
 def _render_chat(source: str, messages: list[dict[str, str]], add_generation_prompt: bool,
-                 special: Mapping[str, str]) -> str:
-    """``compiled.render(messages=..., add_generation_prompt=..., **special)``, without Jinja per example when exact.
+                 special: tuple[tuple[str, str], ...]) -> str:
+    """``compiled.render(messages=..., add_generation_prompt=..., **dict(special))``, without Jinja per example when exact.
 
     When the template passes message contents to its output verbatim and decides
     nothing from them (:func:`_transparent`), the text depends on the contents only by
     substitution: render once per sequence of roles with placeholders, then substitute.
     """
     if not _transparent(source):
-        return _compile(source).render(messages=messages, add_generation_prompt=add_generation_prompt, **special)
-    parts = _skeleton(source, tuple(m["role"] for m in messages), add_generation_prompt,
-                      tuple(sorted(special.items())))
-    return "".join(p if isinstance(p, str) else messages[p]["content"] for p in parts)
+        return _compile(source).render(messages=messages, add_generation_prompt=add_generation_prompt, **dict(special))
+    skeleton = _skeleton(source, tuple([m["role"] for m in messages]), add_generation_prompt, special)
+    return skeleton.format(*[m["content"] for m in messages])
 
 
 _HOLE = re.compile("\ue000(\\d+)\ue001")  # a placeholder content: private-use characters around the index
@@ -141,12 +140,13 @@ _HOLE = re.compile("\ue000(\\d+)\ue001")  # a placeholder content: private-use c
 
 @functools.lru_cache(maxsize=1024)
 def _skeleton(source: str, roles: tuple[str, ...], add_generation_prompt: bool,
-              special: tuple[tuple[str, str], ...]) -> tuple[str | int, ...]:
-    """The template's output for these roles as literal text and message indices (where each content goes)."""
+              special: tuple[tuple[str, str], ...]) -> str:
+    """The template's output for these roles as a ``str.format`` string: literal text (braces
+    doubled) with a ``{i}`` where message ``i``'s content goes."""
     holes = [{"role": role, "content": f"\ue000{i}\ue001"} for i, role in enumerate(roles)]
     text = _compile(source).render(messages=holes, add_generation_prompt=add_generation_prompt, **dict(special))
     pieces = _HOLE.split(text)  # literal, index, literal, index, ..., literal
-    return tuple(int(p) if k % 2 else p for k, p in enumerate(pieces) if p or k % 2)
+    return "".join("{" + p + "}" if k % 2 else p.replace("{", "{{").replace("}", "}}") for k, p in enumerate(pieces))
 
 
 _MESSAGE_FIELDS = ("role", "content")
@@ -291,7 +291,7 @@ def conversation(example: Mapping[str, Any], template: Template,
 def _chat_segments(example: Mapping[str, Any], template: Template, shots: Sequence[Mapping[str, Any]]) -> list[Segment]:
     messages, first = conversation(example, template, shots)
     source = template.chat_template or ""
-    special = {"bos_token": template.bos_token, "eos_token": template.eos_token}
+    special = (("bos_token", template.bos_token), ("eos_token", template.eos_token))
     out: list[Segment] = []
     done = ""  # the text covered by `out` so far
     for i in range(first, len(messages)):
