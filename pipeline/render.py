@@ -195,14 +195,15 @@ class PieceEncoder:
     text between them is tokenized on its own: cutting there and concatenating the ids
     is exact. The chat template's system prompt, role headers and a task's instruction
     repeat in every example, and k-shot exemplars repeat train rows, so most pieces
-    are cache hits. With GPT-2's byte-level pre-tokenizer a piece is also cut before a
-    newline that follows a non-space: no pre-token spans such a point, so the cut is
-    exact too, and the instruction and the input become separate pieces.
+    are cache hits. With GPT-2's byte-level pre-tokenizer, text of plain ASCII is cut
+    into that pre-tokenizer's own words (BPE never merges across them), so a new example
+    costs dictionary lookups for the words it shares with earlier ones; other text is cut
+    before a newline that follows a non-space, where no pre-token spans either.
 
     Two levels, two caches: a text is cut at its special tokens (a fast literal search),
     each *segment* between them is looked up whole (a k-shot exemplar's turn is the same
-    segment in every prompt it is shown in), and only a new segment is cut at its
-    newlines into pieces, each looked up in turn.
+    segment in every prompt it is shown in), and only a new segment is cut into pieces
+    (words, or lines), each looked up in turn.
 
     Tokenizers where that does not hold (a normalizer, a prefix space per piece,
     added tokens that strip whitespace, a slow tokenizer) are detected from their
@@ -258,9 +259,19 @@ class PieceEncoder:
         return [prefix + ids + suffix for ids in out] if prefix or suffix else out
 
 
+# GPT-2's byte-level pre-tokenizer regex (tokenizers' ByteLevel, use_regex), with \p{L} and
+# \p{N} written out for ASCII: on text of printable ASCII, tab, newline and carriage return
+# it cuts exactly where the tokenizer does (not on \x1c, which Python's \s takes and the
+# tokenizer's does not: such text is cut at newlines), and BPE never merges across those
+# cuts, so each word is tokenized once and looked up after.
+_ASCII_WORDS = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+| ?[0-9]+| ?[^\sA-Za-z0-9]+|\s+(?!\S)|\s+")
+_OUTSIDE_PLAIN = re.compile(r"[^\t\n\r\x20-\x7e]")  # any other character: cut at newlines only
+
+
 def _piece_splitter(tokenizer: Any) -> tuple[Callable[[str], list[str]], Callable[[str], list[str]]] | None:
     """How to cut a text into pieces that tokenize independently, or None where cutting is not exact:
-    at (and around) its special tokens, then each segment between them before its newlines."""
+    at (and around) its added tokens, then each segment between them into its words (plain
+    ASCII) or before its newlines."""
     if not getattr(tokenizer, "is_fast", False):
         return None
     backend = tokenizer.backend_tokenizer
@@ -272,6 +283,7 @@ def _piece_splitter(tokenizer: Any) -> tuple[Callable[[str], list[str]], Callabl
     added = list(backend.get_added_tokens_decoder().values())
     if not added or any(t.lstrip or t.rstrip or t.single_word for t in added):
         return None
+    contents = {t.content for t in added}
     # Longest first: Python's alternation takes the first that matches, the tokenizer the longest.
     at_specials = re.compile("(" + "|".join(re.escape(t.content) for t in sorted(added, key=lambda t: -len(t.content)))
                              + ")")  # literals only: a fast search; the group keeps the tokens
@@ -282,7 +294,11 @@ def _piece_splitter(tokenizer: Any) -> tuple[Callable[[str], list[str]], Callabl
         return [p for p in at_specials.split(text) if p]
 
     def cut(text: str) -> list[str]:
-        return [p for p in at_newlines.split(text) if p] if at_newlines is not None else [text]
+        if at_newlines is None or text in contents:  # an added token is one piece
+            return [text]
+        if _OUTSIDE_PLAIN.search(text) is None:  # plain ASCII: the pre-tokenizer's own words
+            return _ASCII_WORDS.findall(text)
+        return [p for p in at_newlines.split(text) if p]
 
     return segment, cut
 

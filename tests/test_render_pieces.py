@@ -15,6 +15,8 @@ import random
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
@@ -51,8 +53,11 @@ def test_piece_encoding_equals_whole_text_encoding_on_every_rendered_text(tokeni
     assert len(texts) > 1500 and any(t.count("<|im_start|>") > 4 for t in texts)  # k-shot texts are in
     encoder = render.PieceEncoder(tokenizer)
     assert encoder.pieces, "SmolLM2's byte-level BPE is cut into pieces"
+    # Plain ASCII is cut into the pre-tokenizer's words; other text before its newlines.
     assert encoder.splitter("<|im_start|>user\nSay hi.\n\nHello  there\n<|im_end|>") == [
-        "<|im_start|>", "user", "\nSay hi.", "\n\nHello  there", "\n", "<|im_end|>"]
+        "<|im_start|>", "user", "\n", "Say", " hi", ".", "\n", "\n", "Hello", " ", " there", "\n", "<|im_end|>"]
+    assert encoder.splitter("<|im_start|>user\nSay hï.\n\nHello  there\n<|im_end|>") == [
+        "<|im_start|>", "user", "\nSay hï.", "\n\nHello  there", "\n", "<|im_end|>"]
     for special in (True, False):
         assert encoder(texts, special) == render.encode(tokenizer, texts, special)
         assert encoder(texts, special) == [tokenizer(t, add_special_tokens=special)["input_ids"] for t in texts]
@@ -66,6 +71,22 @@ def test_awkward_texts_tokenize_the_same_in_pieces(tokenizer) -> None:
     encoder = render.PieceEncoder(tokenizer, sample=0)
     assert encoder(texts, True) == [tokenizer(t)["input_ids"] for t in texts]
     assert encoder(texts, False) == [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
+# Words, contractions, digit runs, punctuation runs, whitespace runs of every kind, the
+# characters Python and the tokenizer may class differently (\v, \f, \x1c), non-ASCII, and
+# special tokens: the word cuts of plain ASCII must give the tokenizer's ids on all of them.
+PIECES = st.sampled_from(["a", "Hello", "don", "'", "'s", "'re", "'ll", "'d", "'m", "'t", "'ve", "S", "12", "3",
+                          " ", "  ", "\t", "\n", "\r", "\r\n", ".", "...", "!?", "-", "(", ")", "\"", "`", "~",
+                          "\v", "\f", "\x1c", "\x00", "é", "日本", "🙂", "\u00a0", "<|im_start|>", "<|im_end|>"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(texts=st.lists(st.lists(PIECES, max_size=12).map("".join), min_size=1, max_size=6))
+def test_word_cuts_give_the_tokenizers_ids(tokenizer, texts: list[str]) -> None:
+    encoder = render.PieceEncoder(tokenizer, sample=0)  # no first-batch check: the cuts alone are tested
+    for special in (True, False):
+        assert encoder(texts, special) == [tokenizer(t, add_special_tokens=special)["input_ids"] for t in texts]
 
 
 def test_a_tokenizer_with_a_prefix_space_gets_whole_texts() -> None:
