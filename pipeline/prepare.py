@@ -118,13 +118,14 @@ def stats(loaded: int, splits: dict[str, list[Example]], dropped: list[dict[str,
           sources: dict[str, Any] | None = None) -> dict[str, Any]:
     """Counts per source, task and split; removed and reported rows by reason; quarantine; lengths in words."""
     every = [e for rows in splits.values() for e in rows]
+    removed, kept_flagged = _counts(dropped), _counts(flagged)
     return {
         "loaded": loaded,
         "kept": len(every),
-        "dropped": _counts(dropped),
-        "flagged": _counts(flagged),  # found by a check set to `report`, kept
-        "dedup": {reason: {"found": _counts(dropped).get(reason, 0) + _counts(flagged).get(reason, 0),
-                           "removed": _counts(dropped).get(reason, 0)} for reason in CHECKS},
+        "dropped": removed,
+        "flagged": kept_flagged,  # found by a check set to `report`, kept
+        "dedup": {reason: {"found": removed.get(reason, 0) + kept_flagged.get(reason, 0),
+                           "removed": removed.get(reason, 0)} for reason in CHECKS},
         "quarantine": {"rows": len({(q["file"], q["line"], q.get("id")) for q in quarantined}), "problems": len(quarantined)},
         "splits": {s: len(rows) for s, rows in splits.items()},
         "sources": sources or {},

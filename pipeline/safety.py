@@ -38,14 +38,21 @@ class Rules:
                     for k in self.keywords]
         compiled += [(f"regex:{p}", re.compile(p, re.IGNORECASE), ()) for p in self.patterns]
         object.__setattr__(self, "_compiled", compiled)
+        # One scan of a lower-cased ASCII text for the first word of every ASCII keyword: when
+        # none is in it, no such keyword rule can match and only the other rules are run.
+        firsts = sorted({words[0] for _, _, words in compiled if words}, key=lambda w: (-len(w), w))
+        object.__setattr__(self, "_gate", re.compile("|".join(map(re.escape, firsts))) if firsts else None)
+        object.__setattr__(self, "_ungated", [rule for rule in compiled if not rule[2]])
 
     def check(self, text: str) -> list[str]:
         """Every rule ``text`` hits, in list order (keywords, regexes, then the classifier)."""
         # For ASCII text and an ASCII keyword, IGNORECASE matching is matching the lower-cased
         # text, so a keyword word missing from it means no match; other texts run every regex.
         lower = text.lower() if text.isascii() else None
-        hits = [name for name, rx, words in self._compiled  # type: ignore[attr-defined]
-                if (lower is None or all(w in lower for w in words)) and rx.search(text)]
+        rules = self._compiled  # type: ignore[attr-defined]
+        if lower is not None and self._gate is not None and self._gate.search(lower) is None:  # type: ignore[attr-defined]
+            rules = self._ungated  # type: ignore[attr-defined]
+        hits = [name for name, rx, words in rules if (lower is None or all(w in lower for w in words)) and rx.search(text)]
         if self.classifier is not None:
             reason = self.classifier(text)
             if reason:

@@ -190,6 +190,17 @@ def test_read_jsonl_reads_what_json_reads_where_orjson_refuses(tmp_path: Path) -
     assert math.isnan(got[0]["score"]) and got[1:] == rows[1:]
 
 
+def test_write_jsonl_keeps_what_orjson_would_change(tmp_path: Path) -> None:
+    """orjson writes NaN as null and refuses int keys and huge ints: those rows are written by json."""
+    rows = [{"score": float("nan"), "none": None}, {"inf": float("inf")}, {1: "int key"}, {"big": 2 ** 70},
+            {"text": "null", "n": 0.1}, {"plain": ["日本", 1.5e300]}]
+    write_jsonl(tmp_path / "rows.jsonl", rows)
+    got = read_jsonl(tmp_path / "rows.jsonl")
+    assert math.isnan(got[0]["score"]) and got[0]["none"] is None and got[1]["inf"] == float("inf")
+    assert got[2:] == [{"1": "int key"}, *rows[3:]]  # json's own reading of an int key
+    assert (tmp_path / "rows.jsonl").read_bytes().count(b"\n") == len(rows)
+
+
 def test_render_in_worker_processes_writes_the_same_bytes_as_one_process(smoke_base, smoke_cfg, prepared, tmp_path,
                                                                        monkeypatch) -> None:
     """Forked workers render chunks of rows; the files, report and lengths are those of one process."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,21 @@ def test_keyword_prefilter_never_changes_what_the_rules_find(text: str) -> None:
     r = safety.Rules(("malware", "pipe bomb", "x-ray", "straße"), (r"\bk\w+",))
     naive = [name for name, rx, _ in r._compiled if rx.search(text)]
     assert r.check(text) == naive
+
+
+# The default lists' patterns, in the textbook form they replace (conf/safety/lists/regex.txt).
+TEXTBOOK = (r"\b(?:\d[ -]?){15}\d\b", r"\b\d{3}-\d{2}-\d{4}\b")
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.sampled_from(["1", "12", "123", "1234", "0000", "4111 1111 1111 1111", "-", " ", "  ", "a", "_",
+                                 "x1", "١٢٣", "\n", ".", "123-45-6789"]), max_size=14).map("".join))
+def test_default_regexes_find_what_their_textbook_forms_find(text: str) -> None:
+    shipped = safety.read_list(PROJECT / "conf/safety/lists/regex.txt")
+    assert len(shipped) == len(TEXTBOOK)
+    for fast, plain in zip(shipped, TEXTBOOK):
+        a, b = re.search(fast, text, re.IGNORECASE), re.search(plain, text, re.IGNORECASE)
+        assert (a and a.span()) == (b and b.span()), (fast, text)
 
 
 def test_classifier_hook_from_a_target_adds_its_reason(tmp_path: Path) -> None:
