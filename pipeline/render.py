@@ -127,7 +127,7 @@ class _Work:
     encoder: PieceEncoder
 
 
-def _render_chunk(work: _Work, task: tuple[int, int, int]) -> tuple[bytes, Tally]:
+def _render_chunk(work: _Work, task: tuple[int, int, int]) -> tuple[bytearray, Tally]:
     """Rows ``start:stop`` of job ``j`` as JSONL bytes, and their :func:`_tally`."""
     j, start, stop = task
     job = work.jobs[j]
