@@ -8,6 +8,7 @@ Texts are compared after :func:`normalize` (Unicode NFKC, case folding, whitespa
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import unicodedata
 from typing import Any, Iterable
@@ -108,10 +109,13 @@ def _minhashes(state: tuple[list[Example], int, int, int], task: tuple[int, int]
 
 
 def _ngrams(text: str, n: int) -> set[tuple[str, ...]]:
-    words = normalize(text).split()
-    if n < 1:
-        return {()}
-    return set(zip(*(words[i:] for i in range(n))))  # the n-word windows, built in C
+    return set(_windows(text, n))
+
+
+def _windows(text: str, n: int) -> Iterable[tuple[str, ...]]:
+    """The ``n``-word windows of ``text``'s :func:`normalize` d words, in order (built in C)."""
+    words = unicodedata.normalize("NFKC", text).casefold().split()  # normalize's words, without the join
+    return zip(*[words[i:] for i in range(n)]) if n >= 1 else [()]
 
 
 def contamination(train: list[Example], held_out: list[Example], ngram: int, threshold: float) -> list[Flag]:
@@ -123,18 +127,31 @@ def contamination(train: list[Example], held_out: list[Example], ngram: int, thr
     otherwise make every row of that task look contaminated.
     """
     prompts = {_prompt_key(ex): ex.id for ex in held_out}
-    held_grams: set[tuple[str, ...]] = set()
-    for ex in held_out:
-        held_grams |= _ngrams(_specific_text(ex), ngram)
-    # Train rows are checked in forked workers when there are many.
-    return parallel.map_rows(_leaks, (train, prompts, held_grams, ngram, threshold), len(train))
+    # Train rows are checked in forked workers when there are many; each process builds the
+    # val/test n-gram set itself on first use, so the workers build it side by side.
+    return parallel.map_rows(_leaks, _LeakCheck(train, prompts, held_out, ngram, threshold), len(train))
 
 
-def _leaks(state: tuple[list[Example], dict[tuple[str, ...], str], set[tuple[str, ...]], int, float],
-           task: tuple[int, int]) -> list[Flag]:
-    train, prompts, held_grams, ngram, threshold = state
+@dataclasses.dataclass
+class _LeakCheck:
+    train: list[Example]
+    prompts: dict[tuple[str, ...], str]
+    held_out: list[Example]
+    ngram: int
+    threshold: float
+
+    @functools.cached_property
+    def held_grams(self) -> set[tuple[str, ...]]:
+        grams: set[tuple[str, ...]] = set()
+        for ex in self.held_out:
+            grams.update(_windows(_specific_text(ex), self.ngram))
+        return grams
+
+
+def _leaks(check: _LeakCheck, task: tuple[int, int]) -> list[Flag]:
+    prompts, held_grams, ngram, threshold = check.prompts, check.held_grams, check.ngram, check.threshold
     flags = []
-    for ex in train[task[0]:task[1]]:
+    for ex in check.train[task[0]:task[1]]:
         same = prompts.get(_prompt_key(ex))
         if same is not None:
             flags.append({"id": ex.id, "reason": "contamination_exact", "overlaps": same})
