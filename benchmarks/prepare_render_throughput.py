@@ -2,8 +2,9 @@
 
 Runs the real stage functions in-process (files written included), as the DVC stages
 run them: prepare with the default safety rules and near-duplicate detection off and
-on, then render with the real tokenizer (in ``pipeline.parallel.workers()`` processes). Prints
-examples/s against the 20k/s goal; then, redone in one process for reference, render's
+on, then render with the real tokenizer (in ``pipeline.parallel.workers()`` processes), in
+``--repeat`` rounds (3; each round's times are printed, and a shared machine's slow moment
+moves the median less than one run). Prints examples/s from the medians against the 20k/s goal; then, redone in one process for reference, render's
 parts (loading the tokenizer in a fresh process, reading, templates, tokenization) and
 its tokenization against the baselines measured in this same process on the same
 texts: the tokenizer's own batched ``__call__`` and ``render.encode`` (whole texts, each
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -44,17 +46,23 @@ def timed(fn: Any, *args: Any) -> tuple[float, Any]:
     return time.perf_counter() - start, out
 
 
-def measure(n_per_task: int, base_model: Path, work: Path) -> dict[str, float]:
+def measure(n_per_task: int, base_model: Path, work: Path, repeat: int = 1) -> dict[str, Any]:
     cfg = from_mapping(compose([f"data.n_per_task={n_per_task}"]))
     n = 4 * n_per_task
     off = dataclasses.replace(cfg.data, dedup=dataclasses.replace(cfg.data.dedup, near="off"))
     on = dataclasses.replace(cfg.data, dedup=dataclasses.replace(cfg.data.dedup, near="report"))
     rules = safety.from_config(cfg.safety, [REPO])  # the default lists, as the prepare stage reads them
-    t_prep_off, _ = timed(prepare.run, off, cfg.seed, work / "prep_off", work / "stats_off.json", None, rules)
-    t_prep_on, _ = timed(prepare.run, on, cfg.seed, work / "prep_on", work / "stats_on.json", None, rules)
-    t_render, report = timed(render.run, cfg.prompt, work / "prep_off", base_model, work / "rendered",
-                             work / "render.json")
+    runs: dict[str, list[float]] = {"prepare_off_s": [], "prepare_on_s": [], "render_s": []}
+    for _ in range(repeat):  # rounds of the three timed parts; the median of each is reported
+        runs["prepare_off_s"].append(timed(prepare.run, off, cfg.seed, work / "prep_off", work / "stats_off.json",
+                                           None, rules)[0])
+        runs["prepare_on_s"].append(timed(prepare.run, on, cfg.seed, work / "prep_on", work / "stats_on.json",
+                                          None, rules)[0])
+        t_render, report = timed(render.run, cfg.prompt, work / "prep_off", base_model, work / "rendered",
+                                 work / "render.json")
+        runs["render_s"].append(t_render)
     rendered = sum(r["rows"] for r in report["splits"].values())
+    t_prep_off, t_prep_on, t_render = (statistics.median(runs[k]) for k in runs)
 
     # Render's parts, redone on the same data: what a fresh process pays to load the tokenizer
     # (importing transformers and torch), reading, templates (k-shot arm included), tokenization.
@@ -74,7 +82,7 @@ def measure(n_per_task: int, base_model: Path, work: Path) -> dict[str, float]:
                                   tokenizer(rest, add_special_tokens=False)["input_ids"]))
     assert fast == whole == base, "render's encoders must give the tokenizer's own ids"
     return {"examples": n, "rendered": rendered, "prepare_off_s": t_prep_off, "prepare_on_s": t_prep_on,
-            "render_s": t_render, "texts": len(pieces), "load_s": t_load, "read_s": t_read,
+            "render_s": t_render, "runs": runs, "texts": len(pieces), "load_s": t_load, "read_s": t_read,
             "segments_s": t_segments, "tokenize_baseline_s": t_base, "tokenize_whole_s": t_whole,
             "tokenize_pieces_s": t_pieces}
 
@@ -94,6 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--n-per-task", type=int, default=25_000, help="embedded examples per task (4 tasks)")
     parser.add_argument("--base-model", type=Path, default=REPO.parent / "main" / "models" / "base",
                         help="a checkpoint directory with the tokenizer (the base_model stage output)")
+    parser.add_argument("--repeat", type=int, default=3, help="rounds of the timed parts; medians are reported")
     parser.add_argument("--smoke", action="store_true", help="250 examples per task: checks the script runs")
     args = parser.parse_args(argv)
     n_per_task = 250 if args.smoke else args.n_per_task
@@ -102,13 +111,14 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory() as tmp:
-        m = measure(n_per_task, args.base_model, Path(tmp))
+        m = measure(n_per_task, args.base_model, Path(tmp), 1 if args.smoke else args.repeat)
     n = m["examples"]
     off = n / (m["prepare_off_s"] + m["render_s"])
     on = n / (m["prepare_on_s"] + m["render_s"])
     parts = {"tokenizer load (fresh process)": m["load_s"], "read prepared": m["read_s"],
              "templates": m["segments_s"], "tokenization": m["tokenize_pieces_s"]}
-    print(f"examples: {n} ({m['rendered']} rendered)")
+    print(f"examples: {n} ({m['rendered']} rendered); median of {len(m['runs']['render_s'])} rounds, each: "
+          + "; ".join(f"{k[:-2]} " + " ".join(f"{t:.2f}" for t in ts) for k, ts in m["runs"].items()))
     print(f"prepare, near-dup off: {m['prepare_off_s']:.2f}s  ({n / m['prepare_off_s']:,.0f} ex/s)")
     print(f"prepare, near-dup on:  {m['prepare_on_s']:.2f}s  ({n / m['prepare_on_s']:,.0f} ex/s)")
     print(f"render ({parallel.workers()} processes): {m['render_s']:.2f}s  ({n / m['render_s']:,.0f} ex/s)")

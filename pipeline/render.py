@@ -90,7 +90,8 @@ def _rows(examples: list[dict[str, Any]], template: Template, tokenizer: Any, ma
             truncated.append(ex["id"])
         rows.append({
             "id": ex["id"], "task": ex["task"], "task_type": ex["task_type"],
-            "prompt": "".join(t for t, _ in parts[:-1]), "completion": parts[-1][0],
+            "prompt": parts[0][0] if len(parts) == 2 else "".join(t for t, _ in parts[:-1]),
+            "completion": parts[-1][0],
             "input_ids": ids, "labels": labels,
         })
     return rows, truncated, dropped

@@ -126,19 +126,21 @@ def contamination(train: list[Example], held_out: list[Example], ngram: int, thr
     answer when there is no input): an instruction shared by a whole task family would
     otherwise make every row of that task look contaminated.
     """
-    prompts = {_prompt_key(ex): ex.id for ex in held_out}
     # Train rows are checked in forked workers when there are many; each process builds the
-    # val/test n-gram set itself on first use, so the workers build it side by side.
-    return parallel.map_rows(_leaks, _LeakCheck(train, prompts, held_out, ngram, threshold), len(train))
+    # val/test prompt index and n-gram set itself on first use, so the workers build them side by side.
+    return parallel.map_rows(_leaks, _LeakCheck(train, held_out, ngram, threshold), len(train))
 
 
 @dataclasses.dataclass
 class _LeakCheck:
     train: list[Example]
-    prompts: dict[tuple[str, ...], str]
     held_out: list[Example]
     ngram: int
     threshold: float
+
+    @functools.cached_property
+    def prompts(self) -> dict[tuple[str, ...], str]:
+        return {_prompt_key(ex): ex.id for ex in self.held_out}
 
     @functools.cached_property
     def held_grams(self) -> set[tuple[str, ...]]:
