@@ -11,6 +11,7 @@ through the same function: the output cannot depend on the number of workers.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import multiprocessing
 import os
@@ -24,7 +25,7 @@ R = TypeVar("R")
 CHUNK = 4096  # rows per task handed to a worker
 MIN_ROWS = 2 * CHUNK  # fewer rows than this run in-process: forking would cost more than it saves
 
-# (fn, state) of the map in progress: set before the pool forks, so each worker inherits it.
+# (fn, state) of the map being started: set while the pool forks, so each worker inherits it.
 _CURRENT: tuple[Callable[[Any, Any], Any], Any] | None = None
 
 
@@ -80,32 +81,48 @@ def fork_map(fn: Callable[[T, Any], R], state: T, tasks: Sequence[Any], parallel
     """``fn(state, task)`` for each task, in task order, in forked workers when ``parallel``.
 
     ``fn`` must be a module-level function. Each worker has its own copy of ``state``, so
-    a cache inside it is per process. An exception in a worker is raised here, as is.
+    a cache inside it is per process. The workers are forked and sent the tasks when this is
+    called, and the results are collected as the returned iterator is consumed: the caller
+    may do other work in between. Consume it to the end (or close it) to end the workers.
+    An exception in a worker is raised here, as is. In-process, ``fn`` runs as the results are consumed.
     """
     global _CURRENT
     n_workers = workers() if n_workers is None else n_workers
     # Linux only: macOS offers fork, but system frameworks loaded in the parent make it unsafe there.
     forked = parallel and n_workers > 1 and len(tasks) > 1 and sys.platform.startswith("linux")
+    if not forked:
+        return map(functools.partial(fn, state), tasks)
     _CURRENT = (fn, state)
-    try:
-        if not forked:
-            yield from map(_call, tasks)
-            return
+    try:  # the workers fork here and inherit (fn, state)
         pool = multiprocessing.get_context("fork").Pool(min(n_workers, len(tasks)), _init_worker)
-        try:
-            yield from pool.imap(_call, tasks)
-        except BaseException:  # a worker's error, or the caller stopped early (GeneratorExit)
-            pool.terminate()
-            raise
-        else:
-            pool.close()  # every result is in: the workers leave their loop and exit
-        finally:
-            pool.join()
     finally:
         _CURRENT = None
+    return _collect(pool, pool.imap(_call, tasks))
+
+
+def _collect(pool: Any, results: Iterator[R]) -> Iterator[R]:
+    try:
+        yield from results
+    except BaseException:  # a worker's error, or the caller stopped early (GeneratorExit)
+        pool.terminate()
+        raise
+    else:
+        pool.close()  # every result is in: the workers leave their loop and exit
+    finally:
+        pool.join()
 
 
 def map_rows(fn: Callable[[T, tuple[int, int]], list[R]], state: T, n: int, parallel: bool = True) -> list[R]:
     """``fn(state, (start, stop))`` over :func:`chunks` of ``range(n)``, the lists it returns joined
     in row order; forked (:func:`fork_map`) when ``parallel`` and there are :data:`MIN_ROWS` rows."""
-    return [r for part in fork_map(fn, state, chunks(n), parallel=parallel and n >= MIN_ROWS) for r in part]
+    return start_rows(fn, state, n, parallel)()
+
+
+def start_rows(fn: Callable[[T, tuple[int, int]], list[R]], state: T, n: int,
+               parallel: bool = True) -> Callable[[], list[R]]:
+    """:func:`map_rows`, started now (workers forked, chunks sent); call the result for its rows.
+
+    The calling process is free in between: its own work then runs beside the workers'.
+    """
+    parts = fork_map(fn, state, chunks(n), parallel=parallel and n >= MIN_ROWS)
+    return lambda: [r for part in parts for r in part]

@@ -16,7 +16,7 @@ import random
 import sys
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -143,18 +143,32 @@ def safety_filter(rows: list[Example], rules: Any) -> tuple[list[Example], list[
     """Split off the examples any safety rule hits, as quarantine records naming the rules.
 
     Every turn of a conversation is checked, prompt and answer alike: a harmful answer
-    is what fine-tuning would teach. Large inputs are checked in forked workers, unless a
-    classifier hook is set (a model may hold threads or a GPU context that must not fork).
+    is what fine-tuning would teach.
     """
-    hits = parallel.map_rows(_safety_hits, (rows, rules), len(rows), parallel=rules.classifier is None)
-    kept, quarantined = [], []
-    for e, found in zip(rows, hits):
+    kept, quarantined, _ = _quarantine(rows, start_safety(rows, rules)())
+    return kept, quarantined
+
+
+def start_safety(rows: list[Example], rules: Any) -> Callable[[], list[list[str]]]:
+    """The rules each row hits, started now (:func:`pipeline.parallel.start_rows`): large inputs
+    are checked in forked workers, unless a classifier hook is set (a model may hold threads or a
+    GPU context that must not fork), while this process goes on; call the result for the hits."""
+    return parallel.start_rows(_safety_hits, (rows, rules), len(rows), parallel=rules.classifier is None)
+
+
+def _quarantine(rows: list[Example], hits: list[list[str]], keys: Sequence[Any] | None = None
+                ) -> tuple[list[Example], list[dict[str, Any]], list[Any] | None]:
+    """The rows no rule hit (with their ``keys``, when given); a quarantine record for each other row."""
+    kept, quarantined, kept_keys = [], [], []
+    for i, (e, found) in enumerate(zip(rows, hits)):
         if found:
             quarantined.append({"file": e.source or "data", "line": None, "field": "safety", "id": e.id,
                                 "reason": "safety: " + ", ".join(found), "rules": found, "raw": e.to_dict()})
         else:
             kept.append(e)
-    return kept, quarantined
+            if keys is not None:
+                kept_keys.append(keys[i])
+    return kept, quarantined, kept_keys if keys is not None else None
 
 
 def _safety_hits(state: tuple[list[Example], Any], task: tuple[int, int]) -> list[list[str]]:
@@ -184,9 +198,12 @@ def run(data_cfg: config.DataConfig, seed: int, out: Path, stats_path: Path,
     examples, sources = load(data_cfg, seed, problems)
     problems.raise_if_any()
     cfg, dropped, flagged = data_cfg.dedup, [], []  # type: ignore[var-annotated]
-    kept, unsafe = safety_filter(examples, rules) if rules is not None else (examples, [])
+    hits = start_safety(examples, rules) if rules is not None else None
+    # Exact-duplicate keys are computed here while forked workers check the safety rules.
+    keys = [dedup.exact_key(e) for e in examples] if cfg.exact != "off" else None
+    kept, unsafe, keys = _quarantine(examples, hits(), keys) if hits is not None else (examples, [], keys)
     if cfg.exact != "off":
-        kept = apply(cfg.exact, kept, dedup.exact_duplicates(kept), dropped, flagged)
+        kept = apply(cfg.exact, kept, dedup.exact_duplicates(kept, keys), dropped, flagged)
     if cfg.near != "off":
         found = dedup.near_duplicates(kept, cfg.near_threshold, cfg.shingle, cfg.num_perm)
         kept = apply(cfg.near, kept, found, dropped, flagged)

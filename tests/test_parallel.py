@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,26 @@ def test_fork_map_keeps_task_order_and_runs_in_other_processes() -> None:
     assert os.getpid() not in {pid for pid, _ in got}
     serial = list(parallel.fork_map(_pid_and_square, 10, range(40), parallel=False))
     assert {pid for pid, _ in serial} == {os.getpid()} and [v for _, v in serial] == [v for _, v in got]
+
+
+def _slow_pids(started: float, task: tuple[int, int]) -> list[tuple[int, float]]:
+    time.sleep(0.3)
+    return [(os.getpid(), time.monotonic() - started)] * (task[1] - task[0])
+
+
+def test_started_rows_run_in_workers_while_the_caller_works(monkeypatch) -> None:
+    monkeypatch.setattr(parallel, "MIN_ROWS", 0)
+    monkeypatch.setattr(parallel, "CHUNK", 10)  # two chunks of 0.3 s
+    monkeypatch.setattr(parallel, "workers", lambda: 2)
+    t0 = time.monotonic()
+    collect = parallel.start_rows(_slow_pids, t0, 20, parallel=True)
+    time.sleep(0.8)  # the caller's own work
+    asked = time.monotonic() - t0
+    rows = collect()
+    assert len(rows) == 20 and os.getpid() not in {pid for pid, _ in rows}
+    assert max(done for _, done in rows) < asked  # every chunk was done before the caller asked for it
+    serial = parallel.start_rows(_slow_pids, time.monotonic(), 20, parallel=False)
+    assert {pid for pid, _ in serial()} == {os.getpid()}  # in-process: run when asked
 
 
 def test_an_error_in_a_worker_is_raised_in_the_caller_as_it_is() -> None:

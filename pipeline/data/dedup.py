@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import unicodedata
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 from pipeline import parallel
 from pipeline.data.schema import Example
@@ -36,12 +36,14 @@ def full_text(ex: Example) -> str:
     return f"{prompt_text(ex)}\n{ex.output}"
 
 
-def exact_duplicates(examples: Iterable[Example]) -> list[Flag]:
-    """Rows whose task and normalized text equal an earlier row's (ids are ignored)."""
+def exact_duplicates(examples: list[Example], keys: Sequence[tuple[str, ...]] | None = None) -> list[Flag]:
+    """Rows whose task and normalized text equal an earlier row's (ids are ignored).
+
+    ``keys``, when given, are the rows' :func:`exact_key` values, already computed.
+    """
     seen: dict[tuple[str, ...], str] = {}
     flags = []
-    for ex in examples:
-        key = _exact_key(ex)
+    for ex, key in zip(examples, keys if keys is not None else map(exact_key, examples)):
         if key in seen:
             flags.append({"id": ex.id, "reason": "exact_duplicate", "duplicate_of": seen[key]})
         else:
@@ -49,7 +51,8 @@ def exact_duplicates(examples: Iterable[Example]) -> list[Flag]:
     return flags
 
 
-def _exact_key(ex: Example) -> tuple[str, ...]:
+def exact_key(ex: Example) -> tuple[str, ...]:
+    """What exact duplicates share: the task and each field, normalized."""
     # Fields stay apart: ("a b", "") and ("a", "b") as instruction and input are different rows.
     turns = tuple(f"{m['role']}: {normalize(m['content'])}" for m in ex.messages or ())
     return (ex.task, _normalize_repeated(ex.instruction), normalize(ex.input), normalize(ex.output), *turns)
@@ -169,7 +172,7 @@ def _leaks(check: _LeakCheck, task: tuple[int, int]) -> list[Flag]:
 def _prompt_key(ex: Example) -> tuple[str, ...]:
     if ex.messages:
         return tuple(normalize(m["content"]) for m in ex.messages[:-1])
-    return (_normalize_repeated(ex.instruction), normalize(ex.input))  # == _exact_key(ex)[1:3]
+    return (_normalize_repeated(ex.instruction), normalize(ex.input))  # == exact_key(ex)[1:3]
 
 
 def _specific_text(ex: Example) -> str:
