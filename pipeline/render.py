@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import os
 import re
 import sys
 from itertools import chain
@@ -126,16 +127,34 @@ class _Work:
     overflow: str
     pool: ShotPool | None
     encoder: PieceEncoder
+    out: Path  # where each chunk's part file is written
 
 
-def _render_chunk(work: _Work, task: tuple[int, int, int]) -> tuple[bytearray, Tally]:
-    """Rows ``start:stop`` of job ``j`` as JSONL bytes, and their :func:`_tally`."""
+def _render_chunk(work: _Work, task: tuple[int, int, int]) -> tuple[Path, Tally]:
+    """Rows ``start:stop`` of job ``j`` written as JSONL to a part file in ``work.out``; its path
+    and the rows' :func:`_tally`. Rows stay out of the pipe to the parent: it only appends files."""
     j, start, stop = task
     job = work.jobs[j]
     rows, truncated, dropped = _rows(job.examples[start:stop], job.template, work.tokenizer, job.max_length,
                                      work.overflow, job.last_only, work.pool if job.template.k_shot else None,
                                      work.encoder)
-    return jsonl_bytes(rows), _tally(rows, truncated, dropped)
+    part = work.out / f".{job.name}.{start:012d}.part"
+    part.write_bytes(jsonl_bytes(rows))
+    return part, _tally(rows, truncated, dropped)
+
+
+def _append(dst: Any, part: Path) -> None:
+    """Append the file ``part`` to ``dst`` (a file opened unbuffered), in the kernel where it can, and remove it."""
+    with open(part, "rb", buffering=0) as src:
+        left = os.fstat(src.fileno()).st_size
+        if hasattr(os, "copy_file_range"):  # Linux
+            with contextlib.suppress(OSError):  # e.g. not between these file systems: copied below
+                while left and (copied := os.copy_file_range(src.fileno(), dst.fileno(), left)):
+                    left -= copied
+        view = memoryview(src.read())  # what copy_file_range did not copy: src's offset is past the rest
+        while view:
+            view = view[dst.write(view):]
+    part.unlink()
 
 
 def render_jobs(jobs: list[Job], tokenizer: Any, overflow: str, pool: ShotPool | None, out: Path,
@@ -145,21 +164,21 @@ def render_jobs(jobs: list[Job], tokenizer: Any, overflow: str, pool: ShotPool |
 
     Rows are rendered in chunks by ``n_workers`` forked processes (default
     :func:`pipeline.parallel.workers`) when there are enough of them and the platform
-    forks (:func:`pipeline.parallel.fork_map`); the chunks come back in order,
-    so the files are the same bytes whatever the number of workers. Each process keeps
-    its own piece cache (:class:`PieceEncoder`).
+    forks (:func:`pipeline.parallel.fork_map`). Each chunk is written to a part file by the
+    process that rendered it and appended in order, so the files are the same bytes whatever
+    the number of workers. Each process keeps its own piece cache (:class:`PieceEncoder`).
     """
     tasks = [(j, start, stop) for j, job in enumerate(jobs)
              for start, stop in parallel.chunks(len(job.examples))]
     total = sum(len(job.examples) for job in jobs)
-    work = _Work(jobs, tokenizer, overflow, pool, PieceEncoder(tokenizer))
+    work = _Work(jobs, tokenizer, overflow, pool, PieceEncoder(tokenizer), out)
     results = parallel.fork_map(_render_chunk, work, tasks, parallel=total >= parallel.MIN_ROWS, n_workers=n_workers)
     tallies: list[list[Tally]] = [[] for _ in jobs]
     with contextlib.ExitStack() as stack:
-        files = [stack.enter_context(open(out / f"{job.name}.jsonl", "wb")) for job in jobs]
+        files = [stack.enter_context(open(out / f"{job.name}.jsonl", "wb", buffering=0)) for job in jobs]
         bar = stack.enter_context(tqdm(total=total, desc="render", unit="row", disable=None))
-        for (text, tally), (j, start, stop) in zip(results, tasks):  # in order, written as they come
-            files[j].write(text)
+        for (part, tally), (j, start, stop) in zip(results, tasks):  # in order, appended as they come
+            _append(files[j], part)
             tallies[j].append(tally)
             bar.update(stop - start)
     done = {}

@@ -201,6 +201,22 @@ def test_write_jsonl_keeps_what_orjson_would_change(tmp_path: Path) -> None:
     assert (tmp_path / "rows.jsonl").read_bytes().count(b"\n") == len(rows)
 
 
+@pytest.mark.parametrize("kernel_copy", [True, False])
+def test_parts_are_appended_whole_and_removed(tmp_path: Path, monkeypatch, kernel_copy: bool) -> None:
+    if not kernel_copy:  # a platform or file system without copy_file_range
+        monkeypatch.setattr(render.os, "copy_file_range", lambda *a: (_ for _ in ()).throw(OSError("EXDEV")),
+                            raising=False)
+    parts = [tmp_path / f"p{i}" for i in range(3)]
+    for i, part in enumerate(parts):
+        part.write_bytes(bytes(range(256)) * (1000 * i) + b"end %d\n" % i)
+    with open(tmp_path / "all.jsonl", "wb", buffering=0) as dst:
+        dst.write(b"head\n")
+        for part in parts:
+            render._append(dst, part)
+    expected = b"head\n" + b"".join(bytes(range(256)) * (1000 * i) + b"end %d\n" % i for i in range(3))
+    assert (tmp_path / "all.jsonl").read_bytes() == expected and not any(p.exists() for p in parts)
+
+
 def test_render_in_worker_processes_writes_the_same_bytes_as_one_process(smoke_base, smoke_cfg, prepared, tmp_path,
                                                                        monkeypatch) -> None:
     """Forked workers render chunks of rows; the files, report and lengths are those of one process."""
