@@ -11,13 +11,12 @@ through the same function: the output cannot depend on the number of workers.
 from __future__ import annotations
 
 import contextlib
-import functools
 import gc
 import multiprocessing
 import os
 import signal
 import sys
-from typing import Any, Callable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Generator, Iterator, Sequence, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -77,31 +76,35 @@ def _init_worker() -> None:
 
 
 def fork_map(fn: Callable[[T, Any], R], state: T, tasks: Sequence[Any], parallel: bool = True,
-             n_workers: int | None = None) -> Iterator[R]:
+             n_workers: int | None = None) -> Generator[R, None, None]:
     """``fn(state, task)`` for each task, in task order, in forked workers when ``parallel``.
 
     ``fn`` must be a module-level function. Each worker has its own copy of ``state``, so
     a cache inside it is per process. The workers are forked and sent the tasks when this is
-    called, and the results are collected as the returned iterator is consumed: the caller
-    may do other work in between. Consume it to the end (or close it) to end the workers.
-    An exception in a worker is raised here, as is. In-process, ``fn`` runs as the results are consumed.
+    called, and the results are collected as the returned generator is consumed: the caller
+    may do other work in between. Consume it to the end, or ``close()`` it to end the
+    workers. An exception in a worker is raised here, as is. In-process, ``fn`` runs as the
+    results are consumed.
     """
     global _CURRENT
     n_workers = workers() if n_workers is None else n_workers
     # Linux only: macOS offers fork, but system frameworks loaded in the parent make it unsafe there.
     forked = parallel and n_workers > 1 and len(tasks) > 1 and sys.platform.startswith("linux")
     if not forked:
-        return map(functools.partial(fn, state), tasks)
+        return (fn(state, task) for task in tasks)
     _CURRENT = (fn, state)
     try:  # the workers fork here and inherit (fn, state)
         pool = multiprocessing.get_context("fork").Pool(min(n_workers, len(tasks)), _init_worker)
     finally:
         _CURRENT = None
-    return _collect(pool, pool.imap(_call, tasks))
+    results = _collect(pool, pool.imap(_call, tasks))
+    next(results)  # started: from here on, close() ends the workers
+    return results
 
 
-def _collect(pool: Any, results: Iterator[R]) -> Iterator[R]:
+def _collect(pool: Any, results: Iterator[R]) -> Generator[R, None, None]:
     try:
+        yield  # type: ignore[misc]  # where fork_map leaves it, before the first result
         yield from results
     except BaseException:  # a worker's error, or the caller stopped early (GeneratorExit)
         pool.terminate()
@@ -115,14 +118,17 @@ def _collect(pool: Any, results: Iterator[R]) -> Iterator[R]:
 def map_rows(fn: Callable[[T, tuple[int, int]], list[R]], state: T, n: int, parallel: bool = True) -> list[R]:
     """``fn(state, (start, stop))`` over :func:`chunks` of ``range(n)``, the lists it returns joined
     in row order; forked (:func:`fork_map`) when ``parallel`` and there are :data:`MIN_ROWS` rows."""
-    return start_rows(fn, state, n, parallel)()
+    return joined(start_rows(fn, state, n, parallel))
 
 
 def start_rows(fn: Callable[[T, tuple[int, int]], list[R]], state: T, n: int,
-               parallel: bool = True) -> Callable[[], list[R]]:
-    """:func:`map_rows`, started now (workers forked, chunks sent); call the result for its rows.
+               parallel: bool = True) -> Generator[list[R], None, None]:
+    """:func:`map_rows` started now (workers forked, chunks sent): the chunks' lists, in order, as
+    the result is consumed (:func:`joined`). The calling process is free in between: its own
+    work then runs beside the workers'. ``close()`` the result to give up."""
+    return fork_map(fn, state, chunks(n), parallel=parallel and n >= MIN_ROWS)
 
-    The calling process is free in between: its own work then runs beside the workers'.
-    """
-    parts = fork_map(fn, state, chunks(n), parallel=parallel and n >= MIN_ROWS)
-    return lambda: [r for part in parts for r in part]
+
+def joined(parts: Iterator[list[R]]) -> list[R]:
+    """The lists of :func:`start_rows` (waited for), joined in row order."""
+    return [r for part in parts for r in part]

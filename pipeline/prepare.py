@@ -16,7 +16,7 @@ import random
 import sys
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Generator, Sequence
 
 import numpy as np
 
@@ -145,14 +145,14 @@ def safety_filter(rows: list[Example], rules: Any) -> tuple[list[Example], list[
     Every turn of a conversation is checked, prompt and answer alike: a harmful answer
     is what fine-tuning would teach.
     """
-    kept, quarantined, _ = _quarantine(rows, start_safety(rows, rules)())
+    kept, quarantined, _ = _quarantine(rows, parallel.joined(start_safety(rows, rules)))
     return kept, quarantined
 
 
-def start_safety(rows: list[Example], rules: Any) -> Callable[[], list[list[str]]]:
+def start_safety(rows: list[Example], rules: Any) -> Generator[list[list[str]], None, None]:
     """The rules each row hits, started now (:func:`pipeline.parallel.start_rows`): large inputs
-    are checked in forked workers, unless a classifier hook is set (a model may hold threads or a
-    GPU context that must not fork), while this process goes on; call the result for the hits."""
+    are checked in forked workers while this process goes on, unless a classifier hook is set
+    (a model may hold threads or a GPU context that must not fork)."""
     return parallel.start_rows(_safety_hits, (rows, rules), len(rows), parallel=rules.classifier is None)
 
 
@@ -198,10 +198,14 @@ def run(data_cfg: config.DataConfig, seed: int, out: Path, stats_path: Path,
     examples, sources = load(data_cfg, seed, problems)
     problems.raise_if_any()
     cfg, dropped, flagged = data_cfg.dedup, [], []  # type: ignore[var-annotated]
-    hits = start_safety(examples, rules) if rules is not None else None
-    # Exact-duplicate keys are computed here while forked workers check the safety rules.
-    keys = [dedup.exact_key(e) for e in examples] if cfg.exact != "off" else None
-    kept, unsafe, keys = _quarantine(examples, hits(), keys) if hits is not None else (examples, [], keys)
+    check = start_safety(examples, rules) if rules is not None else None
+    try:  # exact-duplicate keys are computed here while forked workers check the safety rules
+        keys = [dedup.exact_key(e) for e in examples] if cfg.exact != "off" else None
+        hits = parallel.joined(check) if check is not None else None
+    finally:
+        if check is not None:
+            check.close()  # ends the workers if the keys failed; nothing left to do otherwise
+    kept, unsafe, keys = _quarantine(examples, hits, keys) if hits is not None else (examples, [], keys)
     if cfg.exact != "off":
         kept = apply(cfg.exact, kept, dedup.exact_duplicates(kept, keys), dropped, flagged)
     if cfg.near != "off":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import multiprocessing
 import os
 import time
 from pathlib import Path
@@ -47,11 +48,21 @@ def test_started_rows_run_in_workers_while_the_caller_works(monkeypatch) -> None
     collect = parallel.start_rows(_slow_pids, t0, 20, parallel=True)
     time.sleep(0.8)  # the caller's own work
     asked = time.monotonic() - t0
-    rows = collect()
+    rows = parallel.joined(collect)
     assert len(rows) == 20 and os.getpid() not in {pid for pid, _ in rows}
     assert max(done for _, done in rows) < asked  # every chunk was done before the caller asked for it
     serial = parallel.start_rows(_slow_pids, time.monotonic(), 20, parallel=False)
-    assert {pid for pid, _ in serial()} == {os.getpid()}  # in-process: run when asked
+    assert {pid for pid, _ in parallel.joined(serial)} == {os.getpid()}  # in-process: run when asked
+
+
+def test_closing_a_started_map_before_any_result_ends_its_workers(monkeypatch) -> None:
+    monkeypatch.setattr(parallel, "MIN_ROWS", 0)
+    monkeypatch.setattr(parallel, "CHUNK", 10)
+    started = parallel.start_rows(_slow_pids, time.monotonic(), 40, parallel=True)
+    children = multiprocessing.active_children()
+    assert children  # forked when started
+    started.close()  # the caller gave up (an error in its own work)
+    assert not any(c.is_alive() for c in children)
 
 
 def test_an_error_in_a_worker_is_raised_in_the_caller_as_it_is() -> None:

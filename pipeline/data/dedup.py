@@ -116,7 +116,7 @@ def _ngrams(text: str, n: int) -> set[tuple[str, ...]]:
 
 
 def _windows(text: str, n: int) -> Iterable[tuple[str, ...]]:
-    """The ``n``-word windows of ``text``'s :func:`normalize` d words, in order (built in C)."""
+    """The ``n``-word windows of ``text``'s words as :func:`normalize` gives them, in order (built in C)."""
     words = unicodedata.normalize("NFKC", text).casefold().split()  # normalize's words, without the join
     return zip(*[words[i:] for i in range(n)]) if n >= 1 else [()]
 
@@ -136,6 +136,8 @@ def contamination(train: list[Example], held_out: list[Example], ngram: int, thr
 
 @dataclasses.dataclass
 class _LeakCheck:
+    """What :func:`_leaks` needs; the val/test index and n-grams are built once per process, when first used."""
+
     train: list[Example]
     held_out: list[Example]
     ngram: int
