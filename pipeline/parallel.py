@@ -71,6 +71,7 @@ def _init_worker() -> None:
     # is the parent's to handle; it then terminates the workers.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # blocked across the fork: see fork_map
     # One process per CPU already: a tokenizer's own thread pool would only contend with the others.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
@@ -93,9 +94,15 @@ def fork_map(fn: Callable[[T, Any], R], state: T, tasks: Sequence[Any], parallel
     if not forked:
         return (fn(state, task) for task in tasks)
     _CURRENT = (fn, state)
+    # SIGTERM stays blocked across the fork until _init_worker has restored its default action:
+    # a worker inherits the parent's Python handler (Lightning's) until then, and a SIGTERM
+    # caught by it in between would be dropped (Python drops a signal whose handler is SIG_DFL
+    # by the time it runs), leaving pool.terminate() waiting on a live worker forever.
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     try:  # the workers fork here and inherit (fn, state)
         pool = multiprocessing.get_context("fork").Pool(min(n_workers, len(tasks)), _init_worker)
     finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         _CURRENT = None
     results = _collect(pool, pool.imap(_call, tasks))
     next(results)  # started: from here on, close() ends the workers

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import multiprocessing
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -55,14 +56,30 @@ def test_started_rows_run_in_workers_while_the_caller_works(monkeypatch) -> None
     assert {pid for pid, _ in parallel.joined(serial)} == {os.getpid()}  # in-process: run when asked
 
 
-def test_closing_a_started_map_before_any_result_ends_its_workers(monkeypatch) -> None:
+@pytest.mark.timeout(60)  # the failure this guards against is a hang
+def test_closing_a_started_map_at_once_ends_its_workers_even_under_a_sigterm_handler(monkeypatch) -> None:
+    """close() right after the fork, as when the caller's own work fails: the workers may not
+    have replaced the parent's Python SIGTERM handler (Lightning's) yet. A SIGTERM caught by
+    it then was lost and pool.join() hung (seen in `make test`); it is blocked across the fork.
+    A slow worker start makes the window wide enough to hit every time."""
     monkeypatch.setattr(parallel, "MIN_ROWS", 0)
     monkeypatch.setattr(parallel, "CHUNK", 10)
-    started = parallel.start_rows(_slow_pids, time.monotonic(), 40, parallel=True)
-    children = multiprocessing.active_children()
-    assert children  # forked when started
-    started.close()  # the caller gave up (an error in its own work)
-    assert not any(c.is_alive() for c in children)
+    init = parallel._init_worker
+
+    def slow_start() -> None:  # in the worker, before it resets its handlers
+        time.sleep(0.5)
+        init()
+
+    monkeypatch.setattr(parallel, "_init_worker", slow_start)
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)  # a handler that does not exit
+    try:
+        started = parallel.start_rows(_slow_pids, time.monotonic(), 40, parallel=True)
+        children = multiprocessing.active_children()
+        assert children  # forked when started
+        started.close()  # the caller gave up: SIGTERM reaches the workers while they start
+        assert not any(c.is_alive() for c in children)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def test_an_error_in_a_worker_is_raised_in_the_caller_as_it_is() -> None:
