@@ -23,8 +23,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import os
 import re
+import shutil
 import sys
 from itertools import chain
 from pathlib import Path
@@ -91,8 +91,7 @@ def _rows(examples: list[dict[str, Any]], template: Template, tokenizer: Any, ma
             truncated.append(ex["id"])
         rows.append({
             "id": ex["id"], "task": ex["task"], "task_type": ex["task_type"],
-            "prompt": parts[0][0] if len(parts) == 2 else "".join(t for t, _ in parts[:-1]),
-            "completion": parts[-1][0],
+            "prompt": "".join([t for t, _ in parts[:-1]]), "completion": parts[-1][0],
             "input_ids": ids, "labels": labels,
         })
     return rows, truncated, dropped
@@ -105,6 +104,12 @@ def _tally(rows: list[dict[str, Any]], truncated: list[str], dropped: list[dict[
     """What a report is made of, from some of a split's rows (chunks' tallies add up)."""
     return ([len(r["input_ids"]) for r in rows], sum(len(r["labels"]) - r["labels"].count(IGNORE_INDEX) for r in rows),
             truncated, dropped)
+
+
+def _merged(parts: Sequence[Tally]) -> Tally:
+    """One tally of a split from its chunks' tallies, in order."""
+    return ([n for t in parts for n in t[0]], sum(t[1] for t in parts), [i for t in parts for i in t[2]],
+            [d for t in parts for d in t[3]])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,16 +149,9 @@ def _render_chunk(work: _Work, task: tuple[int, int, int]) -> tuple[Path, Tally]
 
 
 def _append(dst: Any, part: Path) -> None:
-    """Append the file ``part`` to ``dst`` (a file opened unbuffered), in the kernel where it can, and remove it."""
-    with open(part, "rb", buffering=0) as src:
-        left = os.fstat(src.fileno()).st_size
-        if hasattr(os, "copy_file_range"):  # Linux
-            with contextlib.suppress(OSError):  # e.g. not between these file systems: copied below
-                while left and (copied := os.copy_file_range(src.fileno(), dst.fileno(), left)):
-                    left -= copied
-        view = memoryview(src.read())  # what copy_file_range did not copy: src's offset is past the rest
-        while view:
-            view = view[dst.write(view):]
+    """Append the file ``part`` to the open file ``dst`` and remove it."""
+    with open(part, "rb") as src:
+        shutil.copyfileobj(src, dst, 1 << 22)
     part.unlink()
 
 
@@ -175,7 +173,7 @@ def render_jobs(jobs: list[Job], tokenizer: Any, overflow: str, pool: ShotPool |
     results = parallel.fork_map(_render_chunk, work, tasks, parallel=total >= parallel.MIN_ROWS, n_workers=n_workers)
     tallies: list[list[Tally]] = [[] for _ in jobs]
     with contextlib.ExitStack() as stack:
-        files = [stack.enter_context(open(out / f"{job.name}.jsonl", "wb", buffering=0)) for job in jobs]
+        files = [stack.enter_context(open(out / f"{job.name}.jsonl", "wb")) for job in jobs]
         bar = stack.enter_context(tqdm(total=total, desc="render", unit="row", disable=None))
         for (part, tally), (j, start, stop) in zip(results, tasks):  # in order, appended as they come
             _append(files[j], part)
@@ -183,10 +181,8 @@ def render_jobs(jobs: list[Job], tokenizer: Any, overflow: str, pool: ShotPool |
             bar.update(stop - start)
     done = {}
     for job, parts in zip(jobs, tallies):
-        lengths = [n for t in parts for n in t[0]]
-        report = _report(lengths, sum(t[1] for t in parts), [i for t in parts for i in t[2]],
-                         [d for t in parts for d in t[3]])
-        done[job.name] = (report, lengths)
+        tally = _merged(parts)
+        done[job.name] = (_report(*tally), tally[0])
     return done
 
 
