@@ -145,8 +145,7 @@ def safety_filter(rows: list[Example], rules: Any) -> tuple[list[Example], list[
     Every turn of a conversation is checked, prompt and answer alike: a harmful answer
     is what fine-tuning would teach.
     """
-    kept, quarantined, _ = _quarantine(rows, parallel.joined(start_safety(rows, rules)))
-    return kept, quarantined
+    return _quarantine(rows, parallel.joined(start_safety(rows, rules)))
 
 
 def start_safety(rows: list[Example], rules: Any) -> Generator[list[list[str]], None, None]:
@@ -156,19 +155,16 @@ def start_safety(rows: list[Example], rules: Any) -> Generator[list[list[str]], 
     return parallel.start_rows(_safety_hits, (rows, rules), len(rows), parallel=rules.classifier is None)
 
 
-def _quarantine(rows: list[Example], hits: list[list[str]], keys: Sequence[Any] | None = None
-                ) -> tuple[list[Example], list[dict[str, Any]], list[Any] | None]:
-    """The rows no rule hit (with their ``keys``, when given); a quarantine record for each other row."""
-    kept, quarantined, kept_keys = [], [], []
-    for i, (e, found) in enumerate(zip(rows, hits)):
+def _quarantine(rows: list[Example], hits: list[list[str]]) -> tuple[list[Example], list[dict[str, Any]]]:
+    """The rows no rule hit, and a quarantine record for each other row."""
+    kept, quarantined = [], []
+    for e, found in zip(rows, hits):
         if found:
             quarantined.append({"file": e.source or "data", "line": None, "field": "safety", "id": e.id,
                                 "reason": "safety: " + ", ".join(found), "rules": found, "raw": e.to_dict()})
         else:
             kept.append(e)
-            if keys is not None:
-                kept_keys.append(keys[i])
-    return kept, quarantined, kept_keys if keys is not None else None
+    return kept, quarantined
 
 
 def _safety_hits(state: tuple[list[Example], Any], task: tuple[int, int]) -> list[list[str]]:
@@ -201,13 +197,14 @@ def run(data_cfg: config.DataConfig, seed: int, out: Path, stats_path: Path,
     check = start_safety(examples, rules) if rules is not None else None
     try:  # exact-duplicate keys are computed here while forked workers check the safety rules
         keys = [dedup.exact_key(e) for e in examples] if cfg.exact != "off" else None
-        hits = parallel.joined(check) if check is not None else None
+        hits = parallel.joined(check) if check is not None else [[] for _ in examples]
     finally:
         if check is not None:
             check.close()  # ends the workers if the keys failed; nothing left to do otherwise
-    kept, unsafe, keys = _quarantine(examples, hits, keys) if hits is not None else (examples, [], keys)
-    if cfg.exact != "off":
-        kept = apply(cfg.exact, kept, dedup.exact_duplicates(kept, keys), dropped, flagged)
+    kept, unsafe = _quarantine(examples, hits)
+    if keys is not None:
+        kept_keys = [key for key, found in zip(keys, hits) if not found]
+        kept = apply(cfg.exact, kept, dedup.exact_duplicates(kept, kept_keys), dropped, flagged)
     if cfg.near != "off":
         found = dedup.near_duplicates(kept, cfg.near_threshold, cfg.shingle, cfg.num_perm)
         kept = apply(cfg.near, kept, found, dropped, flagged)
