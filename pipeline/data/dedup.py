@@ -111,10 +111,6 @@ def _minhashes(state: tuple[list[Example], int, int, int], task: tuple[int, int]
     return [LeanMinHash(m) for m in MinHash.bulk(sets, num_perm=num_perm, seed=seed)]
 
 
-def _ngrams(text: str, n: int) -> set[tuple[str, ...]]:
-    return set(_windows(text, n))
-
-
 def _windows(text: str, n: int) -> Iterable[tuple[str, ...]]:
     """The ``n``-word windows of ``text``'s words as :func:`normalize` gives them, in order (built in C)."""
     words = unicodedata.normalize("NFKC", text).casefold().split()  # normalize's words, without the join
@@ -163,7 +159,7 @@ def _leaks(check: _LeakCheck, task: tuple[int, int]) -> list[Flag]:
         if same is not None:
             flags.append({"id": ex.id, "reason": "contamination_exact", "overlaps": same})
             continue
-        grams = _ngrams(_specific_text(ex), ngram)
+        grams = set(_windows(_specific_text(ex), ngram))
         if grams:
             ratio = len(grams & held_grams) / len(grams)
             if ratio >= threshold:
