@@ -4,7 +4,8 @@ Runs the real stage functions in-process (files written included), as the DVC st
 run them: prepare with the default safety rules and near-duplicate detection off and
 on, then render with the real tokenizer (in ``pipeline.parallel.workers()`` processes), in
 ``--repeat`` rounds (3; each round's times are printed, and a shared machine's slow moment
-moves the median less than one run). Prints examples/s from the medians against the 20k/s goal; then, redone in one process for reference, render's
+moves the median less than one run). Prints examples/s from the medians against the 20k/s
+goal; then, redone in one process for reference, render's
 parts (loading the tokenizer in a fresh process, reading, templates, tokenization) and
 its tokenization against the baselines measured in this same process on the same
 texts: the tokenizer's own batched ``__call__`` and ``render.encode`` (whole texts, each

@@ -16,6 +16,7 @@ import multiprocessing
 import os
 import signal
 import sys
+from itertools import chain
 from typing import Any, Callable, Generator, Iterator, Sequence, TypeVar
 
 T = TypeVar("T")
@@ -138,4 +139,4 @@ def start_rows(fn: Callable[[T, tuple[int, int]], list[R]], state: T, n: int,
 
 def joined(parts: Iterator[list[R]]) -> list[R]:
     """The lists of :func:`start_rows` (waited for), joined in row order."""
-    return [r for part in parts for r in part]
+    return list(chain.from_iterable(parts))
