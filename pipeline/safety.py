@@ -40,7 +40,7 @@ class Rules:
         object.__setattr__(self, "_compiled", compiled)
         # One scan of a lower-cased ASCII text for the first word of every ASCII keyword: when
         # none is in it, no such keyword rule can match and only the other rules are run.
-        firsts = sorted({words[0] for _, _, words in compiled if words}, key=lambda w: (-len(w), w))
+        firsts = sorted({words[0] for _, _, words in compiled if words})
         object.__setattr__(self, "_gate", re.compile("|".join(map(re.escape, firsts))) if firsts else None)
         object.__setattr__(self, "_ungated", [rule for rule in compiled if not rule[2]])
 
