@@ -80,37 +80,115 @@ def collate_packed(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
 
 
 def document_lengths(position_ids: torch.Tensor) -> list[int]:
-    """Lengths of the documents of a single packed row, from where its positions restart."""
-    starts = (position_ids[0] == 0).nonzero().flatten().tolist() + [position_ids.shape[1]]
+    """Lengths of the documents of a single packed row: a document starts at the row's start and
+    wherever the positions restart at 0."""
+    starts = [0, *(position_ids[0, 1:] == 0).nonzero().flatten().add(1).tolist(), position_ids.shape[1]]
     return [b - a for a, b in zip(starts, starts[1:])]
+
+
+class _Documents:
+    """The documents of the packed row now in the forward pass, found once, not once per layer.
+
+    Every layer receives the same ``position_ids`` tensor; reading its restarts costs a host
+    sync on a GPU, so the answer is kept for that tensor (and its in-place version counter).
+    """
+
+    def __init__(self) -> None:
+        self.key: tuple[torch.Tensor, int] | None = None
+        self.lengths: list[int] | None = None
+        self.cu_seqlens: torch.Tensor | None = None
+
+    def of(self, position_ids: torch.Tensor | None) -> list[int] | None:
+        """Document lengths when ``position_ids`` is one row whose positions restart, else None."""
+        if position_ids is None or position_ids.shape[0] != 1:
+            return None
+        key = (position_ids, position_ids._version)
+        if self.key is None or self.key[0] is not key[0] or self.key[1] != key[1]:
+            lengths = document_lengths(position_ids)
+            self.key, self.cu_seqlens = key, None
+            self.lengths = lengths if len(lengths) > 1 else None
+        return self.lengths
+
+    def cumulative(self, device: torch.device) -> torch.Tensor:
+        """[0, len_1, len_1 + len_2, ...] as int32 on ``device`` (what varlen kernels take)."""
+        assert self.lengths is not None
+        if self.cu_seqlens is None or self.cu_seqlens.device != device:
+            ends = torch.tensor([0, *self.lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+            self.cu_seqlens = ends.to(device)
+        return self.cu_seqlens
+
+
+_documents = _Documents()
+
+
+def _varlen_dtype(query: torch.Tensor, dropout: float) -> torch.dtype | None:
+    """The half dtype for PyTorch's flash varlen kernel on this call, or None where it cannot run.
+
+    It runs on CUDA in fp16/bf16 without dropout. Under autocast the rotary embedding leaves
+    query and key in fp32, so the autocast dtype decides, as it does for SDPA.
+    """
+    if not query.is_cuda or dropout > 0 or not _VARLEN["ok"]:
+        return None
+    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else query.dtype
+    return dtype if dtype in (torch.float16, torch.bfloat16) else None
+
+
+_VARLEN = {"ok": True}  # set False, with a warning, if the kernel refuses this GPU
+
+
+def _varlen(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dtype: torch.dtype,
+            scaling: float | None) -> torch.Tensor | None:
+    """All documents in one flash varlen call (``torch.nn.attention.varlen``); None if unavailable."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:  # torch < 2.10
+        _VARLEN["ok"] = False
+        return None
+    lengths = _documents.lengths
+    assert lengths is not None
+    cu = _documents.cumulative(query.device)
+    q, k, v = (t[0].transpose(0, 1).to(dtype).contiguous() for t in (query, key, value))  # [T, heads, dim]
+    try:
+        out = varlen_attn(q, k, v, cu, cu, max(lengths), max(lengths), scale=scaling, window_size=(-1, 0),
+                          enable_gqa=True)
+    except (RuntimeError, NotImplementedError) as err:  # e.g. a GPU older than flash attention supports
+        import warnings
+
+        warnings.warn(f"flash varlen attention unavailable ({err}); packed rows use one SDPA call per document")
+        _VARLEN["ok"] = False
+        return None
+    return out.unsqueeze(0)  # [1, T, heads, dim]
 
 
 def packed_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                 **kwargs: Any) -> tuple[torch.Tensor, None]:
-    """Causal SDPA per document of a packed row; plain SDPA for anything else.
+    """Causal attention within each document of a packed row; plain SDPA for anything else.
 
-    On CPU one ``is_causal`` call per document was measured cheaper than one call with a
-    block-diagonal mask (the mask forces the unfused math path over the whole row).
+    On CUDA in fp16/bf16: one flash varlen call for the whole row. Elsewhere: one
+    ``is_causal`` SDPA call per document, key/value heads shared through ``enable_gqa``
+    (no copies). On CPU per-document calls were measured cheaper than one call with a
+    block-diagonal mask (the mask forces the unfused math path over the whole row) and
+    than one call over the documents padded to the longest.
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    position_ids = kwargs.get("position_ids")
     # transformers has already built a block mask from the same positions; it is not needed here.
-    packed = (position_ids is not None and position_ids.shape[0] == 1 == query.shape[0]
-              and bool((position_ids[0, 1:] == 0).any()))
-    if not packed:
+    position_ids = kwargs.get("position_ids")
+    lengths = _documents.of(position_ids) if query.shape[0] == 1 else None
+    if lengths is None or not query.shape[2] == key.shape[2] == position_ids.shape[1]:  # (no KV cache)
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    groups = getattr(module, "num_key_value_groups", 1)
+    dropout = dropout if module.training else 0.0
+    dtype = _varlen_dtype(query, dropout)
+    if dtype is not None and (out := _varlen(query, key, value, dtype, scaling)) is not None:
+        return out, None
     outs = []
     start = 0
-    for n in document_lengths(position_ids):
-        q = query[:, :, start:start + n]
-        k = key[:, :, start:start + n].repeat_interleave(groups, dim=1)
-        v = value[:, :, start:start + n].repeat_interleave(groups, dim=1)
+    for n in lengths:
         outs.append(torch.nn.functional.scaled_dot_product_attention(
-            q, k, v, dropout_p=dropout if module.training else 0.0, scale=scaling, is_causal=True))
+            query[:, :, start:start + n], key[:, :, start:start + n], value[:, :, start:start + n],
+            dropout_p=dropout, scale=scaling, is_causal=True, enable_gqa=True))
         start += n
     return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
 

@@ -16,7 +16,8 @@ from pipeline import render
 from pipeline.data.embedded import generate
 from pipeline.files import write_json, write_jsonl
 from pipeline.models import apply_finetune, completion_loss, load_causal_lm, load_tokenizer
-from pipeline.packing import best_fit_decreasing, collate_packed, epoch_batches, use_packed_attention
+from pipeline.packing import (best_fit_decreasing, collate_packed, document_lengths, epoch_batches, packed_sdpa,
+                              use_packed_attention)
 from pipeline.prompts import make_template
 from pipeline.training import EpochSampler, InstructionTuner, RenderedData, collate, prepare_for_batching
 
@@ -57,6 +58,61 @@ def test_packed_example_equals_the_example_alone(smoke_base: Path, smoke_cfg, ro
     assert per_token_packed.numel() == sum(sum(1 for t in r["labels"][1:] if t != -100) for r in docs) > 0
     torch.testing.assert_close(per_token_packed, per_token_alone, atol=1e-5, rtol=0)
     torch.testing.assert_close(per_token_packed.mean(), per_token_alone.mean(), atol=1e-5, rtol=0)
+
+
+def _block_causal_reference(q, k, v, lengths, scale):
+    """Attention over the whole row with an explicit mask: key j is visible to query i when both lie
+    in the same document and j <= i. Plain matmul and softmax, key/value heads repeated."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    doc = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    i = torch.arange(sum(lengths))
+    visible = (doc[:, None] == doc[None, :]) & (i[None, :] <= i[:, None])
+    scores = (q @ k.transpose(-1, -2) * scale).masked_fill(~visible, float("-inf"))
+    return (scores.softmax(-1) @ v).transpose(1, 2)  # [1, T, heads, dim], as attention functions return
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="flash varlen attention needs a CUDA GPU"))])
+def test_packed_attention_equals_a_block_causal_mask(device: str) -> None:
+    """Values and gradients of packed_sdpa (grouped key/value heads, a one-token document) against
+    the explicit block-causal mask; on CUDA under bf16 autocast it is one flash varlen call."""
+    torch.manual_seed(0)
+    lengths = [5, 1, 9, 4]
+    positions = torch.tensor([[p for n in lengths for p in range(n)]], device=device)
+    q, k, v = (torch.randn(1, h, sum(lengths), 16, device=device, requires_grad=True) for h in (4, 2, 2))
+    module = torch.nn.Module()  # the attention module: only .training is read
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+        out, _ = packed_sdpa(module, q, k, v, None, scaling=0.25, position_ids=positions)
+    ref = _block_causal_reference(q, k, v, lengths, 0.25)
+    tol = 1e-5 if device == "cpu" else 2e-2  # bf16 on the GPU
+    torch.testing.assert_close(out.float(), ref, atol=tol, rtol=0)
+    grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
+    ref_grads = torch.autograd.grad(ref.square().sum(), (q, k, v))
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, atol=tol * 10, rtol=tol * 10)
+    if device == "cuda":
+        from pipeline import packing
+        assert packing._VARLEN["ok"], "the flash varlen path was not taken"
+
+
+def test_document_lengths_start_at_the_row_and_at_each_restart() -> None:
+    assert document_lengths(torch.tensor([[0, 1, 2, 0, 1]])) == [3, 2]
+    assert document_lengths(torch.tensor([[3, 4, 0, 1, 2]])) == [2, 3]  # a row need not begin at position 0
+    assert document_lengths(torch.tensor([[0, 0, 0]])) == [1, 1, 1]
+
+
+def test_packed_attention_reads_positions_changed_in_place() -> None:
+    """The per-forward cache of document lengths must not outlive an in-place edit of the positions."""
+    torch.manual_seed(0)
+    q = torch.randn(1, 2, 6, 8)
+    positions = torch.tensor([[0, 1, 2, 3, 4, 5]])
+    alone, _ = packed_sdpa(torch.nn.Module(), q, q, q, None, position_ids=positions)
+    positions[0, 3:] = torch.arange(3)  # now two documents of 3
+    split, _ = packed_sdpa(torch.nn.Module(), q, q, q, None, position_ids=positions)
+    torch.testing.assert_close(split[:, :3], alone[:, :3])
+    assert (split[:, 3:] - alone[:, 3:]).abs().max() > 1e-3
+    torch.testing.assert_close(split, _block_causal_reference(q, q, q, [3, 3], 8 ** -0.5), atol=1e-5, rtol=0)
 
 
 def test_plain_sdpa_with_restarting_positions_would_join_documents(smoke_base: Path, rows) -> None:
