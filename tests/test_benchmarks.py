@@ -64,6 +64,17 @@ def test_train_throughput_smoke(smoke_base: Path, capsys) -> None:
     assert re.search(r"fp32 matmul peak \d+\.\d GFLOP/s", out)
 
 
+def test_packed_attention_smoke(tmp_path: Path, capsys) -> None:
+    bench = load("packed_attention")
+    assert bench.main(["--smoke", "--rendered", str(tmp_path)]) == 0  # no rendered rows: random lengths
+    out = capsys.readouterr().out
+    assert out.startswith("3 documents, lengths ")
+    timed = dict(re.findall(r"^  (.+?) +([\d.]+) ms per forward\+backward", out, flags=re.M))
+    assert set(timed) == {"packed_sdpa (ours)", "per-document, repeated kv heads", "one call, documents padded",
+                          "one call, block mask"}
+    assert all(float(ms) > 0 for ms in timed.values())
+
+
 def test_repro_overhead_smoke(capsys) -> None:
     bench = load("repro_overhead")
     assert bench.main(["--smoke"]) == 0
