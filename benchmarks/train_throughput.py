@@ -60,25 +60,31 @@ def flops_per_token(cfg, n_params: int, n_lora: int, n_head: int, seq_len: float
 
 
 class Meter:
-    """Counts tokens of the batches after warmup, and their wall time."""
+    """Counts tokens of the batches after warmup, and their wall time.
+
+    Counts stay tensors on the batch's device until :meth:`result`: reading them each step
+    would be a host sync per step on a GPU, which the loops being measured do not pay.
+    """
 
     def __init__(self, warmup: int):
         self.warmup, self.steps, self.start, self.stop = warmup, 0, 0.0, 0.0
-        self.real = self.loss = self.slots = self.docs = 0
+        self.real = self.loss = self.slots = self.docs = 0  # ints or 0-d tensors
 
     def batch(self, batch: dict) -> None:
         self.steps += 1
         if self.steps == self.warmup + 1:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()  # the warm-up steps' queued work is not counted
             self.start = time.perf_counter()
         if self.steps <= self.warmup:
             return
         ids = batch["input_ids"]
         mask = batch.get("attention_mask")
-        self.real += int(mask.sum()) if mask is not None else ids.numel()
+        self.real += mask.sum() if mask is not None else ids.numel()
         self.slots += ids.numel()
-        self.loss += int((batch["labels"][:, 1:] != -100).sum())
+        self.loss += (batch["labels"][:, 1:] != -100).sum()
         pos = batch.get("position_ids")
-        self.docs += int((pos == 0).sum()) if pos is not None and mask is None else ids.shape[0]
+        self.docs += (pos == 0).sum() if pos is not None and mask is None else ids.shape[0]
 
     def end(self) -> None:
         """The step's work is done (GPU synchronized): later teardown is not counted."""
@@ -90,8 +96,9 @@ class Meter:
         if not self.stop:
             self.end()
         seconds = self.stop - self.start
-        return {"seconds": seconds, "real_tok_s": self.real / seconds, "loss_tok_s": self.loss / seconds,
-                "waste_pct": 100 * (1 - self.real / self.slots), "mean_len": self.real / max(self.docs, 1)}
+        real, loss, slots, docs = (int(x) for x in (self.real, self.loss, self.slots, self.docs))
+        return {"seconds": seconds, "real_tok_s": real / seconds, "loss_tok_s": loss / seconds,
+                "waste_pct": 100 * (1 - real / slots), "mean_len": real / max(docs, 1)}
 
 
 def _model(model_dir: str, method: str):  # type: ignore[no-untyped-def]
@@ -110,6 +117,8 @@ def _model(model_dir: str, method: str):  # type: ignore[no-untyped-def]
 def run_ours(mode: str, args, rendered: Path) -> Meter:  # type: ignore[no-untyped-def]
     import lightning as L
 
+    import dataclasses
+
     from pipeline.config import TrainerConfig
     from pipeline.training import InstructionTuner, RenderedData, prepare_for_batching
 
@@ -122,24 +131,53 @@ def run_ours(mode: str, args, rendered: Path) -> Meter:  # type: ignore[no-untyp
                         weight_decay=0.0, warmup_ratio=0.0, gradient_clip_val=None, val_check_interval=1000,
                         log_every_n_steps=1000, num_workers=0, batching=mode,
                         pack_length=max(1, args.pack_length // n), compile=args.compile)
+    if args.profile:
+        cfg = dataclasses.replace(cfg, max_steps=cfg.max_steps + 1)
     prepare_for_batching(model, cfg)
     meter = Meter(args.warmup * n)
+    timed_end = (args.warmup + args.steps) * n  # micro-batches; one more step follows under --profile
+    profiler = None
 
     class Count(L.Callback):
         def on_train_batch_start(self, trainer, module, batch, idx):  # type: ignore[no-untyped-def]
-            meter.batch(batch)
+            nonlocal profiler
+            if meter.steps < timed_end:
+                meter.batch(batch)
+            elif profiler is None:
+                profiler = torch.profiler.profile(activities=_profiled_activities())
+                profiler.__enter__()
 
         def on_train_batch_end(self, trainer, module, outputs, batch, idx):  # type: ignore[no-untyped-def]
-            if meter.steps > meter.warmup:
+            if meter.steps == timed_end and not meter.stop:
                 meter.end()
 
+        def on_train_end(self, trainer, module):  # type: ignore[no-untyped-def]
+            if profiler is not None:  # before fit's teardown, which is not the step's work
+                profiler.__exit__(None, None, None)
+                write_profile(profiler, Path(args.profile) / f"{args.method}_{args.case}.txt")
+
     trainer = L.Trainer(accelerator=cfg.accelerator, devices=1, precision=cfg.precision,  # type: ignore[arg-type]
-                        max_steps=cfg.max_steps, logger=False,
+                        max_steps=cfg.max_steps, accumulate_grad_batches=cfg.accumulate_grad_batches, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         num_sanity_val_steps=0, limit_val_batches=0, callbacks=[Count()])
     data = RenderedData(rendered, cfg.batch_size, 0, seed=0, batching=mode, pack_length=cfg.pack_length)
     trainer.fit(InstructionTuner(model, cfg), datamodule=data)
     return meter
+
+
+def _profiled_activities() -> list:
+    cuda = torch.cuda.is_available()
+    return [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+
+
+def write_profile(profiler, path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The profiled step's top operators: by GPU time on a GPU (with the CPU time that launched
+    them: a launch-bound step shows CPU time far above GPU time), else by CPU time."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    key = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(profiler.key_averages().table(sort_by=key, row_limit=25) + "\n")
 
 
 def run_trl(packing: bool, args, rows: list[dict]) -> Meter:  # type: ignore[no-untyped-def]
@@ -216,6 +254,8 @@ def in_child(args, case: str, method: str) -> dict | None:  # type: ignore[no-un
            "--steps", str(args.steps), "--pack-length", str(args.pack_length),
            "--micro-batches", str(args.micro_batches),
            "--accelerator", args.accelerator, "--precision", args.precision] + (["--compile"] if args.compile else [])
+    if args.profile:
+        cmd += ["--profile", str(args.profile)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
     if proc.returncode or not line:
@@ -290,6 +330,9 @@ def main(argv: list[str] | None = None) -> int:
                         "gradients accumulated: the same tokens per step, less activation memory")
     p.add_argument("--accelerator", default="cpu", help="our cases only (benchmarks/gpu_check.sh: gpu)")
     p.add_argument("--precision", default="32-true", help="our cases only (gpu_check.sh: bf16-mixed)")
+    p.add_argument("--profile", metavar="DIR",
+                   help="our cases: profile one more step after the timed ones (not counted) and write its "
+                        "top operators to DIR/METHOD_CASE.txt")
     p.add_argument("--peak-flops", type=float, help="matmul peak in FLOP/s measured elsewhere (GPU bf16)")
     p.add_argument("--smoke", action="store_true", help="embedded rows, LoRA, 1 warmup + 2 timed steps, in-process")
     p.add_argument("--case", help=argparse.SUPPRESS)

@@ -39,14 +39,18 @@ def test_prepare_render_throughput_smoke(smoke_base: Path, capsys) -> None:
     assert re.search(r"render's parts, redone in one process: tokenizer load \(fresh process\) [\d.]+s; .*tokenization [\d.]+s", out)
 
 
-def test_train_throughput_smoke_in_micro_batches(smoke_base: Path, capsys) -> None:
-    """--micro-batches 2: our packed case accumulates two half-size packed rows per optimizer step."""
+def test_train_throughput_smoke_in_micro_batches(smoke_base: Path, tmp_path: Path, capsys) -> None:
+    """--micro-batches 2: our packed case accumulates two half-size packed rows per optimizer step.
+    --profile: one more step, profiled, its operator table written where asked."""
     bench = load("train_throughput")
-    assert bench.main(["--smoke", "--model", str(smoke_base), "--cases", "ours_packed", "--micro-batches", "2"]) == 0
+    assert bench.main(["--smoke", "--model", str(smoke_base), "--cases", "ours_packed", "--micro-batches", "2",
+                       "--profile", str(tmp_path / "profiles")]) == 0
     out = capsys.readouterr().out
     assert "(ours: in 2 micro-batches)" in out
     tok_s = re.search(r"^lora ours_packed +round 1: loss-bearing +([\d.]+) tok/s", out, flags=re.M)
     assert tok_s and float(tok_s.group(1)) > 0
+    table = (tmp_path / "profiles" / "lora_ours_packed.txt").read_text()
+    assert "Self CPU" in table and "aten::mm" in table and "Optimizer.step" in table  # a whole optimizer step
 
 
 def test_train_throughput_smoke(smoke_base: Path, capsys) -> None:
