@@ -95,14 +95,17 @@ def main(argv: list[str] | None = None) -> int:
     half = args.device.startswith("cuda")
     torch.manual_seed(0)
     T = sum(lengths)
-    q, k, v = (torch.randn(1, h, T, args.head_dim, device=args.device, requires_grad=True)
-               for h in (args.heads, args.kv_heads, args.kv_heads))
+    # As in the model: projections laid out [1, T, heads, dim], seen as [1, heads, T, dim].
+    leaves = [torch.randn(1, T, h, args.head_dim, device=args.device, requires_grad=True)
+              for h in (args.heads, args.kv_heads, args.kv_heads)]
     grad = torch.randn(1, T, args.heads, args.head_dim, device=args.device)
     fns = paths(lengths, args.device)
 
     def call(fn: Callable) -> torch.Tensor:
+        for x in leaves:
+            x.grad = None
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=half):
-            out = fn(q, k, v)
+            out = fn(*(x.transpose(1, 2) for x in leaves))
         out.float().backward(grad)
         return out
 

@@ -183,13 +183,11 @@ def packed_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
     dtype = _varlen_dtype(query, dropout)
     if dtype is not None and (out := _varlen(query, key, value, dtype, scaling)) is not None:
         return out, None
-    outs = []
-    start = 0
-    for n in lengths:
-        outs.append(torch.nn.functional.scaled_dot_product_attention(
-            query[:, :, start:start + n], key[:, :, start:start + n], value[:, :, start:start + n],
-            dropout_p=dropout, scale=scaling, is_causal=True, enable_gqa=True))
-        start += n
+    # split, not slices: its backward is one cat of the documents' gradients, where each
+    # slice's backward would zero-fill a gradient the size of the whole row.
+    outs = [torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling,
+                                                             is_causal=True, enable_gqa=True)
+            for q, k, v in zip(*(t.split(lengths, dim=2) for t in (query, key, value)))]
     return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
 
 
