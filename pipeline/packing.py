@@ -121,6 +121,9 @@ class _Documents:
 _documents = _Documents()
 
 
+_VARLEN = {"ok": True}  # set False, with a warning, if the kernel refuses this GPU
+
+
 def _varlen_dtype(query: torch.Tensor, dropout: float) -> torch.dtype | None:
     """The half dtype for PyTorch's flash varlen kernel on this call, or None where it cannot run.
 
@@ -131,9 +134,6 @@ def _varlen_dtype(query: torch.Tensor, dropout: float) -> torch.dtype | None:
         return None
     dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else query.dtype
     return dtype if dtype in (torch.float16, torch.bfloat16) else None
-
-
-_VARLEN = {"ok": True}  # set False, with a warning, if the kernel refuses this GPU
 
 
 def _varlen(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dtype: torch.dtype,
