@@ -136,16 +136,15 @@ def _varlen_dtype(query: torch.Tensor, dropout: float) -> torch.dtype | None:
     return dtype if dtype in (torch.float16, torch.bfloat16) else None
 
 
-def _varlen(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dtype: torch.dtype,
+def _varlen(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lengths: list[int], dtype: torch.dtype,
             scaling: float | None) -> torch.Tensor | None:
-    """All documents in one flash varlen call (``torch.nn.attention.varlen``); None if unavailable."""
+    """The documents of ``lengths`` in one flash varlen call (``torch.nn.attention.varlen``, imported on
+    first use: only CUDA runs need it); None if unavailable."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:  # torch < 2.10
         _VARLEN["ok"] = False
         return None
-    lengths = _documents.lengths
-    assert lengths is not None
     cu = _documents.cumulative(query.device)
     q, k, v = (t[0].transpose(0, 1).to(dtype).contiguous() for t in (query, key, value))  # [T, heads, dim]
     try:
@@ -181,7 +180,7 @@ def packed_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
                                       **kwargs)
     dropout = dropout if module.training else 0.0
     dtype = _varlen_dtype(query, dropout)
-    if dtype is not None and (out := _varlen(query, key, value, dtype, scaling)) is not None:
+    if dtype is not None and (out := _varlen(query, key, value, lengths, dtype, scaling)) is not None:
         return out, None
     # split, not slices: its backward is one cat of the documents' gradients, where each
     # slice's backward would zero-fill a gradient the size of the whole row.
