@@ -117,8 +117,6 @@ def _model(model_dir: str, method: str):  # type: ignore[no-untyped-def]
 def run_ours(mode: str, args, rendered: Path) -> Meter:  # type: ignore[no-untyped-def]
     import lightning as L
 
-    import dataclasses
-
     from pipeline.config import TrainerConfig
     from pipeline.training import InstructionTuner, RenderedData, prepare_for_batching
 
@@ -127,12 +125,10 @@ def run_ours(mode: str, args, rendered: Path) -> Meter:  # type: ignore[no-untyp
     n = args.micro_batches
     cfg = TrainerConfig(accelerator=args.accelerator, devices=1, precision=args.precision,
                         batch_size=max(1, args.batch_size // n), accumulate_grad_batches=n,
-                        max_steps=args.warmup + args.steps, max_epochs=1000, lr=1e-4,
+                        max_steps=args.warmup + args.steps + bool(args.profile), max_epochs=1000, lr=1e-4,
                         weight_decay=0.0, warmup_ratio=0.0, gradient_clip_val=None, val_check_interval=1000,
                         log_every_n_steps=1000, num_workers=0, batching=mode,
                         pack_length=max(1, args.pack_length // n), compile=args.compile)
-    if args.profile:
-        cfg = dataclasses.replace(cfg, max_steps=cfg.max_steps + 1)
     prepare_for_batching(model, cfg)
     meter = Meter(args.warmup * n)
     timed_end = (args.warmup + args.steps) * n  # micro-batches; one more step follows under --profile
@@ -144,8 +140,9 @@ def run_ours(mode: str, args, rendered: Path) -> Meter:  # type: ignore[no-untyp
             if meter.steps < timed_end:
                 meter.batch(batch)
             elif profiler is None:
-                profiler = torch.profiler.profile(activities=_profiled_activities())
-                profiler.__enter__()
+                profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU] + (
+                    [torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else []))
+                profiler.start()
 
         def on_train_batch_end(self, trainer, module, outputs, batch, idx):  # type: ignore[no-untyped-def]
             if meter.steps == timed_end and not meter.stop:
@@ -153,7 +150,7 @@ def run_ours(mode: str, args, rendered: Path) -> Meter:  # type: ignore[no-untyp
 
         def on_train_end(self, trainer, module):  # type: ignore[no-untyped-def]
             if profiler is not None:  # before fit's teardown, which is not the step's work
-                profiler.__exit__(None, None, None)
+                profiler.stop()
                 write_profile(profiler, Path(args.profile) / f"{args.method}_{args.case}.txt")
 
     trainer = L.Trainer(accelerator=cfg.accelerator, devices=1, precision=cfg.precision,  # type: ignore[arg-type]
@@ -163,11 +160,6 @@ def run_ours(mode: str, args, rendered: Path) -> Meter:  # type: ignore[no-untyp
     data = RenderedData(rendered, cfg.batch_size, 0, seed=0, batching=mode, pack_length=cfg.pack_length)
     trainer.fit(InstructionTuner(model, cfg), datamodule=data)
     return meter
-
-
-def _profiled_activities() -> list:
-    cuda = torch.cuda.is_available()
-    return [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
 
 
 def write_profile(profiler, path: Path) -> None:  # type: ignore[no-untyped-def]
