@@ -101,7 +101,7 @@ def load_seconds(base_model: Path) -> float:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n-per-task", type=int, default=25_000, help="embedded examples per task (4 tasks)")
-    parser.add_argument("--base-model", type=Path, default=REPO.parent / "main" / "models" / "base",
+    parser.add_argument("--base-model", type=Path, default=REPO / "models" / "base",
                         help="a checkpoint directory with the tokenizer (the base_model stage output)")
     parser.add_argument("--repeat", type=int, default=3, help="rounds of the timed parts; medians are reported")
     parser.add_argument("--smoke", action="store_true", help="250 examples per task: checks the script runs")

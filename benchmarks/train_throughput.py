@@ -308,8 +308,8 @@ def summarize(method: str, cases: list[str], rounds: list[dict[str, dict]]) -> N
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="/work/main/models/base", help="checkpoint dir (safetensors + tokenizer)")
-    p.add_argument("--rendered", default="/work/main/data/rendered", help="render stage output (train.jsonl)")
+    p.add_argument("--model", default=str(ROOT / "models" / "base"), help="checkpoint dir (safetensors + tokenizer)")
+    p.add_argument("--rendered", default=str(ROOT / "data" / "rendered"), help="render stage output (train.jsonl)")
     p.add_argument("--methods", default="lora,full")
     p.add_argument("--cases", default=",".join(CASES))
     p.add_argument("--batch-size", type=int, default=8)
