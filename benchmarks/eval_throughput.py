@@ -24,12 +24,12 @@ from typing import Any, Sequence
 import torch
 
 from pipeline import base_model, prepare
-from pipeline.config import PipelineConfig, from_mapping
-from pipeline.generation import generate_ids, one_by_one_ids, plain_greedy
-from pipeline.models import load_causal_lm, load_tokenizer
+from pipeline.core.config import PipelineConfig, from_mapping
+from pipeline.evaluation.generation import generate_ids, one_by_one_ids, plain_greedy
+from pipeline.core.models import load_causal_lm, load_tokenizer
 from pipeline.data.schema import ProblemCollector
 from pipeline.params import compose
-from pipeline.prompts import make_template
+from pipeline.prompting.templates import make_template
 from pipeline.render import tokenize_split
 
 REPO = Path(__file__).resolve().parents[1]

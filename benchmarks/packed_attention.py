@@ -2,7 +2,7 @@
 
 The row is the first ``--docs`` rendered training rows back to back (their real lengths),
 with SmolLM2-135M's attention shape (9 query heads, 3 key/value heads, head dim 64).
-Every path is checked against ``pipeline.packing.packed_sdpa`` before it is timed;
+Every path is checked against ``pipeline.training.packing.packed_sdpa`` before it is timed;
 ratios are against it, measured in the same process, rounds alternating.
 
     python benchmarks/packed_attention.py                  # CPU, fp32
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.packing import packed_sdpa  # noqa: E402
+from pipeline.training.packing import packed_sdpa  # noqa: E402
 
 
 def doc_lengths(rendered: Path, n: int) -> list[int]:

@@ -2,7 +2,7 @@
 
 Runs the real stage functions in-process (files written included), as the DVC stages
 run them: prepare with the default safety rules and near-duplicate detection off and
-on, then render with the real tokenizer (in ``pipeline.parallel.workers()`` processes), in
+on, then render with the real tokenizer (in ``pipeline.core.parallel.workers()`` processes), in
 ``--repeat`` rounds (3; each round's times are printed, and a shared machine's slow moment
 moves the median less than one run). Prints examples/s from the medians against the 20k/s
 goal; then, redone in one process for reference, render's
@@ -30,13 +30,15 @@ from typing import Any, Sequence
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere, against this checkout
 
-from pipeline import parallel, prepare, render, safety  # noqa: E402
-from pipeline.config import from_mapping  # noqa: E402
-from pipeline.files import read_jsonl  # noqa: E402
-from pipeline.models import load_tokenizer  # noqa: E402
+from pipeline import prepare, render
+from pipeline.core import parallel
+from pipeline.data import safety  # noqa: E402
+from pipeline.core.config import from_mapping  # noqa: E402
+from pipeline.core.files import read_jsonl  # noqa: E402
+from pipeline.core.models import load_tokenizer  # noqa: E402
 from pipeline.params import compose  # noqa: E402
-from pipeline.prompts import make_template, segments  # noqa: E402
-from pipeline.shots import ShotPool  # noqa: E402
+from pipeline.prompting.templates import make_template, segments  # noqa: E402
+from pipeline.prompting.shots import ShotPool  # noqa: E402
 
 GOAL = 20_000  # examples/s, near-duplicate detection off
 
@@ -91,7 +93,7 @@ def measure(n_per_task: int, base_model: Path, work: Path, repeat: int = 1) -> d
 def load_seconds(base_model: Path) -> float:
     """Seconds a fresh interpreter takes to load the tokenizer the way render does (imports included)."""
     code = ("import sys, time; t = time.perf_counter(); sys.path.insert(0, sys.argv[1]); "
-            "from pipeline.models import load_fast_tokenizer; load_fast_tokenizer(sys.argv[2]); "
+            "from pipeline.core.models import load_fast_tokenizer; load_fast_tokenizer(sys.argv[2]); "
             "print(time.perf_counter() - t)")
     out = subprocess.run([sys.executable, "-c", code, str(REPO), str(base_model)], capture_output=True, text=True,
                          check=True)

@@ -105,8 +105,8 @@ def _model(model_dir: str, method: str):  # type: ignore[no-untyped-def]
     """The model as the train stage builds it, with the project's own finetune config."""
     import dataclasses
 
-    from pipeline.config import from_mapping
-    from pipeline.models import apply_finetune, load_causal_lm
+    from pipeline.core.config import from_mapping
+    from pipeline.core.models import apply_finetune, load_causal_lm
     from pipeline.params import compose
 
     torch.manual_seed(0)
@@ -117,8 +117,8 @@ def _model(model_dir: str, method: str):  # type: ignore[no-untyped-def]
 def run_ours(mode: str, args, rendered: Path) -> Meter:  # type: ignore[no-untyped-def]
     import lightning as L
 
-    from pipeline.config import TrainerConfig
-    from pipeline.training import InstructionTuner, RenderedData, prepare_for_batching
+    from pipeline.core.config import TrainerConfig
+    from pipeline.training.module import InstructionTuner, RenderedData, prepare_for_batching
 
     model = _model(args.model, args.method)
     # --micro-batches N: the same tokens per optimizer step in N micro-batches (gradient accumulation).
@@ -198,7 +198,7 @@ def run_trl(packing: bool, args, rows: list[dict]) -> Meter:  # type: ignore[no-
 
 def run_naive(args, rows: list[dict]) -> Meter:  # type: ignore[no-untyped-def]
     """Every batch padded to the longest row of the data, full logits, transformers' own loss."""
-    from pipeline.training import collate
+    from pipeline.training.module import collate
 
     model = _model(args.model, args.method)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -221,7 +221,7 @@ def run_naive(args, rows: list[dict]) -> Meter:  # type: ignore[no-untyped-def]
 
 def measure(args) -> dict:  # type: ignore[no-untyped-def]
     """One case (``args.case``) for one method; peak RSS is the process's own."""
-    from pipeline.files import read_jsonl
+    from pipeline.core.files import read_jsonl
 
     rendered = Path(args.rendered)
     rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in read_jsonl(rendered / "train.jsonl")]
@@ -261,12 +261,12 @@ def prepare_rows(args, tmp: Path) -> Path:  # type: ignore[no-untyped-def]
     if not args.smoke:
         return Path(args.rendered)
     from pipeline import render
-    from pipeline.config import from_mapping
+    from pipeline.core.config import from_mapping
     from pipeline.data.embedded import generate
-    from pipeline.files import write_json, write_jsonl
-    from pipeline.models import load_tokenizer
+    from pipeline.core.files import write_json, write_jsonl
+    from pipeline.core.models import load_tokenizer
     from pipeline.params import compose
-    from pipeline.prompts import make_template
+    from pipeline.prompting.templates import make_template
 
     cfg = from_mapping(compose(["+experiment=smoke"]), source="+experiment=smoke")
     tok = load_tokenizer(args.model)
@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.smoke:
         args.warmup, args.steps, args.methods = 1, 2, "lora"
-    from pipeline.files import read_jsonl
+    from pipeline.core.files import read_jsonl
     from transformers import AutoConfig
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -6,7 +6,7 @@ select (``optuna_eval``, ``joblib``, ``submitit_slurm``; see the README). Each j
 training and evaluation outputs to its own Hydra job directory (``outputs/<date>/<time>/``
 or ``multirun/<date>/<time>/<job>/``); the outputs of ``base_model``, ``prepare`` and
 ``render`` are content-addressed under ``outputs/cache/`` and shared by every job with the
-same inputs (:mod:`pipeline.stage_cache`), and so is the encoder arm (``train_encoder``):
+same inputs (:mod:`pipeline.tracking.stage_cache`), and so is the encoder arm (``train_encoder``):
 its key holds ``encoder`` and ``seed``, so a sweep over the causal LM's trainer.lr trains it
 once (its metrics land in each job's run through evaluate). A job returns the sweep metric
 (``hydra.callbacks.mlflow_sweep.metric``), which is what the Optuna sweeper optimizes.
@@ -26,10 +26,12 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import base_model, config, evaluate, prepare, render, stage_cache, train, train_encoder
-from pipeline import tracking as mlf
-from pipeline.files import read_json, write_json
-from pipeline.sweeps import Objective, Parent, eval_metrics, objective_value, read_parent
+from pipeline import base_model, evaluate, prepare, render, train, train_encoder
+from pipeline.core import config
+from pipeline.tracking import stage_cache
+from pipeline.tracking import runs as mlf
+from pipeline.core.files import read_json, write_json
+from pipeline.tracking.sweeps import Objective, Parent, eval_metrics, objective_value, read_parent
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_STAGES = ("base_model", "prepare", "render", "train_encoder")

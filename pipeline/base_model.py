@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from pipeline import config
-from pipeline.files import atomic_dir
-from pipeline.models import materialize
+from pipeline.core import config
+from pipeline.core.files import atomic_dir
+from pipeline.core.models import materialize
 
 
 def run(model_cfg: config.ModelConfig, seed: int, out: Path) -> dict[str, Any]:

@@ -18,18 +18,9 @@ USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPER
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
-    # Imported only when something failed: none of these modules is on the --help path.
-    from pipeline.config import ConfigError
-    from pipeline.data.schema import DataError
-    from pipeline.encoder import LabelError
-    from pipeline.evaluate import TemplateMismatch
-    from pipeline.models import ModelError
-    from pipeline.prepare import SplitError
-    from pipeline.prompts import PromptError
-    from pipeline.safety import SafetyListError
+    from pipeline.core.errors import PipelineError
 
-    known: list[type[BaseException]] = [ConfigError, DataError, LabelError, ModelError, PromptError,
-                                        SafetyListError, SplitError, TemplateMismatch]
+    known: list[type[BaseException]] = [PipelineError]
     try:  # Hydra's "unknown option in a config group" and friends
         from hydra.errors import HydraException
         from omegaconf.errors import OmegaConfBaseException

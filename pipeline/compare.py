@@ -36,7 +36,7 @@ from typing import Any, Sequence
 
 import yaml
 
-from pipeline.config import flatten
+from pipeline.core.config import flatten
 
 DEFAULT_METRIC = "eval.tuned.overall.score"
 
@@ -97,7 +97,7 @@ def sweep_children(uri: str, sweep: str) -> tuple[list[str], dict[str, str]]:
     """Child run ids of a sweep given its parent run id or ``sweep.id`` tag, and the parent's params."""
     from mlflow.tracking import MlflowClient
 
-    from pipeline.tracking import SWEEP_TAG, child_runs
+    from pipeline.tracking.runs import SWEEP_TAG, child_runs
 
     client = MlflowClient(uri)
     parents = client.search_runs([e.experiment_id for e in client.search_experiments()],
@@ -257,7 +257,7 @@ def arms_table(ev: Evaluation, task: str | None = None) -> dict[str, Any]:
     task_types = ev.intervals.get("task_types")
     if not isinstance(intervals, dict) or not isinstance(task_types, dict):
         raise SystemExit(f"compare: {where}: no 'intervals' and 'task_types' fields (written by an older evaluate?)")
-    from pipeline.scoring import PRIMARY, delta_pair
+    from pipeline.evaluation.scoring import PRIMARY, delta_pair
 
     pairs = {k: pair for k in intervals if (pair := delta_pair(k)) is not None}
     arms = [k for k in intervals if k not in pairs]
@@ -436,7 +436,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if sum(map(bool, (args.run_ids, args.sweep, args.revs, args.evals, args.arms))) != 1:
         parser.error("give run ids, --sweep, --revs, --evals or --arms (exactly one of them)")
 
-    from pipeline.tracking import default_uri
+    from pipeline.tracking.runs import default_uri
 
     uri = args.tracking_uri or default_uri(Path.cwd())
     if args.evals and len(args.evals) == 1:

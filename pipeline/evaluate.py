@@ -24,19 +24,17 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from pipeline import config, safety
-from pipeline.files import hash_files, read_json, read_jsonl, write_json, write_jsonl
-from pipeline.models import IGNORE_INDEX
-from pipeline.tracking import Tracking
+from pipeline.core import config
+from pipeline.data import safety
+from pipeline.core.files import hash_files, read_json, read_jsonl, write_json, write_jsonl
+from pipeline.core.models import IGNORE_INDEX
+from pipeline.tracking.runs import Tracking
+from pipeline.core.errors import TemplateMismatch
 
 
 # The checkout this module belongs to: where the default safety lists are found when the
 # working directory (a DVC repo root) does not have them.
 PROJECT = Path(__file__).resolve().parents[1]
-
-
-class TemplateMismatch(RuntimeError):
-    """The evaluation prompts were rendered with another template than the model's."""
 
 
 def check_template(rendered: Path, tuned: Path | None) -> str:
@@ -90,8 +88,8 @@ def reference_nll(model: Any, rows: list[dict[str, Any]], pad_id: int, batch_siz
     """(summed NLL, token count) of each row's reference completion under ``model``."""
     import torch
 
-    from pipeline.models import completion_loss
-    from pipeline.training import collate
+    from pipeline.core.models import completion_loss
+    from pipeline.training.module import collate
 
     out = []
     with torch.inference_mode():
@@ -108,7 +106,7 @@ def reference_nll(model: Any, rows: list[dict[str, Any]], pad_id: int, batch_siz
 def classify(tuned: Path, rows: list[dict[str, Any]], pad_id: int,
              batch_size: int) -> tuple[list[str], list[tuple[float, int]]]:
     """A trained encoder's argmax label of each row, and (NLL of the reference label, 1)."""
-    from pipeline import encoder
+    from pipeline.training import encoder
 
     labels = read_json(tuned / encoder.LABELS_FILE)
     preds, nll = encoder.predict(encoder.load_classifier(tuned / "model"), rows, labels, pad_id, batch_size)
@@ -143,8 +141,8 @@ def encoder_arm(encoder_dir: Path | None, rows: list[dict[str, Any]], examples: 
                 task_types: Mapping[str, str], batch_size: int) -> tuple[dict[str, str], dict[str, float]] | str:
     """The encoder arm's label and reference-label NLL for every test row of the tasks it was trained on,
     by id: the same rows (and order) the other arms scored. A string is the reason the arm is skipped."""
-    from pipeline import encoder
-    from pipeline.models import load_tokenizer
+    from pipeline.training import encoder
+    from pipeline.core.models import load_tokenizer
 
     if encoder_dir is None:
         return "no --encoder folder given"
@@ -171,12 +169,13 @@ def run(cfg: config.PipelineConfig, rendered: Path, prepared: Path, base_model: 
         out: Path, tracking: Tracking | None, rules: Any = None, encoder_dir: Path | None = None) -> dict[str, Any]:
     """Generate, score and report; return the metrics dict written to ``metrics.json``.
 
-    ``rules`` (a :class:`pipeline.safety.Rules`) reviews every arm's outputs; ``None`` skips the review.
+    ``rules`` (a :class:`pipeline.data.safety.Rules`) reviews every arm's outputs; ``None`` skips the review.
     ``encoder_dir`` is train_encoder's output: the ``encoder`` arm, when ``eval.models`` lists it.
     """
-    from pipeline import scoring, slices
-    from pipeline.generation import generate
-    from pipeline.models import load_causal_lm, load_finetuned, load_tokenizer, model_kind
+    from pipeline.evaluation import scoring
+    from pipeline.evaluation import slices
+    from pipeline.evaluation.generation import generate
+    from pipeline.core.models import load_causal_lm, load_finetuned, load_tokenizer, model_kind
 
     ev = cfg.eval
     if "tuned" in ev.models and (tuned is None or not tuned.is_dir()):
@@ -313,7 +312,8 @@ def _write(out: Path, metrics: dict, intervals: dict, pred_rows: list[dict[str, 
 def _plots(out: Path, scores: dict, task_types: dict[str, str], references: dict[str, str],
            rows: list[dict[str, Any]], idx: dict[str, list[int]], slice_table: Any) -> None:
     """PNGs for people, and the same data as files ``dvc plots show`` renders."""
-    from pipeline import plots, scoring
+    from pipeline.core import plots
+    from pipeline.evaluation import scoring
 
     for sub in ("plots", "confusion"):  # a task that is gone must not leave its plot behind
         shutil.rmtree(out / sub, ignore_errors=True)
@@ -350,7 +350,7 @@ def _log_mlflow(tracking: Tracking, cfg: config.PipelineConfig, tuned: Path | No
     import mlflow
     import pandas as pd
 
-    from pipeline import tracking as mlf
+    from pipeline.tracking import runs as mlf
 
     run_file = tuned / "run.json" if tuned is not None else None
     if "tuned" in cfg.eval.models and run_file is not None and run_file.exists():

@@ -20,18 +20,17 @@ from typing import Any, Generator, Sequence
 
 import numpy as np
 
-from pipeline import config, parallel, safety
+from pipeline.core import config
+from pipeline.core import parallel
+from pipeline.data import safety
 from pipeline.data import dedup, mixture
 from pipeline.data.schema import DataError, Example, Problem, ProblemCollector
-from pipeline.files import atomic_dir, write_json, write_jsonl
+from pipeline.core.files import atomic_dir, write_json, write_jsonl
+from pipeline.core.errors import SplitError
 
 SPLITS = ("train", "val", "test")
 # The reasons data.dedup checks give; each is always in the stats, found or not.
 CHECKS = ("exact_duplicate", "near_duplicate", "contamination_exact", "contamination_ngram")
-
-
-class SplitError(ValueError):
-    """The data cannot be split into non-empty train and test sets."""
 
 
 def load_source(cfg: config.DataConfig, problems: ProblemCollector, name: str | None = None) -> list[Example]:
@@ -149,7 +148,7 @@ def safety_filter(rows: list[Example], rules: Any) -> tuple[list[Example], list[
 
 
 def start_safety(rows: list[Example], rules: Any) -> Generator[list[list[str]], None, None]:
-    """The rules each row hits, started now (:func:`pipeline.parallel.start_rows`): large inputs
+    """The rules each row hits, started now (:func:`pipeline.core.parallel.start_rows`): large inputs
     are checked in forked workers while this process goes on, unless a classifier hook is set
     (a model may hold threads or a GPU context that must not fork)."""
     return parallel.start_rows(_safety_hits, (rows, rules), len(rows), parallel=rules.classifier is None)
@@ -228,7 +227,7 @@ def run(data_cfg: config.DataConfig, seed: int, out: Path, stats_path: Path,
         write_json(tmp / "safety.json", report["safety"])
     write_json(stats_path, report)
     if plot_path is not None:
-        from pipeline.plots import length_histograms
+        from pipeline.core.plots import length_histograms
 
         length_histograms({s: [len(dedup.full_text(e).split()) for e in rows] for s, rows in splits.items()},
                           "words per example (prompt + answer)", plot_path)

@@ -9,12 +9,12 @@ token-length histogram to ``--plot``. A ``prompt.template_file`` is read here, a
 entry point. DVC re-runs this stage only when the prepared data, the tokenizer, this
 code or the ``prompt`` params change: that is the render cache. An encoder base
 (``model_info.json`` kind ``sequence_classification``) gets text + label-id rows of the
-classification tasks and ``labels.json`` instead (:mod:`pipeline.encoder`).
+classification tasks and ``labels.json`` instead (:mod:`pipeline.training.encoder`).
 
 Rows are rendered in chunks by one forked process per CPU (:func:`render_jobs`); the
 files are the same bytes as one process writes. The tokenizer is loaded with
 ``tokenizers`` alone when its files are what the base_model stage recorded
-(:func:`pipeline.models.load_fast_tokenizer`): importing transformers would cost more
+(:func:`pipeline.core.models.load_fast_tokenizer`): importing transformers would cost more
 than rendering a small dataset.
 """
 
@@ -32,12 +32,13 @@ from typing import Any, Callable, Sequence
 
 from tqdm import tqdm
 
-from pipeline import config, parallel
-from pipeline.encoder import LABELS_FILE, LabelError, label_map, render_rows, template_info
-from pipeline.files import atomic_dir, jsonl_bytes, read_jsonl, write_json, write_jsonl
-from pipeline.models import IGNORE_INDEX, load_fast_tokenizer, load_tokenizer, model_kind
-from pipeline.prompts import PromptError, Template, make_template, read_template_file, segments
-from pipeline.shots import ShotPool
+from pipeline.core import config
+from pipeline.core import parallel
+from pipeline.training.encoder import LABELS_FILE, LabelError, label_map, render_rows, template_info
+from pipeline.core.files import atomic_dir, jsonl_bytes, read_jsonl, write_json, write_jsonl
+from pipeline.core.models import IGNORE_INDEX, load_fast_tokenizer, load_tokenizer, model_kind
+from pipeline.prompting.templates import PromptError, Template, make_template, read_template_file, segments
+from pipeline.prompting.shots import ShotPool
 
 SPLITS = ("train", "val", "test")
 
@@ -49,7 +50,7 @@ def tokenize_split(examples: list[dict[str, Any]], template: Template, tokenizer
                    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Render, tokenize (batched, fast tokenizer) and mask one split.
 
-    Each read and learnt piece of the text (see :func:`pipeline.prompts.segments`) is
+    Each read and learnt piece of the text (see :func:`pipeline.prompting.templates.segments`) is
     tokenized on its own and the pieces concatenated, so the label mask is exact and
     generation at evaluation time starts from exactly the ids before the last answer.
     Labels cover every assistant turn (``train_on: all_assistant``) or only the last
@@ -158,11 +159,11 @@ def _append(dst: Any, part: Path) -> None:
 def render_jobs(jobs: list[Job], tokenizer: Any, overflow: str, pool: ShotPool | None, out: Path,
                 n_workers: int | None = None) -> dict[str, tuple[dict[str, Any], list[int]]]:
     """Write each job's ``<name>.jsonl`` into ``out`` (a directory being built, see
-    :func:`~pipeline.files.atomic_dir`); return its report and row lengths by name.
+    :func:`~pipeline.core.files.atomic_dir`); return its report and row lengths by name.
 
     Rows are rendered in chunks by ``n_workers`` forked processes (default
-    :func:`pipeline.parallel.workers`) when there are enough of them and the platform
-    forks (:func:`pipeline.parallel.fork_map`). Each chunk is written to a part file by the
+    :func:`pipeline.core.parallel.workers`) when there are enough of them and the platform
+    forks (:func:`pipeline.core.parallel.fork_map`). Each chunk is written to a part file by the
     process that rendered it and appended in order, so the files are the same bytes whatever
     the number of workers. Each process keeps its own piece cache (:class:`PieceEncoder`).
     """
@@ -373,7 +374,7 @@ def _finish(report: dict[str, Any], report_path: Path, lengths: dict[str, list[i
     """Write the report and, when asked, the token-length histogram per split."""
     write_json(report_path, report)
     if plot_path is not None:
-        from pipeline.plots import length_histograms
+        from pipeline.core.plots import length_histograms
 
         length_histograms(lengths, "tokens per example", plot_path, limit=limit)
     return report

@@ -24,9 +24,9 @@ from typing import Any, Sequence
 
 import yaml
 
-from pipeline import config
-from pipeline.files import atomic_dir, hash_files, read_json, write_json
-from pipeline.tracking import Tracking
+from pipeline.core import config
+from pipeline.core.files import atomic_dir, hash_files, read_json, write_json
+from pipeline.tracking.runs import Tracking
 
 
 def fingerprint(params: dict[str, Any], rendered: Path, base_model: Path) -> str:
@@ -82,7 +82,7 @@ def _open_run(cfg: config.PipelineConfig, params: dict[str, Any], rendered: Path
               checkpoints: Path, expected: str, client: Any, tracking: Tracking,
               resume: dict[str, Any] | None) -> str:
     """Reopen the resumed MLflow run or create a new one (and its ``resume.json``); rank 0 only."""
-    from pipeline import tracking as mlf
+    from pipeline.tracking import runs as mlf
 
     if resume:
         run_id: str = resume["run_id"]
@@ -109,11 +109,11 @@ def run(cfg: config.PipelineConfig, params: dict[str, Any], rendered: Path, base
     from lightning.pytorch.utilities.exceptions import SIGTERMException
     from mlflow.tracking import MlflowClient
 
-    from pipeline import tracking as mlf
-    from pipeline import encoder
-    from pipeline.models import apply_finetune, check_tokenizer, load_causal_lm, load_tokenizer, model_kind
-    from pipeline.plots import loss_curve
-    from pipeline.training import (CheckpointOnSigterm, InstructionTuner, LossCurve, RenderedData, RngState, collate,
+    from pipeline.tracking import runs as mlf
+    from pipeline.training import encoder
+    from pipeline.core.models import apply_finetune, check_tokenizer, load_causal_lm, load_tokenizer, model_kind
+    from pipeline.core.plots import loss_curve
+    from pipeline.training.module import (CheckpointOnSigterm, InstructionTuner, LossCurve, RenderedData, RngState, collate,
                                    prepare_for_batching, token_loss, trainer_settings)
 
     warnings.filterwarnings("ignore", ".*does not have many workers.*")

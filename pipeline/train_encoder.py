@@ -24,9 +24,10 @@ from typing import Any, Sequence
 
 import yaml
 
-from pipeline import config, encoder
-from pipeline.files import atomic_dir, hash_files, read_jsonl, write_json, write_jsonl
-from pipeline.tracking import Tracking
+from pipeline.core import config
+from pipeline.training import encoder
+from pipeline.core.files import atomic_dir, hash_files, read_jsonl, write_json, write_jsonl
+from pipeline.tracking.runs import Tracking
 
 SPLITS = ("train", "val", "test")
 
@@ -55,9 +56,9 @@ def run(cfg: config.PipelineConfig, params: dict[str, Any], prepared: Path, out:
     from lightning.pytorch.callbacks import TQDMProgressBar
     from lightning.pytorch.loggers import MLFlowLogger
 
-    from pipeline.models import load_tokenizer, materialize
-    from pipeline.plots import loss_curve
-    from pipeline.training import InstructionTuner, LossCurve, RenderedData, trainer_settings
+    from pipeline.core.models import load_tokenizer, materialize
+    from pipeline.core.plots import loss_curve
+    from pipeline.training.module import InstructionTuner, LossCurve, RenderedData, trainer_settings
 
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # the one place this stage seeds global RNGs
@@ -126,7 +127,7 @@ def _own_params(params: dict[str, Any]) -> dict[str, Any]:
 
 def _open_run(cfg: config.PipelineConfig, params: dict[str, Any], prepared: Path, template: dict[str, Any],
               tracking: Tracking) -> str:
-    from pipeline import tracking as mlf
+    from pipeline.tracking import runs as mlf
 
     tags = {**mlf.run_tags(tracking.repo_root, hash_files([prepared / "train.jsonl", prepared / "val.jsonl"]),
                            template["hash"], tracking.dvc_exp_name, tracking.parent_run_id, tracking.sweep_id),

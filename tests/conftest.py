@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from pipeline import base_model, prepare, render
-from pipeline.config import PipelineConfig, from_mapping
+from pipeline.core.config import PipelineConfig, from_mapping
 from pipeline.params import compose
 
 # Real data shared between checkouts (e.g. self-instruct); tests that read it skip when it is absent.

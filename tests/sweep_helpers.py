@@ -52,8 +52,8 @@ def seed_base_model(cwd: Path, smoke_base: Path, overrides: Sequence[str]) -> st
     Saves building the same random 2-layer model in every test (about 15 s each); the
     entry is exactly what ``base_model.run`` writes plus the cache manifest.
     """
-    from pipeline import stage_cache
-    from pipeline.files import write_json
+    from pipeline.tracking import stage_cache
+    from pipeline.core.files import write_json
     from pipeline.params import compose
 
     recipe = stage_cache.stage_keys(stage_cache.read_specs(REPO / "dvc.yaml"), compose(list(overrides)), REPO,

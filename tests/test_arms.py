@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import evaluate, safety
-from pipeline.files import read_json, read_jsonl
-from pipeline.shots import ShotPool
+from pipeline import evaluate
+from pipeline.data import safety
+from pipeline.core.files import read_json, read_jsonl
+from pipeline.prompting.shots import ShotPool
 
 ASSISTANT = "<|im_start|>assistant\n"
 
@@ -47,7 +48,7 @@ def test_kshot_prompts_hold_exactly_k_exemplars_from_train_never_from_test(data:
 
 def test_three_arms_scored_side_by_side_with_paired_deltas(tmp_path: Path, data: Path, smoke_base: Path,
                                                            smoke_cfg) -> None:
-    from pipeline.models import load_causal_lm
+    from pipeline.core.models import load_causal_lm
 
     tuned = tmp_path / "tuned"
     load_causal_lm(smoke_base).save_pretrained(tuned / "model")  # full weights, equal to the base

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from sweep_helpers import copy_checkout, sh, stdout_of
 
-from pipeline import tracking
+from pipeline.tracking import runs as tracking
 
 DVC = [sys.executable, "-m", "dvc"]
 

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from hydra.errors import HydraException
 
-from pipeline.config import ConfigError, PipelineConfig, from_mapping
+from pipeline.core.config import ConfigError, PipelineConfig, from_mapping
 from pipeline.params import CONF_DIR, compose
 
 REPO = Path(__file__).resolve().parents[1]

@@ -14,10 +14,10 @@ from conftest import SHARED
 from pipeline import render
 from pipeline.data.formats import load_file
 from pipeline.data.schema import DataError
-from pipeline.models import IGNORE_INDEX, load_tokenizer
+from pipeline.core.models import IGNORE_INDEX, load_tokenizer
 from pipeline.params import compose
-from pipeline.config import from_mapping
-from pipeline.prompts import PromptError, make_template, segments
+from pipeline.core.config import from_mapping
+from pipeline.prompting.templates import PromptError, make_template, segments
 
 SELF_INSTRUCT = SHARED / "data" / "self-instruct"
 REAL_FILES = ["seed_tasks.jsonl", "user_oriented_instructions.jsonl",

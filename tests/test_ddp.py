@@ -16,11 +16,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 from mlflow.tracking import MlflowClient
 
-from pipeline import prepare, render, strategies
-from pipeline.config import from_mapping
-from pipeline.files import read_json
+from pipeline import prepare, render
+from pipeline.training import strategies
+from pipeline.core.config import from_mapping
+from pipeline.core.files import read_json
 from pipeline.params import compose
-from pipeline.training import EpochSampler
+from pipeline.training.module import EpochSampler
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -13,10 +13,12 @@ import pytest
 import torch
 
 from conftest import SHARED
-from pipeline import base_model, encoder, evaluate, prepare, render, scoring, train
-from pipeline.config import ConfigError, PipelineConfig, from_mapping
-from pipeline.files import read_json, read_jsonl
-from pipeline.models import ModelError, load_tokenizer, model_kind, resolve_source
+from pipeline import base_model, evaluate, prepare, render, train
+from pipeline.training import encoder
+from pipeline.evaluation import scoring
+from pipeline.core.config import ConfigError, PipelineConfig, from_mapping
+from pipeline.core.files import read_json, read_jsonl
+from pipeline.core.models import ModelError, load_tokenizer, model_kind, resolve_source
 from pipeline.params import compose
 
 T0 = SHARED / "data" / "self-instruct" / "t0"
@@ -191,7 +193,7 @@ def test_real_t0_classification_data_renders_for_the_encoder(tmp_path: Path, cha
 
 def test_compare_shows_two_evaluations_of_one_task_side_by_side(tmp_path: Path, chain: Path) -> None:
     from pipeline import compare
-    from pipeline.files import write_json
+    from pipeline.core.files import write_json
 
     enc = read_json(chain / "eval" / "metrics.json")["tuned"]["topic"]
     llm = tmp_path / "llm" / "reports" / "eval"  # a causal LM's evaluation, by hand: same accuracy, base row too

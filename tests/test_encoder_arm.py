@@ -17,19 +17,20 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import compare, encoder, evaluate, train_encoder
-from pipeline.config import PipelineConfig
-from pipeline.files import read_json, read_jsonl, write_jsonl
-from pipeline.models import materialize
+from pipeline import compare, evaluate, train_encoder
+from pipeline.training import encoder
+from pipeline.core.config import PipelineConfig
+from pipeline.core.files import read_json, read_jsonl, write_jsonl
+from pipeline.core.models import materialize
 from pipeline.params import compose
-from pipeline.tracking import Tracking
+from pipeline.tracking.runs import Tracking
 
 
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory: pytest.TempPathFactory, smoke_cfg: PipelineConfig, smoke_base: Path,
           smoke_data: Path) -> Path:
     """prepare -> render (LLM) and train_encoder -> evaluate with the tuned LLM arm and the encoder arm."""
-    from pipeline.models import load_causal_lm
+    from pipeline.core.models import load_causal_lm
 
     root = tmp_path_factory.mktemp("encoder_arm")
     for name in ("prepared", "rendered"):  # the shared smoke data, read only

@@ -13,8 +13,8 @@ import pytest
 
 from conftest import SHARED
 from pipeline import evaluate, prepare, render
-from pipeline.config import from_mapping
-from pipeline.files import read_json, read_jsonl, write_jsonl
+from pipeline.core.config import from_mapping
+from pipeline.core.files import read_json, read_jsonl, write_jsonl
 from pipeline.params import compose
 
 T0 = SHARED / "data" / "self-instruct" / "t0"

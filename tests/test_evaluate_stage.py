@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from pipeline import evaluate
-from pipeline.config import ConfigError, PipelineConfig
-from pipeline.files import read_json, read_jsonl
+from pipeline.core.config import ConfigError, PipelineConfig
+from pipeline.core.files import read_json, read_jsonl
 from pipeline.params import compose, dump
 
 
@@ -79,7 +79,7 @@ def test_tuned_requested_without_a_tuned_model_fails_clearly(tmp_path: Path, dat
 
 def test_identical_tuned_model_has_zero_deltas_and_task_type_override(tmp_path: Path, data: Path,
                                                                      smoke_base: Path, smoke_cfg) -> None:
-    from pipeline.models import load_causal_lm
+    from pipeline.core.models import load_causal_lm
 
     tuned = tmp_path / "tuned"
     load_causal_lm(smoke_base).save_pretrained(tuned / "model")  # full weights, equal to the base
@@ -106,7 +106,7 @@ def test_task_type_override_must_name_a_task(data: Path) -> None:
 
 
 def test_config_rejects_an_unknown_task_type(smoke_cfg) -> None:
-    from pipeline.config import from_mapping
+    from pipeline.core.config import from_mapping
 
     with pytest.raises(ConfigError, match="eval.task_types.qa: 'essay' is not one of"):
         from_mapping(compose(["+experiment=smoke", "+eval.task_types.qa=essay"]))

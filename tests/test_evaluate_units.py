@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.evaluate import TemplateMismatch, check_template, label_sets, select_rows
-from pipeline.files import write_json, write_jsonl
+from pipeline.core.files import write_json, write_jsonl
 
 
 def template_files(tmp_path: Path, rendered_hash: str, trained_hash: str | None) -> tuple[Path, Path]:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.generation import generate, one_by_one_ids
-from pipeline.models import load_causal_lm, load_tokenizer
+from pipeline.evaluation.generation import generate, one_by_one_ids
+from pipeline.core.models import load_causal_lm, load_tokenizer
 
 TEXTS = [
     "Hi",
@@ -79,7 +79,7 @@ def prefixed(model_and_tokenizer, prompts) -> list[list[int]]:
 
 def test_shared_prefix_and_stacked_chunks_equal_per_example_generate(model_and_tokenizer, prefixed) -> None:
     """Prefill 2 at a time after the shared prefix, decode all 6 together == model.generate one by one."""
-    from pipeline.generation import _shared_prefix, generate_ids, plain_greedy
+    from pipeline.evaluation.generation import _shared_prefix, generate_ids, plain_greedy
 
     model, tokenizer = model_and_tokenizer
     assert plain_greedy(model), "the smoke model must take the own greedy loop, or this tests model.generate"
@@ -91,7 +91,7 @@ def test_shared_prefix_and_stacked_chunks_equal_per_example_generate(model_and_t
 
 
 def test_stop_strings_stop_like_model_generate(model_and_tokenizer, prefixed) -> None:
-    from pipeline.generation import generate_ids
+    from pipeline.evaluation.generation import generate_ids
 
     model, tokenizer = model_and_tokenizer
     plain = generate_ids(model, tokenizer, prefixed, [8] * 6, batch_size=3, decode_batch_size=6)
@@ -103,7 +103,7 @@ def test_stop_strings_stop_like_model_generate(model_and_tokenizer, prefixed) ->
 
 def test_logits_processors_fall_back_to_model_generate(smoke_base: Path, model_and_tokenizer, prefixed) -> None:
     """A repetition penalty is not a bare argmax: the batched path must then be model.generate."""
-    from pipeline.generation import generate_ids, plain_greedy
+    from pipeline.evaluation.generation import generate_ids, plain_greedy
 
     plain_model, tokenizer = model_and_tokenizer
     model = load_causal_lm(smoke_base)

@@ -1,11 +1,11 @@
-"""Hand-computed checks of pipeline.metrics: extraction, corpus scores, bootstrap."""
+"""Hand-computed checks of pipeline.evaluation.metrics: extraction, corpus scores, bootstrap."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from pipeline.metrics import (
+from pipeline.evaluation.metrics import (
     UNMATCHED,
     bootstrap_ci,
     bootstrap_metric,

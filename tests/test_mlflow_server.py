@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from pipeline import evaluate, prepare, render, train
-from pipeline.config import from_mapping
-from pipeline.files import read_json
+from pipeline.core.config import from_mapping
+from pipeline.core.files import read_json
 from pipeline.params import compose
 from sweep_helpers import mlflow_server
 

@@ -14,12 +14,12 @@ from hypothesis import strategies as st
 
 from pipeline import render
 from pipeline.data.embedded import generate
-from pipeline.files import write_json, write_jsonl
-from pipeline.models import apply_finetune, completion_loss, load_causal_lm, load_tokenizer
-from pipeline.packing import (best_fit_decreasing, collate_packed, document_lengths, epoch_batches, packed_sdpa,
+from pipeline.core.files import write_json, write_jsonl
+from pipeline.core.models import apply_finetune, completion_loss, load_causal_lm, load_tokenizer
+from pipeline.training.packing import (best_fit_decreasing, collate_packed, document_lengths, epoch_batches, packed_sdpa,
                               use_packed_attention)
-from pipeline.prompts import make_template
-from pipeline.training import EpochSampler, InstructionTuner, RenderedData, collate, prepare_for_batching
+from pipeline.prompting.templates import make_template
+from pipeline.training.module import EpochSampler, InstructionTuner, RenderedData, collate, prepare_for_batching
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +92,7 @@ def test_packed_attention_equals_a_block_causal_mask(device: str) -> None:
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, atol=tol * 10, rtol=tol * 10)
     if device == "cuda":
-        from pipeline import packing
+        from pipeline.training import packing
         assert packing._VARLEN["ok"], "the flash varlen path was not taken"
 
 

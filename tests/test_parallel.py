@@ -1,4 +1,4 @@
-"""Row work in forked workers (:mod:`pipeline.parallel`) gives what one process gives."""
+"""Row work in forked workers (:mod:`pipeline.core.parallel`) gives what one process gives."""
 
 from __future__ import annotations
 
@@ -11,7 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import config, parallel, prepare, safety
+from pipeline import prepare
+from pipeline.core import config
+from pipeline.core import parallel
+from pipeline.data import safety
 from pipeline.data.schema import Example
 from pipeline.params import compose
 

@@ -13,7 +13,7 @@ from conftest import SHARED
 from pipeline import prepare
 from pipeline.data import dedup
 from pipeline.data.schema import Example
-from pipeline.files import read_json, read_jsonl
+from pipeline.core.files import read_json, read_jsonl
 from pipeline.params import compose
 
 

@@ -11,10 +11,10 @@ import pytest
 
 from conftest import SHARED
 from pipeline import prepare
-from pipeline.config import ConfigError, DataConfig, from_mapping
+from pipeline.core.config import ConfigError, DataConfig, from_mapping
 from pipeline.data import dedup, mixture
 from pipeline.data.schema import DataError, Example
-from pipeline.files import read_json, read_jsonl
+from pipeline.core.files import read_json, read_jsonl
 from pipeline.params import compose
 
 SEED_TASKS = SHARED / "data" / "self-instruct" / "seed_tasks.jsonl"

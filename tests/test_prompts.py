@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from pipeline.config import PromptConfig, from_mapping
+from pipeline.core.config import PromptConfig, from_mapping
 from pipeline.params import compose
-from pipeline.prompts import PromptError, Template, make_template, render
+from pipeline.prompting.templates import PromptError, Template, make_template, render
 
 WITH_INPUT = {"id": "ex-1", "task": "t", "instruction": "Classify the sentiment.", "input": "I loved it.",
               "output": "positive"}

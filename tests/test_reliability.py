@@ -19,9 +19,9 @@ import yaml
 
 from conftest import prepared_workdir
 from pipeline import evaluate, train
-from pipeline.config import from_mapping
+from pipeline.core.config import from_mapping
 from pipeline.params import compose
-from pipeline.tracking import REDACTED, params_for_logging, redact_tree
+from pipeline.tracking.runs import REDACTED, params_for_logging, redact_tree
 
 SMOKE = ["+experiment=smoke"]
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from pipeline import render
-from pipeline.files import read_json, read_jsonl, write_jsonl
-from pipeline.models import IGNORE_INDEX, load_tokenizer
-from pipeline.prompts import Template, make_template
-from pipeline.prompts import render as render_text
+from pipeline.core.files import read_json, read_jsonl, write_jsonl
+from pipeline.core.models import IGNORE_INDEX, load_tokenizer
+from pipeline.prompting.templates import Template, make_template
+from pipeline.prompting.templates import render as render_text
 
 
 def example(i: int, output: str = "positive", input: str = "The food was great.") -> dict:

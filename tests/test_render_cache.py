@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.files import read_jsonl
+from pipeline.core.files import read_jsonl
 from pipeline.params import compose
 from sweep_helpers import copy_checkout
 from test_pipeline_dvc import _sh

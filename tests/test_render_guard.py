@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from pipeline import render
-from pipeline.files import write_jsonl
-from pipeline.models import load_tokenizer
-from pipeline.prompts import Template
+from pipeline.core.files import write_jsonl
+from pipeline.core.models import load_tokenizer
+from pipeline.prompting.templates import Template
 
 # No end-of-sequence token appended: an empty output then renders to an empty completion.
 BARE = Template(name="bare", kind="jinja", system=None, template="{{ instruction }}\nAnswer:", chat_template=None,

@@ -20,11 +20,12 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from pipeline import parallel, prepare, render
-from pipeline.files import jsonl_bytes, read_jsonl, write_jsonl
-from pipeline.models import load_tokenizer
-from pipeline.prompts import _compile, _transparent, conversation, make_template, segments
-from pipeline.shots import ShotPool
+from pipeline import prepare, render
+from pipeline.core import parallel
+from pipeline.core.files import jsonl_bytes, read_jsonl, write_jsonl
+from pipeline.core.models import load_tokenizer
+from pipeline.prompting.templates import _compile, _transparent, conversation, make_template, segments
+from pipeline.prompting.shots import ShotPool
 
 @pytest.fixture(scope="module")
 def tokenizer(smoke_base: Path):
@@ -236,7 +237,7 @@ def test_render_in_worker_processes_writes_the_same_bytes_as_one_process(smoke_b
 def test_fast_tokenizer_is_what_transformers_loads_or_is_not_used(smoke_base: Path, tmp_path: Path) -> None:
     """render loads the tokenizer with `tokenizers` alone only when its files hash to what the
     base_model stage recorded from transformers; a changed file or an older checkpoint gets transformers."""
-    from pipeline.models import FastTokenizer, load_fast_tokenizer
+    from pipeline.core.models import FastTokenizer, load_fast_tokenizer
 
     reference = load_tokenizer(smoke_base)
     fast = load_fast_tokenizer(smoke_base)

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from conftest import prepared_workdir
-from pipeline.files import read_json
+from pipeline.core.files import read_json
 from pipeline.params import compose
 
 OVERRIDES = ["+experiment=smoke", "trainer.max_steps=40", "trainer.val_check_interval=5", "trainer.batch_size=2",

@@ -9,9 +9,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline import config, prepare, safety, scoring, slices
+from pipeline import prepare
+from pipeline.core import config
+from pipeline.data import safety
+from pipeline.evaluation import scoring
+from pipeline.evaluation import slices
 from pipeline.data.schema import Example
-from pipeline.files import read_json, read_jsonl
+from pipeline.core.files import read_json, read_jsonl
 from pipeline.params import compose
 
 PROJECT = Path(__file__).resolve().parents[1]

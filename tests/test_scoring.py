@@ -10,9 +10,9 @@ import pytest
 import sacrebleu
 from sklearn.metrics import precision_recall_fscore_support
 
-from pipeline import resampling as R
-from pipeline import scoring
-from pipeline.metrics import UNMATCHED
+from pipeline.evaluation import resampling as R
+from pipeline.evaluation import scoring
+from pipeline.evaluation.metrics import UNMATCHED
 
 LABELS = ["business", "sports", "world"]
 

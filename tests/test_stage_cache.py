@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from sweep_helpers import REPO
 
-from pipeline import stage_cache
+from pipeline.tracking import stage_cache
 from pipeline.params import compose
 
 SHARED = ("base_model", "prepare", "render")
@@ -25,7 +25,7 @@ def test_specs_come_from_dvc_yaml() -> None:
     specs = stage_cache.read_specs(REPO / "dvc.yaml")
     assert specs["render"].params == ("prompt",)
     assert dict(specs["render"].inputs) == {"data/prepared": "prepare", "models/base": "base_model"}
-    assert "pipeline/prompts.py" in specs["render"].code
+    assert "pipeline/prompting/templates.py" in specs["render"].code
 
 
 @pytest.mark.parametrize("override, changed", [
@@ -46,7 +46,7 @@ def test_code_change_moves_the_key(tmp_path: Path) -> None:
     for name in ("dvc.yaml", "pipeline", "conf"):  # every dependency dvc.yaml names
         (shutil.copytree if (REPO / name).is_dir() else shutil.copy2)(REPO / name, tmp_path / name)
     before = keys([], tmp_path)
-    with open(tmp_path / "pipeline/prompts.py", "a") as fh:
+    with open(tmp_path / "pipeline/prompting/templates.py", "a") as fh:
         fh.write("\n# a change\n")
     after = keys([], tmp_path)
     assert before["render"] != after["render"]

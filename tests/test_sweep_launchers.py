@@ -13,7 +13,7 @@ import pytest
 import yaml
 from sweep_helpers import REPO, pipeline, seed_base_model, sh
 
-from pipeline import tracking
+from pipeline.tracking import runs as tracking
 from pipeline.params import CONF_DIR, compose
 
 SMOKE = ["+experiment=smoke"]
@@ -137,7 +137,7 @@ def test_joblib_two_parallel_jobs_lose_no_run(tmp_path: Path, smoke_base: Path) 
         assert "eval.tuned.overall.score" in r.data.metrics
     assert client.get_run(parent["run_id"]).info.status == "FINISHED"
     # Both workers wanted the same render and encoder arm; the per-key lock let exactly one of them build each.
-    from pipeline import stage_cache
+    from pipeline.tracking import stage_cache
 
     assert [b["stage"] for b in stage_cache.builds(tmp_path / "outputs" / "cache")] == [
         "prepare", "render", "train_encoder"]
@@ -174,7 +174,7 @@ def test_optuna_three_trials_best_value_on_the_parent(tmp_path: Path, smoke_base
 def test_sweep_callback_config_instantiates() -> None:
     from hydra.utils import instantiate
 
-    from pipeline.sweeps import MlflowSweep, Objective
+    from pipeline.tracking.sweeps import MlflowSweep, Objective
 
     cb = instantiate(_compose_hydra([]).hydra.callbacks.mlflow_sweep)
     assert isinstance(cb, MlflowSweep) and cb.objective == Objective("eval.tuned.overall.score", "maximize")

@@ -64,7 +64,7 @@ def test_grid_has_one_parent_and_four_children(grid: dict[str, Any]) -> None:
 
 
 def test_grid_built_shared_stages_once(grid: dict[str, Any]) -> None:
-    from pipeline import stage_cache
+    from pipeline.tracking import stage_cache
 
     cache = grid["cwd"] / "outputs" / "cache"
     builds = [b["stage"] for b in stage_cache.builds(cache)]

@@ -13,10 +13,10 @@ import torch.nn.functional as F
 
 from pipeline import render
 from pipeline.data.embedded import generate
-from pipeline.files import write_json, write_jsonl
-from pipeline.models import IGNORE_INDEX, apply_finetune, completion_loss, load_causal_lm, load_tokenizer
-from pipeline.prompts import make_template
-from pipeline.training import InstructionTuner, RenderedData, collate
+from pipeline.core.files import write_json, write_jsonl
+from pipeline.core.models import IGNORE_INDEX, apply_finetune, completion_loss, load_causal_lm, load_tokenizer
+from pipeline.prompting.templates import make_template
+from pipeline.training.module import InstructionTuner, RenderedData, collate
 
 
 def lora_model(smoke_base: Path, smoke_cfg, nonzero_b: bool) -> torch.nn.Module:

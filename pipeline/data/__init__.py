@@ -1,0 +1,1 @@
+"""Raw data: formats, the example schema, dedup, the embedded generator, mixtures, safety rules."""

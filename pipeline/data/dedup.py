@@ -13,7 +13,7 @@ import functools
 import unicodedata
 from typing import Any, Iterable, Sequence
 
-from pipeline import parallel
+from pipeline.core import parallel
 from pipeline.data.schema import Example
 
 Flag = dict[str, Any]

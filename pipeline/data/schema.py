@@ -12,6 +12,8 @@ import copy
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
+from pipeline.core.errors import DataError
+
 TASK_TYPES = ("classification", "short_answer", "free_text")
 
 
@@ -76,17 +78,6 @@ class Problem:
     def __str__(self) -> str:
         where = self.file if self.line is None else f"{self.file}:{self.line}"
         return f"{where}: {self.field}: {self.message}" if self.field else f"{where}: {self.message}"
-
-
-class DataError(ValueError):
-    """Raised with every collected :class:`Problem` (up to a limit) at once."""
-
-    def __init__(self, problems: Iterable[Problem], truncated: bool = False):
-        self.problems = list(problems)
-        self.truncated = truncated
-        lines = [f"  {p}" for p in self.problems]
-        more = "\n  ... (stopped after this many problems)" if truncated else ""
-        super().__init__(f"{len(self.problems)} problem(s) in the raw data:\n" + "\n".join(lines) + more)
 
 
 class ProblemCollector:

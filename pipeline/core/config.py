@@ -15,17 +15,10 @@ from typing import Any, Mapping, Optional
 import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+from pipeline.core.errors import ConfigError
 
 TASK_TYPES = ("classification", "short_answer", "free_text")
 MODEL_KINDS = ("causal_lm", "sequence_classification")
-
-
-class ConfigError(ValueError):
-    """All problems found in one configuration, reported together."""
-
-    def __init__(self, problems: list[str], source: str = "config"):
-        self.problems = problems
-        super().__init__(f"{len(problems)} problem(s) in {source}:\n" + "\n".join(f"  {p}" for p in problems))
 
 
 @dataclass
@@ -219,7 +212,7 @@ class FinetuneConfig:
 
 @dataclass
 class StrategyConfig:
-    """How Lightning spreads one run over devices; built by :func:`pipeline.strategies.build`."""
+    """How Lightning spreads one run over devices; built by :func:`pipeline.training.strategies.build`."""
 
     name: str = MISSING  # auto | ddp | fsdp
     process_group_backend: Optional[str] = MISSING  # null: nccl on GPUs, gloo on CPUs

@@ -25,9 +25,9 @@ from typing import Any, Mapping
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import tracking
-from pipeline.config import flatten
-from pipeline.files import read_json, write_json
+from pipeline.tracking import runs as tracking
+from pipeline.core.config import flatten
+from pipeline.core.files import read_json, write_json
 
 PARENT_FILE = "mlflow_sweep.json"
 DIRECTIONS = ("maximize", "minimize")
@@ -137,7 +137,7 @@ class MlflowSweep(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         sweep_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-        tags = {**tracking.git_tags(Path(__file__).resolve().parent.parent), tracking.SWEEP_TAG: sweep_id,
+        tags = {**tracking.git_tags(Path(__file__).resolve().parents[2]), tracking.SWEEP_TAG: sweep_id,
                 "sweep.role": "parent", "sweep.dir": str(sweep_dir.resolve())}
         run_id = tracking.start_run(uri, config.tracking.experiment, tracking.store_root(cwd) / "mlartifacts",
                                     sweep_definition(config, self.objective), tags, run_name=f"sweep {sweep_id}")

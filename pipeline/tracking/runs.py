@@ -4,7 +4,7 @@ One MLflow run per experiment: train creates it (params, tags, step metrics, ada
 evaluate reopens it (eval metrics, predictions table, plots). The store defaults to
 ``sqlite:///mlflow.db`` with artifacts in ``mlartifacts/`` at the repository root; the
 entry points pass ``MLFLOW_TRACKING_URI`` in when it is set. A sweep adds a parent run
-(see :mod:`pipeline.sweeps`) and each job's run becomes its child.
+(see :mod:`pipeline.tracking.sweeps`) and each job's run becomes its child.
 
 Parallel jobs share one SQLite file. SQLite allows one writer at a time and MLflow
 waits 20 s for a lock, but a fresh store's table creation and long bursts of writes can
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, TypeVar
 
-from pipeline.config import flatten
+from pipeline.core.config import flatten
 
 # The last name of a dotted key (hub_token, api_key, password, aws_secret_access_key), not any
 # segment: num_key_value_heads and keywords are not secrets.

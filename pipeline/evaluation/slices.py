@@ -3,7 +3,7 @@
 A slice is a key naming a field of the prepared example (``task``, ``source``, any other
 field), a metadata column (``meta.<column>``) or a derived value (``input_length``: the
 prompt's word count, bucketed by ``eval.length_buckets``). Each slice value is scored
-with the same code as the whole test set (:func:`pipeline.scoring.score_model`), with
+with the same code as the whole test set (:func:`pipeline.evaluation.scoring.score_model`), with
 its own bootstrap intervals, so a gap between slices is read with its uncertainty.
 """
 
@@ -13,11 +13,8 @@ import zlib
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-from pipeline import scoring
-
-
-class SliceError(ValueError):
-    """A declared slice names a field no test example has."""
+from pipeline.evaluation import scoring
+from pipeline.core.errors import SliceError
 
 
 def bucket(words: int, edges: Sequence[int]) -> str:

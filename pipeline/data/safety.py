@@ -15,7 +15,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from pipeline import resampling as R
+from pipeline.evaluation import resampling as R
+from pipeline.core.errors import SafetyListError
 
 Classifier = Callable[[str], "str | None"]
 
@@ -60,10 +61,6 @@ class Rules:
         return hits
 
 
-class SafetyListError(ValueError):
-    """A rule list cannot be read or a regex does not compile (file and line named)."""
-
-
 def read_list(path: Path) -> list[str]:
     """Non-empty, non-comment lines of a rule list."""
     if not path.is_file():
@@ -97,7 +94,7 @@ def build_classifier(spec: dict[str, Any] | None) -> Classifier | None:
 
 
 def from_config(cfg: Any, roots: Sequence[Path]) -> Rules:
-    """Rules from ``safety`` config (a :class:`pipeline.config.SafetyConfig`).
+    """Rules from ``safety`` config (a :class:`pipeline.core.config.SafetyConfig`).
 
     A relative list path is looked up under each of ``roots`` in turn (the working
     directory, then the project checkout that ships the default lists).

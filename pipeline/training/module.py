@@ -1,6 +1,6 @@
 """Lightning pieces for fine-tuning: data module, a thin LightningModule, a loss-curve callback.
 
-Building the model (and its LoRA wrapper) is :mod:`pipeline.models`' job; the module
+Building the model (and its LoRA wrapper) is :mod:`pipeline.core.models`' job; the module
 here only runs steps, logs and configures the optimizer.
 """
 
@@ -17,10 +17,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from pipeline.config import TrainerConfig
-from pipeline.files import read_jsonl
-from pipeline.models import IGNORE_INDEX, completion_loss
-from pipeline.packing import collate_packed, epoch_batches
+from pipeline.core.config import TrainerConfig
+from pipeline.core.files import read_jsonl
+from pipeline.core.models import IGNORE_INDEX, completion_loss
+from pipeline.training.packing import collate_packed, epoch_batches
 
 
 def collate(rows: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -40,7 +40,7 @@ def collate(rows: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
 class EpochSampler(torch.utils.data.Sampler[list[int]]):
     """The batches of an epoch, depending only on (seed, epoch), able to start mid-epoch.
 
-    ``mode`` is ``trainer.batching`` (see :func:`pipeline.packing.epoch_batches`). Lightning
+    ``mode`` is ``trainer.batching`` (see :func:`pipeline.training.packing.epoch_batches`). Lightning
     calls ``set_epoch`` before every epoch. After a resume, ``skip`` batches of the resumed
     epoch are left out once, so the run continues with exactly the batches an
     uninterrupted run would have seen next. Every mode has the same number of batches in
@@ -314,7 +314,7 @@ class CheckpointOnSigterm(L.Callback):
 def trainer_settings(t: TrainerConfig) -> dict[str, Any]:
     """``L.Trainer`` keywords every stage takes from a :class:`TrainerConfig` the same way
     (budget, precision, devices and strategy, validation every ``val_check_interval`` optimizer steps)."""
-    from pipeline import strategies
+    from pipeline.training import strategies
 
     return dict(
         accelerator=t.accelerator, devices=t.devices, precision=t.precision,
@@ -334,7 +334,7 @@ def prepare_for_batching(model: torch.nn.Module, cfg: TrainerConfig) -> None:
     ``flash_attention_2`` varlen path instead (it reads the same ``position_ids``); on CPU
     per-document SDPA is the one correct path that does not build an L x L mask.
     """
-    from pipeline.packing import use_packed_attention
+    from pipeline.training.packing import use_packed_attention
 
     if cfg.batching == "packed":
         use_packed_attention(model)

@@ -22,7 +22,7 @@ from numpy.typing import ArrayLike
 from rouge_score import rouge_scorer
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 
-from pipeline.resampling import interval, paired, resample_indices
+from pipeline.evaluation.resampling import interval, paired, resample_indices
 
 UNMATCHED = "<unmatched>"
 

@@ -28,11 +28,8 @@ import jinja2
 from jinja2 import StrictUndefined, TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from pipeline.config import PromptConfig
-
-
-class PromptError(ValueError):
-    """A template that cannot render an example; the message names the template and field."""
+from pipeline.core.config import PromptConfig
+from pipeline.core.errors import PromptError
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,8 @@
 """Scoring an evaluation: every metric of every task with a 95% bootstrap interval, the
 overall score, and paired base-vs-tuned differences with p-values.
 
-Point estimates come from :mod:`pipeline.metrics` (scikit-learn, rouge-score, sacrebleu);
-intervals from :mod:`pipeline.resampling`. Each task draws one index matrix from a seed
+Point estimates come from :mod:`pipeline.evaluation.metrics` (scikit-learn, rouge-score, sacrebleu);
+intervals from :mod:`pipeline.evaluation.resampling`. Each task draws one index matrix from a seed
 and the task's name, and both models are resampled with it: the deltas are paired, and
 row ``r`` of every task's matrix together is one stratified resample of the whole test
 set, which is how the overall score (the mean of the tasks' primary metrics) gets its
@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import metrics as M
-from pipeline import resampling as R
+from pipeline.evaluation import metrics as M
+from pipeline.evaluation import resampling as R
 
 # The score each task type is summarised by (bars, the overall mean); all are in [0, 1].
 PRIMARY = {"classification": "accuracy", "short_answer": "exact_match", "free_text": "rougeL"}

@@ -14,17 +14,14 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.config import FinetuneConfig, ModelConfig
+from pipeline.core.config import FinetuneConfig, ModelConfig
+from pipeline.core.errors import ModelError
 
 if TYPE_CHECKING:  # heavy imports stay lazy so `--help` and config checks are fast
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 IGNORE_INDEX = -100  # label value for tokens that carry no loss (prompt, padding)
-
-
-class ModelError(RuntimeError):
-    """A model or tokenizer could not be found, read or matched; the message says which."""
 
 
 def resolve_source(path: str) -> str:
@@ -255,7 +252,7 @@ def completion_loss(model: "torch.nn.Module", input_ids: "torch.Tensor", attenti
     short completions that is a few percent of the sequence, and it was measured 1.3x
     faster per training step on CPU. ``reduction="none"`` returns the per-token losses
     in row-major order of the loss-bearing positions. Packed rows pass ``position_ids``
-    (restarting per document) and no ``attention_mask``; see :mod:`pipeline.packing`.
+    (restarting per document) and no ``attention_mask``; see :mod:`pipeline.training.packing`.
     There is no recompute: autograd keeps the gathered logits, a few percent of the full ones.
     """
     import torch.nn.functional as F

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import torch
 
-from pipeline.models import IGNORE_INDEX
+from pipeline.core.models import IGNORE_INDEX
 
 BATCHING_MODES = ("dynamic", "length_grouped", "packed")
 PACKED_ATTENTION = "sdpa_packed"  # name registered with transformers' AttentionInterface

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from pipeline.config import StrategyConfig
+from pipeline.core.config import StrategyConfig
 
 
 def layer_class(path: str) -> type:

@@ -15,7 +15,8 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.models import ModelError
+from pipeline.core.models import ModelError
+from pipeline.core.errors import LabelError
 
 if TYPE_CHECKING:
     import torch
@@ -26,10 +27,6 @@ LABELS_FILE = "labels.json"
 # What train_encoder writes instead of a model when the arm is off or the data has no
 # classification task: {"reason": ...}; evaluate then skips the encoder arm.
 SKIPPED_FILE = "skipped.json"
-
-
-class LabelError(ValueError):
-    """A val/test label the classifier could never predict, because train never shows it."""
 
 
 def text_of(example: dict[str, Any], include_instruction: bool) -> str:

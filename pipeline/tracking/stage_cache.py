@@ -23,7 +23,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import yaml
 
-from pipeline.files import atomic_dir, read_json, write_json
+from pipeline.core.files import atomic_dir, read_json, write_json
 
 MANIFEST = "key.json"  # written last inside an entry: its presence means "complete"
 

@@ -1,0 +1,1 @@
+"""Evaluation: generation, scoring, metrics, resampling (intervals and paired tests) and slices."""

@@ -1,0 +1,1 @@
+"""Prompt construction: templates (pure string rendering) and k-shot exemplars."""

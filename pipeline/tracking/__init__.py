@@ -1,0 +1,1 @@
+"""Experiment tracking: MLflow runs, sweep parents and the Hydra app's stage cache."""

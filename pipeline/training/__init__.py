@@ -1,0 +1,1 @@
+"""Fine-tuning: the LightningModule, packing, distributed strategies and the encoder head."""
