@@ -121,7 +121,7 @@ def test_three_problems_are_reported_together() -> None:
     with pytest.raises(ConfigError) as info:
         from_mapping(raw)
     assert sorted(info.value.problems) == sorted([
-        "trainer.lr: must be > 0",
+        "trainer.lr: must be > 0 and finite (got -1.0)",
         "prompt.kind: 'nope' is not one of chat, jinja",
         "data.path: required when data.source=local",
     ])

@@ -8,6 +8,8 @@ only in ``conf/``; the dataclasses carry types, not defaults.
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -19,6 +21,16 @@ from pipeline.core.errors import ConfigError
 
 TASK_TYPES = ("classification", "short_answer", "free_text")
 MODEL_KINDS = ("causal_lm", "sequence_classification")
+# pipeline.data.formats.FORMATS (a test keeps them equal); spelled here so validating a config imports no data code.
+DATA_FORMATS = ("alpaca", "dolly", "prompt_completion", "self_instruct_seed", "sharegpt", "openai_chat", "auto")
+# What lightning.Trainer accepts (a test checks them against Lightning), spelled here because
+# importing Lightning takes seconds and a bad value should stop before anything heavy loads.
+PRECISIONS = ("transformer-engine", "transformer-engine-float16", "16-true", "16-mixed", "bf16-true",
+              "bf16-mixed", "32-true", "64-true", "64", "32", "16", "bf16")
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
+FSDP_SHARDING = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD", "_HYBRID_SHARD_ZERO2")
+SEED_RANGE = (0, 2**32 - 1)  # what numpy and Lightning's seed_everything accept
+DOTTED_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+$")
 
 
 @dataclass
@@ -35,6 +47,7 @@ class ModelConfig:
     def problems(self) -> list[str]:
         out = _choice("model.init", self.init, ("pretrained", "random"))
         out += _choice("model.kind", self.kind, MODEL_KINDS)
+        out += _nonempty("model.name", self.name) + _nonempty("model.path", self.path)
         if self.kind == "sequence_classification" and self.gguf_file:
             out.append("model.gguf_file: not supported for model.kind=sequence_classification")
         return out
@@ -96,10 +109,14 @@ class SourceConfig:
             out.append(f"{where}.path: required when source={self.source}")
         if self.task_type is not None:
             out += _choice(f"{where}.task_type", self.task_type, TASK_TYPES)
-        if self.weight is not None and self.weight <= 0:
-            out.append(f"{where}.weight: must be > 0")
-        if self.cap is not None and self.cap < 1:
-            out.append(f"{where}.cap: must be >= 1")
+        if self.format is not None:
+            out += _choice(f"{where}.format", self.format, DATA_FORMATS)
+            if self.source == "embedded" and self.format in DATA_FORMATS and self.format != "auto":
+                out.append(f"{where}.format: only read for local or hub sources (this one is embedded)")
+        if self.weight is not None:
+            out += _number(f"{where}.weight", self.weight, low=0, low_open=True)
+        if self.cap is not None:
+            out += _int_at_least(f"{where}.cap", self.cap, 1)
         return out
 
 
@@ -126,6 +143,12 @@ class DataConfig:
     def problems(self) -> list[str]:
         out = _choice("data.source", self.source, ("embedded", "local", "hub", "mixture"))
         out += _choice("data.on_error", self.on_error, ("fail", "skip"))
+        out += _choice("data.format", self.format, DATA_FORMATS)
+        if self.source == "embedded" and self.format in DATA_FORMATS and self.format != "auto":
+            out.append(f"data.format: only read for local or hub data (data.source={self.source}); leave it auto")
+        out += _seed("data.generator_seed", self.generator_seed)
+        out += _int_at_least("data.max_problems", self.max_problems, 1)
+        out += _nonempty("data.hub_split", self.hub_split)
         out += self.dedup.problems()
         if self.source == "mixture":
             out += self._mixture_problems()
@@ -135,10 +158,12 @@ class DataConfig:
             out.append(f"data.path: required when data.source={self.source}")
         if self.task_type is not None:
             out += _choice("data.task_type", self.task_type, TASK_TYPES)
-        if not (0 <= self.val_fraction < 1 and 0 < self.test_fraction < 1 and self.val_fraction + self.test_fraction < 1):
-            out.append("data.val_fraction/test_fraction: need 0 <= val < 1, 0 < test < 1 and val + test < 1")
-        if self.n_per_task < 1:
-            out.append("data.n_per_task: must be >= 1")
+        fractions = _number("data.val_fraction", self.val_fraction, low=0, high=1, high_open=True)
+        fractions += _number("data.test_fraction", self.test_fraction, low=0, high=1, low_open=True, high_open=True)
+        if not fractions and self.val_fraction + self.test_fraction >= 1:
+            fractions.append("data.val_fraction + data.test_fraction: must be < 1 (train needs the rest)")
+        out += fractions
+        out += _int_at_least("data.n_per_task", self.n_per_task, 1)
         return out
 
     def _mixture_problems(self) -> list[str]:
@@ -181,12 +206,10 @@ class PromptConfig:
         out += _choice("prompt.train_on", self.train_on, ("all_assistant", "last_assistant"))
         if self.kind == "jinja" and not (self.template or self.template_file):
             out.append("prompt.template: required when prompt.kind=jinja (or set prompt.template_file)")
-        if self.k_shot < 0:
-            out.append("prompt.k_shot: must be >= 0")
-        if self.eval_k_shot < 0:
-            out.append("prompt.eval_k_shot: must be >= 0")
-        if self.max_length < 8:
-            out.append("prompt.max_length: must be >= 8")
+        out += _int_at_least("prompt.k_shot", self.k_shot, 0)
+        out += _int_at_least("prompt.eval_k_shot", self.eval_k_shot, 0)
+        out += _int_at_least("prompt.max_length", self.max_length, 8)
+        out += _seed("prompt.shot_seed", self.shot_seed)
         return out
 
 
@@ -196,6 +219,13 @@ class LoraConfig:
     alpha: int = MISSING
     dropout: float = MISSING
     target_modules: list[str] = MISSING
+
+    def problems(self, where: str) -> list[str]:
+        out = _int_at_least(f"{where}.r", self.r, 1) + _int_at_least(f"{where}.alpha", self.alpha, 1)
+        out += _number(f"{where}.dropout", self.dropout, low=0, high=1, high_open=True)
+        if not self.target_modules or not all(self.target_modules):
+            out.append(f"{where}.target_modules: list at least one module name (no empty names)")
+        return out
 
 
 @dataclass
@@ -207,6 +237,8 @@ class FinetuneConfig:
         out = _choice("finetune.method", self.method, ("lora", "full"))
         if self.method == "lora" and self.lora is None:
             out.append("finetune.lora: required when finetune.method=lora")
+        elif self.method == "lora" and self.lora is not None:
+            out += self.lora.problems("finetune.lora")
         return out
 
 
@@ -225,6 +257,9 @@ class StrategyConfig:
             out.append(f"trainer.strategy.name: {self.name!r} is not one of {', '.join(STRATEGIES)}")
         if self.name == "fsdp" and not self.auto_wrap:
             out.append("trainer.strategy.auto_wrap: fsdp needs at least one layer class to wrap")
+        out += [f"trainer.strategy.auto_wrap: {p!r} is not a dotted class path (package.module.Class)"
+                for p in self.auto_wrap if not DOTTED_PATH.match(str(p))]
+        out += _choice("trainer.strategy.sharding", self.sharding, FSDP_SHARDING)
         return out
 
 
@@ -257,17 +292,19 @@ class TrainerConfig:
         out = []
         if self.batching not in ("dynamic", "length_grouped", "packed"):
             out.append(f"trainer.batching: {self.batching!r} is not one of dynamic, length_grouped, packed")
-        if self.pack_length < 1:
-            out.append("trainer.pack_length: must be >= 1")
-        for name in ("batch_size", "accumulate_grad_batches", "max_steps", "val_check_interval"):
-            if getattr(self, name) < 1:
-                out.append(f"trainer.{name}: must be >= 1")
-        if not 0 <= self.warmup_ratio < 1:
-            out.append("trainer.warmup_ratio: must be in [0, 1)")
-        if self.lr <= 0:
-            out.append("trainer.lr: must be > 0")
-        if self.devices < 1:
-            out.append("trainer.devices: must be >= 1")
+        out += _choice("trainer.accelerator", self.accelerator, ACCELERATORS)
+        out += _choice("trainer.precision", self.precision, PRECISIONS)
+        for name in ("batch_size", "accumulate_grad_batches", "max_steps", "val_check_interval", "devices",
+                     "pack_length", "log_every_n_steps"):
+            out += _int_at_least(f"trainer.{name}", getattr(self, name), 1)
+        if self.max_epochs != -1:  # -1: no epoch limit (max_steps decides), as in Lightning
+            out += _int_at_least("trainer.max_epochs", self.max_epochs, 1, " (or -1 for no limit)")
+        out += _int_at_least("trainer.num_workers", self.num_workers, 0)
+        out += _number("trainer.warmup_ratio", self.warmup_ratio, low=0, high=1, high_open=True)
+        out += _number("trainer.lr", self.lr, low=0, low_open=True)
+        out += _number("trainer.weight_decay", self.weight_decay, low=0)
+        if self.gradient_clip_val is not None:  # 0 or null: no clipping
+            out += _number("trainer.gradient_clip_val", self.gradient_clip_val, low=0)
         return out + self.strategy.problems()
 
 
@@ -302,6 +339,15 @@ class EvalConfig:
         if list(self.length_buckets) != sorted(set(self.length_buckets)):
             out.append("eval.length_buckets: must be strictly increasing")
         out += [f"eval.max_new_tokens.{t}: missing" for t in TASK_TYPES if t not in self.max_new_tokens]
+        out += [f"eval.max_new_tokens.{t}: not a task type (use {', '.join(TASK_TYPES)})"
+                for t in self.max_new_tokens if t not in TASK_TYPES]
+        for task_type, budget in self.max_new_tokens.items():
+            out += _int_at_least(f"eval.max_new_tokens.{task_type}", budget, 1)
+        if any(b < 1 for b in self.length_buckets):
+            out.append("eval.length_buckets: word counts must be >= 1")
+        if not all(self.stop_strings):
+            out.append("eval.stop_strings: an empty stop string would end every answer at once")
+        out += _seed("eval.bootstrap.seed", self.bootstrap.seed)
         for task, task_type in self.task_types.items():
             out += _choice(f"eval.task_types.{task}", task_type, TASK_TYPES)
         if self.batch_size < 1:
@@ -326,6 +372,8 @@ class SafetyConfig:
     def problems(self) -> list[str]:
         if self.classifier is not None and "_target_" not in self.classifier:
             return ["safety.classifier: needs a _target_ (a callable text -> reason or None), or null"]
+        if self.classifier is not None and not DOTTED_PATH.match(str(self.classifier["_target_"])):
+            return [f"safety.classifier._target_: {self.classifier['_target_']!r} is not a dotted path (module.function)"]
         return []
 
 
@@ -351,14 +399,16 @@ class EncoderConfig:
             out.append("encoder.finetune.method: the encoder arm trains all weights; use full")
         if self.trainer.batching == "packed":
             out.append("encoder.trainer.batching: packed rows are for causal LMs; use dynamic or length_grouped")
-        if self.max_length < 8:
-            out.append("encoder.max_length: must be >= 8")
+        out += _int_at_least("encoder.max_length", self.max_length, 8)
         return out
 
 
 @dataclass
 class TrackingConfig:
     experiment: str = MISSING
+
+    def problems(self) -> list[str]:
+        return _nonempty("tracking.experiment", self.experiment)
 
 
 @dataclass
@@ -379,6 +429,36 @@ def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> list[str]:
     return [] if value in allowed else [f"{key}: {value!r} is not one of {', '.join(allowed)}"]
 
 
+def _int_at_least(key: str, value: int, low: int, note: str = "") -> list[str]:
+    return [] if value >= low else [f"{key}: must be >= {low}{note} (got {value})"]
+
+
+def _seed(key: str, value: int) -> list[str]:
+    low, high = SEED_RANGE
+    return [] if low <= value <= high else [f"{key}: must be in [{low}, {high}] (got {value})"]
+
+
+def _nonempty(key: str, value: str) -> list[str]:
+    return [] if value and value.strip() else [f"{key}: must not be empty"]
+
+
+def _number(key: str, value: float, low: float | None = None, high: float | None = None,
+            low_open: bool = False, high_open: bool = False) -> list[str]:
+    """A finite number within the bounds (an open bound excluded); NaN and infinities never pass."""
+    ok = math.isfinite(value)
+    ok = ok and (low is None or (value > low if low_open else value >= low))
+    ok = ok and (high is None or (value < high if high_open else value <= high))
+    if ok:
+        return []
+    if low is not None and high is not None:
+        bounds = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    elif low is not None:
+        bounds = f"{'>' if low_open else '>='} {low:g}"
+    else:
+        bounds = f"{'<' if high_open else '<='} {high:g}"
+    return [f"{key}: must be {bounds} and finite (got {value!r})"]
+
+
 def _kind_problems(cfg: PipelineConfig) -> list[str]:
     """What an encoder classifier cannot do: LoRA (not wired for it) and a 'base' row (its head is untrained)."""
     if cfg.model.kind != "sequence_classification":
@@ -389,6 +469,25 @@ def _kind_problems(cfg: PipelineConfig) -> list[str]:
     if "base" in cfg.eval.models:
         out.append("eval.models: an encoder's base model has no trained label head; use eval.models=[tuned]")
     return out
+
+
+def _merge_problem(err: OmegaConfBaseException, raw: Mapping[str, Any]) -> str:
+    """OmegaConf's error as one ``key: message`` line (its message goes on with full_key/object_type lines).
+
+    An error inside a ``data.sources`` item names the key within the item only; the
+    item is found by merging each one alone.
+    """
+    key = getattr(err, "full_key", None) or ""
+    message = str(getattr(err, "msg", None) or err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    sources = (raw.get("data") or {}).get("sources") if isinstance(raw.get("data"), Mapping) else None
+    if key and "." not in key and isinstance(sources, list) and key not in PipelineConfig.__dataclass_fields__:
+        for i, item in enumerate(sources):
+            try:
+                OmegaConf.merge(OmegaConf.structured(SourceConfig), item)
+            except OmegaConfBaseException:
+                key = f"data.sources[{i}].{key}"
+                break
+    return f"{key}: {message}" if key else message
 
 
 def _missing_keys(node: Any, prefix: str = "") -> list[str]:
@@ -408,15 +507,15 @@ def from_mapping(raw: Mapping[str, Any], source: str = "config") -> PipelineConf
     try:
         merged = OmegaConf.merge(OmegaConf.structured(PipelineConfig), raw)
     except OmegaConfBaseException as err:  # unknown key or wrong type: name the key
-        key = getattr(err, "full_key", None) or ""
-        raise ConfigError([f"{key}: {err.msg if hasattr(err, 'msg') else err}".strip(": ")], source) from None
+        raise ConfigError([_merge_problem(err, raw)], source) from None
     problems = _missing_keys(merged)
     if problems:
         raise ConfigError(problems, source)
     cfg: PipelineConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     for section in (cfg.model, cfg.data, cfg.prompt, cfg.finetune, cfg.trainer, cfg.eval, cfg.encoder,
-                    cfg.safety):
+                    cfg.safety, cfg.tracking):
         problems += section.problems()
+    problems += _seed("seed", cfg.seed)
     problems += _kind_problems(cfg)
     if "base_kshot" in cfg.eval.models and cfg.prompt.eval_k_shot < 1:
         problems.append("eval.models: base_kshot needs prompt.eval_k_shot >= 1 (the number of exemplars)")
