@@ -250,7 +250,8 @@ def arms_table(ev: Evaluation, task: str | None = None) -> dict[str, Any]:
 
     Rows are each task's primary metric (plus :data:`EXTRA`) and the overall score; with ``task``,
     every metric of that task. An arm that did not score a task (the encoder on a generation
-    task) has ``None`` there.
+    task) has ``None`` there. Where evaluate recorded them, cells carry ``n`` (the task's examples)
+    and differences their ``n``, ``test`` and the bootstrap's ``p_floor``.
     """
     where = f"{ev.name}/intervals.json"
     intervals = ev.intervals.get("intervals")
@@ -271,34 +272,39 @@ def arms_table(ev: Evaluation, task: str | None = None) -> dict[str, Any]:
         else:
             keys += [(t, m) for m in dict.fromkeys(m for a in arms for m in ev.metrics.get(a, {}).get(t, {}))]
     keys.append(("overall", "score"))
+    counts = ev.intervals.get("n", {})
     rows = []
     for t, m in keys:
         cells = {}
         for a in arms:
             value = ev.metrics.get(a, {}).get(t, {}).get(m)
-            cells[a] = None if value is None else {"value": float(value), "ci": _ci(intervals[a].get(t, {}).get(m))}
+            n = {"n": counts[t]} if t in counts else {}
+            cells[a] = None if value is None else {"value": float(value), **n,
+                                                   "ci": _ci(intervals[a].get(t, {}).get(m))}
         diffs = {}
         for k, (a, b) in pairs.items():
             d = intervals[k].get(t, {}).get(m)
             diffs[f"{a} − {b}"] = None if d is None else {
-                "delta": float(d["delta"]), "ci": _ci(d), "p_value": d.get("p_value")}
+                "delta": float(d["delta"]), "ci": _ci(d), "p_value": d.get("p_value"),
+                **{key: d[key] for key in ("n", "test", "p_floor") if key in d}}
         rows.append({"task": t, "metric": m, "arms": cells, "differences": diffs})
     return {"name": ev.name, "arms": arms, "differences": [f"{a} − {b}" for a, b in pairs.values()], "rows": rows}
 
 
 def arms_markdown(tables: Sequence[dict[str, Any]]) -> str:
-    """One Markdown table per evaluation: arms, then paired differences, each with its 95% CI."""
+    """One Markdown table per evaluation: arms, then paired differences, each with its 95% CI; a cell
+    of fewer than ``MIN_N`` examples shows its count, and a p-value at the bootstrap's floor ``p≤``."""
+    from pipeline.evaluation.scoring import delta_cell, value_cell
+
     out = []
     for tab in tables:
         cols = tab["arms"] + [f"{d} (95% CI, p)" for d in tab["differences"]]
-        out.append(f"## Arms of {tab['name']} (95% bootstrap CI; differences are paired)\n\n"
+        out.append(f"## Arms of {tab['name']} (95% CI; differences are paired)\n\n"
                    "| task | metric | " + " | ".join(cols) + " |\n|---|---|" + "---|" * len(cols) + "\n")
         for row in tab["rows"]:
-            cells = ["—" if c is None else f"{c['value']:.3f}" + (f" [{c['ci'][0]:.3f}, {c['ci'][1]:.3f}]"
-                                                                  if c["ci"] else "")
+            cells = ["—" if c is None else value_cell(c["value"], c["ci"], c.get("n"))
                      for c in (row["arms"][a] for a in tab["arms"])]
-            cells += ["—" if d is None else f"{d['delta']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]"
-                      + (f", p={d['p_value']:.3f}" if d.get("p_value") is not None else "")
+            cells += [delta_cell(None if d is None else {**d, "low": d["ci"][0], "high": d["ci"][1]})
                       for d in (row["differences"][n] for n in tab["differences"])]
             out.append(f"| {row['task']} | {row['metric']} | " + " | ".join(cells) + " |\n")
         out.append("\n")

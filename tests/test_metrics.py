@@ -228,8 +228,10 @@ def test_paired_bootstrap_clear_difference() -> None:
 
 def test_paired_bootstrap_identical_and_empty() -> None:
     values = np.array([0.0, 1.0, 1.0, 0.0, 1.0])
-    assert paired_bootstrap(values, values) == {"delta": 0.0, "low": 0.0, "high": 0.0, "p_value": 1.0}
-    assert paired_bootstrap([], []) == {"delta": 0.0, "low": 0.0, "high": 0.0, "p_value": 1.0}
+    same = {"delta": 0.0, "low": 0.0, "high": 0.0, "p_value": 1.0, "test": "bootstrap",
+            "p_floor": pytest.approx(2 / 1001)}
+    assert paired_bootstrap(values, values) == same
+    assert paired_bootstrap([], []) == same
     with pytest.raises(ValueError):
         paired_bootstrap([1.0], [1.0, 0.0])
 

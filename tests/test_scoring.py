@@ -50,9 +50,11 @@ def test_perplexity_is_token_weighted_and_resampled_by_example() -> None:
 
 
 def test_paired_summary_p_value_bounds() -> None:
-    assert R.paired(0.0, np.zeros(99)) == {"delta": 0.0, "low": 0.0, "high": 0.0, "p_value": 1.0}
+    assert R.paired(0.0, np.zeros(99)) == {"delta": 0.0, "low": 0.0, "high": 0.0, "p_value": 1.0,
+                                           "test": "bootstrap", "p_floor": pytest.approx(2 / 100)}
     clear = R.paired(0.5, np.full(99, 0.5))
     assert clear["p_value"] == pytest.approx(2 / 100) and clear["low"] == clear["high"] == 0.5
+    assert clear["p_value"] <= clear["p_floor"]  # at the floor: reported as p≤0.020
 
 
 def outputs(task_type: str, refs: list[str], preds: list[str], labels: list[str] | None = None) -> scoring.TaskOutputs:
@@ -117,7 +119,11 @@ def test_compare_same_model_has_zero_deltas_and_p_value_one(base_scores) -> None
     assert set(deltas["topic"]) == set(base_scores.tasks["topic"].values)
     for per in deltas.values():
         for d in per.values():
-            assert d == {"delta": 0.0, "low": 0.0, "high": 0.0, "p_value": 1.0}
+            # No difference and no evidence of one; the interval still says how large one could be.
+            assert d["delta"] == 0.0 and d["p_value"] == 1.0 and d["low"] <= 0.0 <= d["high"]
+    assert deltas["topic"]["accuracy"]["test"] == "exact McNemar"
+    assert deltas["topic"]["accuracy"]["discordant"] == [0, 0]
+    assert deltas["summary"]["rougeL"]["test"] == "bootstrap"
 
 
 def test_compare_a_better_model_on_every_metric(base_scores) -> None:

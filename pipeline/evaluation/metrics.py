@@ -15,6 +15,7 @@ import re
 import string
 from collections import Counter
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import sacrebleu
@@ -60,11 +61,15 @@ def extract_label(prediction: str, labels: Sequence[str]) -> str:
 
 
 def classification_scores(refs: Sequence[str], preds: Sequence[str], labels: Sequence[str]) -> dict:
-    """Accuracy, macro P/R/F1 over ``labels``, per-class scores and a confusion matrix.
+    """Accuracy, macro P/R/F1, per-class scores over ``labels`` and a confusion matrix.
 
     ``preds`` are already-extracted labels; ``UNMATCHED`` counts as wrong and gets its
     own confusion-matrix column (its row is always zero). Any other value outside
-    ``labels`` raises ``ValueError`` rather than vanishing from the matrix.
+    ``labels`` raises ``ValueError`` rather than vanishing from the matrix. The macro
+    averages are over the labels with support in ``refs``: a label of the label set that
+    this split never holds (seen only in train) has no recall to score, and counting it
+    as 0 would cap a perfect model's macro-F1 below 1. Predictions of such a label still
+    count against the true class's recall.
     """
     if len(refs) != len(preds):
         raise ValueError(f"{len(refs)} references but {len(preds)} predictions")
@@ -84,12 +89,13 @@ def classification_scores(refs: Sequence[str], preds: Sequence[str], labels: Seq
         refs, preds, labels=labels, average=None, zero_division=0
     )
     matrix = confusion_matrix(refs, preds, labels=matrix_labels)
+    # Mean of per-class scores over the supported labels == sklearn's average="macro" with those labels=.
+    supported = np.asarray(support) > 0
     return {
         "accuracy": float(accuracy_score(refs, preds)),
-        # Mean of per-class scores over `labels` == sklearn's average="macro" with labels=.
-        "macro_precision": float(np.mean(precision)),
-        "macro_recall": float(np.mean(recall)),
-        "macro_f1": float(np.mean(f1)),
+        "macro_precision": float(np.mean(precision[supported])),
+        "macro_recall": float(np.mean(recall[supported])),
+        "macro_f1": float(np.mean(f1[supported])),
         "unmatched_rate": sum(p == UNMATCHED for p in preds) / len(preds),
         "per_class": {
             label: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
@@ -196,20 +202,23 @@ def bootstrap_ci(
 
 def paired_bootstrap(
     a: ArrayLike, b: ArrayLike, n_resamples: int = 1000, seed: int = 0, alpha: float = 0.05
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """Paired bootstrap of ``mean(b) - mean(a)`` over the same examples (a=base, b=tuned).
 
     Returns ``delta``, the percentile interval ``low``/``high`` and a two-sided
     ``p_value`` = 2 * min(P(d <= 0), P(d >= 0)) over resampled deltas, clipped to 1.
     Each tail count gets +1 over n_resamples + 1, so the p-value never claims more
-    precision than the resamples give (it is at least 2 / (n_resamples + 1)).
+    precision than the resamples give: it is at least ``p_floor`` = 2 / (n_resamples + 1),
+    and a p-value there reads "p ≤ p_floor". ``test`` is ``"bootstrap"``. For 0/1 scores
+    :func:`pipeline.evaluation.resampling.paired_binary` (exact McNemar) fits better.
     Empty input gives delta 0.0, interval (0.0, 0.0), p_value 1.0.
     """
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     if a.shape != b.shape:
         raise ValueError(f"paired arrays differ in shape: {a.shape} vs {b.shape}")
     if a.size == 0:
-        return {"delta": 0.0, "low": 0.0, "high": 0.0, "p_value": 1.0}
+        return {"delta": 0.0, "low": 0.0, "high": 0.0, "p_value": 1.0, "test": "bootstrap",
+                "p_floor": 2 / (n_resamples + 1)}
     diffs = b - a
     deltas = diffs[resample_indices(diffs.size, n_resamples, seed)].mean(axis=1)
     return paired(float(diffs.mean()), deltas, alpha)

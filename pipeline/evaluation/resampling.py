@@ -10,14 +10,20 @@ formula of our own where a library has one: BLEU and chrF from sacrebleu's own s
 statistics (the path sacrebleu's significance tests use), macro P/R/F1 from resampled
 confusion matrices (checked against scikit-learn in the tests), perplexity as the
 token-weighted mean NLL of the resampled examples.
+
+The bootstrap says nothing where its resamples cannot vary (every example scored 1, one
+example), so proportions of 0/1 outcomes get exact binomial intervals (Clopper-Pearson)
+and exact tests (McNemar's, on the discordant pairs) instead: see ``docs/intervals.md``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from sacrebleu.metrics import BLEU, CHRF
+from scipy.stats import beta, binom
 
 ALPHA = 0.05  # 95% intervals
 
@@ -31,22 +37,100 @@ def resample_indices(n: int, n_resamples: int, seed: int | Sequence[int]) -> np.
 
 
 def interval(stats: np.ndarray, alpha: float = ALPHA) -> list[float]:
-    """Percentile interval ``[low, high]`` of resampled statistics."""
-    low, high = np.quantile(stats, [alpha / 2, 1 - alpha / 2])
+    """Percentile interval ``[low, high]`` of resampled statistics (non-finite resamples left out)."""
+    finite = np.asarray(stats, dtype=float)
+    finite = finite[np.isfinite(finite)]
+    if finite.size == 0:  # no resample has a value (a perplexity with no tokens): no interval
+        return [float("nan"), float("nan")]
+    low, high = np.quantile(finite, [alpha / 2, 1 - alpha / 2])
     return [float(low), float(high)]
 
 
-def paired(delta: float, deltas: np.ndarray, alpha: float = ALPHA) -> dict[str, float]:
+def degenerate(stats: np.ndarray) -> bool:
+    """True when every resample gave the same value: a zero-width interval that claims certainty."""
+    finite = np.asarray(stats, dtype=float)
+    finite = finite[np.isfinite(finite)]
+    return bool(finite.size == 0 or np.ptp(finite) == 0)
+
+
+def exact_interval(k: int, n: int, alpha: float = ALPHA) -> list[float]:
+    """Clopper-Pearson interval of ``k`` successes in ``n``: coverage at least ``1 - alpha`` for every p.
+
+    The beta-quantile form, equal to ``scipy.stats.binomtest(k, n).proportion_ci(method="exact")``.
+    ``n = 0`` (no data) gives ``[0, 1]``.
+    """
+    low = beta.ppf(alpha / 2, k, n - k + 1) if k > 0 else 0.0
+    high = beta.ppf(1 - alpha / 2, k + 1, n - k) if k < n else 1.0
+    return [float(low), float(high)]
+
+
+def bounded_interval(values: Sequence[float], stats: np.ndarray, alpha: float = ALPHA) -> tuple[list[float], str]:
+    """Interval of the mean of per-example scores in [0, 1], and the method that gave it.
+
+    A degenerate bootstrap at 0 or 1 (every example scored 1, say) is replaced by the exact bound of
+    n/n (or 0/n): valid for any score in [0, 1], since P(score = 1) <= mean, so n perfect examples are
+    at least as likely under a 0/1 score with that mean.
+    """
+    arr = np.asarray(values, dtype=float)
+    if arr.size and degenerate(stats) and (np.all(arr == 1.0) or np.all(arr == 0.0)):
+        return exact_interval(int(arr.sum()), arr.size, alpha), "exact bound"
+    return interval(stats, alpha), "bootstrap"
+
+
+def paired(delta: float, deltas: np.ndarray, alpha: float = ALPHA) -> dict[str, Any]:
     """Point ``delta``, its percentile interval and a two-sided bootstrap p-value.
 
     ``p_value`` = 2 * min(P(d <= 0), P(d >= 0)) over the resampled deltas with +1
-    smoothing on both counts, so it is never below 2 / (n_resamples + 1) and is 1.0
-    when the two models never differ.
+    smoothing on both counts, so it is never below ``p_floor`` = 2 / (n_resamples + 1)
+    (a p-value there reads "at most p_floor") and is 1.0 when the two models never differ.
     """
     low, high = interval(deltas, alpha)
-    tail = min(int(np.sum(deltas <= 0)), int(np.sum(deltas >= 0)))
-    p_value = min(1.0, 2 * (tail + 1) / (deltas.size + 1))
-    return {"delta": float(delta), "low": low, "high": high, "p_value": float(p_value)}
+    finite = deltas[np.isfinite(deltas)]
+    tail = min(int(np.sum(finite <= 0)), int(np.sum(finite >= 0)))
+    p_value = min(1.0, 2 * (tail + 1) / (finite.size + 1))
+    return {"delta": float(delta), "low": low, "high": high, "p_value": float(p_value),
+            "test": "bootstrap", "p_floor": 2 / (finite.size + 1)}
+
+
+def sign_test(wins: int, losses: int) -> float:
+    """Exact two-sided McNemar (sign) test: ``wins`` and ``losses`` are the discordant pairs.
+
+    Equal to ``scipy.stats.binomtest(wins, wins + losses, 0.5).pvalue``; 1.0 with no discordant pair.
+    """
+    n = wins + losses
+    return 1.0 if n == 0 else float(min(1.0, 2 * binom.cdf(min(wins, losses), n, 0.5)))
+
+
+def square_and_add(delta: float, minuend: Sequence[float], subtrahend: Sequence[float],
+                   phi: float = 0.0) -> list[float]:
+    """Newcombe's square-and-add interval of ``a - b`` from each side's ``(value, low, high)``.
+
+    ``phi`` is the correlation of the two (the paired 2x2 table's phi, Newcombe 1998 method 10);
+    0 treats them as independent, which is wider than the truth when they correlate positively.
+    """
+    (a, a_low, a_high), (b, b_low, b_high) = minuend, subtrahend
+    down = (a - a_low) ** 2 - 2 * phi * (a - a_low) * (b_high - b) + (b_high - b) ** 2
+    up = (a_high - a) ** 2 - 2 * phi * (a_high - a) * (b - b_low) + (b - b_low) ** 2
+    return [float(delta - np.sqrt(max(down, 0.0))), float(delta + np.sqrt(max(up, 0.0)))]
+
+
+def paired_binary(base: Sequence[float], tuned: Sequence[float], alpha: float = ALPHA) -> dict[str, Any]:
+    """``mean(tuned) - mean(base)`` of 0/1 scores on the same examples: exact McNemar p, Newcombe interval.
+
+    Only the discordant examples carry evidence: ``wins`` (tuned right, base wrong) against ``losses``.
+    """
+    a, b = np.asarray(base, dtype=float) > 0.5, np.asarray(tuned, dtype=float) > 0.5
+    n = a.size
+    both, wins, losses = int(np.sum(a & b)), int(np.sum(b & ~a)), int(np.sum(a & ~b))
+    neither = n - both - wins - losses
+    margins = (both + wins) * (losses + neither) * (both + losses) * (wins + neither)
+    phi = (both * neither - wins * losses) / np.sqrt(margins) if margins else 0.0
+    kb, ka = both + wins, both + losses
+    delta = (kb - ka) / n if n else 0.0
+    low, high = square_and_add(delta, (kb / n, *exact_interval(kb, n, alpha)),
+                               (ka / n, *exact_interval(ka, n, alpha)), phi) if n else [0.0, 0.0]
+    return {"delta": float(delta), "low": low, "high": high, "p_value": sign_test(wins, losses),
+            "test": "exact McNemar", "discordant": [wins, losses]}
 
 
 def mean_of(values: Sequence[float], idx: np.ndarray) -> np.ndarray:
@@ -54,16 +138,17 @@ def mean_of(values: Sequence[float], idx: np.ndarray) -> np.ndarray:
     return np.asarray(values, dtype=float)[idx].mean(axis=1)
 
 
-def perplexity(nll: Sequence[float], tokens: Sequence[int]) -> float:
-    """exp(total NLL / total tokens): the perplexity of all reference tokens together."""
+def perplexity(nll: Sequence[float], tokens: Sequence[int]) -> float | None:
+    """exp(total NLL / total tokens): the perplexity of all reference tokens together; None without tokens."""
     total = float(np.sum(tokens))
-    return float(np.exp(np.sum(nll) / total)) if total else float("nan")
+    return float(np.exp(np.sum(nll) / total)) if total else None
 
 
 def perplexity_of(nll: Sequence[float], tokens: Sequence[int], idx: np.ndarray) -> np.ndarray:
-    """Perplexity of each resample: examples are resampled, the ratio is token-weighted."""
+    """Perplexity of each resample: examples are resampled, the ratio is token-weighted (NaN: no tokens drawn)."""
     nll_arr, tok_arr = np.asarray(nll, dtype=float), np.asarray(tokens, dtype=float)
-    return np.exp(nll_arr[idx].sum(axis=1) / np.maximum(tok_arr[idx].sum(axis=1), 1.0))
+    total = tok_arr[idx].sum(axis=1)
+    return np.exp(np.divide(nll_arr[idx].sum(axis=1), total, out=np.full(total.shape, np.nan), where=total > 0))
 
 
 def sacrebleu_stats(kind: str, refs: Sequence[str], preds: Sequence[str]) -> np.ndarray:
@@ -106,3 +191,14 @@ def per_class_of(matrices: np.ndarray, n_labels: int) -> dict[str, np.ndarray]:
     both = predicted + actual  # F1 = 2TP / (2TP + FP + FN) = 2TP / (predicted + actual)
     f1 = np.divide(2 * tp, both, out=np.zeros_like(tp), where=both > 0)
     return {"precision": precision, "recall": recall, "f1": f1}
+
+
+def macro_of(per_class: np.ndarray, matrices: np.ndarray, n_labels: int) -> np.ndarray:
+    """Mean of per-class scores over the labels with support in each resample (as in the point estimate).
+
+    A label the test split never holds (seen only in train) would score 0 and cap a perfect model's
+    macro-F1 below 1; averaging over supported labels is what scikit-learn does without ``labels=``.
+    """
+    supported = matrices.sum(axis=2)[:, :n_labels] > 0
+    count = supported.sum(axis=1)
+    return np.divide((per_class * supported).sum(axis=1), count, out=np.zeros(count.shape), where=count > 0)
