@@ -111,8 +111,9 @@ def job_context(hc: Any, cwd: Path) -> JobContext:
     uri = parent.uri if parent else mlf.default_uri(cwd)
     tracking = train.Tracking(uri, mlf.store_root(cwd) / "mlartifacts", REPO_ROOT, None,
                               parent.run_id if parent else None, parent.sweep_id if parent else None,
-                              hc.job.override_dirname or None)
-    return JobContext(Path(hc.runtime.output_dir), cwd / "outputs" / "cache", REPO_ROOT, tracking, objective,
+                              mlf.redact_overrides(hc.job.override_dirname) or None)
+    job_dir = config.check_job_dir(hc.runtime.output_dir, cwd, REPO_ROOT)  # a job there replaces checkpoints/
+    return JobContext(job_dir, cwd / "outputs" / "cache", REPO_ROOT, tracking, objective,
                       hc.job.num if sweeping else None, sweeping)
 
 

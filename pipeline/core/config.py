@@ -524,6 +524,20 @@ def from_mapping(raw: Mapping[str, Any], source: str = "config") -> PipelineConf
     return cfg
 
 
+def check_job_dir(job_dir: str | Path, *protected: Path) -> Path:
+    """``job_dir`` (Hydra's ``hydra.run.dir`` / ``hydra.sweep.dir`` + subdir), refused when it is one of
+    ``protected`` (the repository, the launch directory) or holds one: a job replaces its
+    ``checkpoints/`` and ``models/`` there, which would delete the DVC outputs of the repository."""
+    path = Path(job_dir).resolve()
+    for other in protected:
+        other = Path(other).resolve()
+        if path == other or path in other.parents:
+            raise ConfigError([f"hydra.run.dir/hydra.sweep.dir: the job directory {path} is or contains {other}; "
+                               "a job would replace its checkpoints/ and models/ (use a fresh directory, e.g. the "
+                               "default outputs/...)"], "the Hydra config")
+    return Path(job_dir)
+
+
 def load(path: str | Path = "params.yaml") -> PipelineConfig:
     """Read a composed params file with a safe YAML loader and validate it."""
     return read(path)[0]
@@ -562,5 +576,5 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 __all__ = [
     "BootstrapConfig", "ConfigError", "DataConfig", "DedupConfig", "EncoderConfig", "SourceConfig", "EvalConfig", "FinetuneConfig", "LoraConfig",
     "ModelConfig", "PipelineConfig", "PromptConfig", "SafetyConfig", "TrackingConfig", "TrainerConfig",
-    "flatten", "from_mapping", "load", "read", "to_dict",
+    "check_job_dir", "flatten", "from_mapping", "load", "read", "to_dict",
 ]

@@ -2,6 +2,9 @@
 
 Every output directory is built under a temporary sibling and renamed into place only
 when complete (``atomic_dir``); single files go through a temporary file + ``os.replace``.
+``tempfile`` creates those private (0700 / 0600); they get the mode a plain ``mkdir`` or
+``open`` would have given under the process umask before they are renamed, so a shared
+cache or output directory stays readable by the group the umask allows.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    os.chmod(tmp, 0o777 & ~current_umask())
     try:
         yield tmp
     except BaseException:
@@ -50,6 +54,7 @@ def write_bytes_atomic(path: str | Path, data: bytes | bytearray) -> None:
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.tmp-", dir=final.parent)
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
         os.replace(tmp, final)
@@ -57,6 +62,21 @@ def write_bytes_atomic(path: str | Path, data: bytes | bytearray) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux reports it (``os.umask`` can only
+    be read by setting it, which races with other threads creating files)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_json(path: str | Path, obj: Any) -> None:

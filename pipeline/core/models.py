@@ -22,6 +22,46 @@ if TYPE_CHECKING:  # heavy imports stay lazy so `--help` and config checks are f
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 IGNORE_INDEX = -100  # label value for tokens that carry no loss (prompt, padding)
+# Weight files that are pickles: loading one can run code, so they are never read.
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())
+
+
+def require_safetensors(directory: str | Path, what: str = "model", weights: str = "*.safetensors",
+                        strict: bool = False) -> None:
+    """Refuse a local checkpoint directory without safetensors weights, naming it and what it has instead.
+
+    transformers and peft fall back to pickled ``*.bin`` weights when there are no
+    safetensors; the pipeline never does. A hub id (not a local directory) is left to
+    ``use_safetensors=True``. ``strict``: a directory with no weights at all is refused too.
+    """
+    path = Path(directory)
+    if not path.is_dir():
+        return
+    explicit = _explicit_weights(path)
+    if explicit is not None and not explicit.endswith((".safetensors", ".safetensors.index.json")):
+        raise ModelError(f"{what} in {path}: config.json names the weights file {explicit!r}, not safetensors; "
+                         "the pipeline reads safetensors only")
+    if any(path.glob(weights)) or any(path.glob(weights + ".index.json")):
+        return
+    pickles = sorted(p.name for pattern in PICKLE_WEIGHTS for p in path.glob(pattern))
+    if not pickles and not strict:
+        return  # no weights at all: the loader's own error says which file is missing
+    found = f"only pickle weights ({', '.join(pickles[:3])})" if pickles else f"no {weights}"
+    raise ModelError(f"{what} in {path}: {found}; the pipeline reads safetensors only (pickle can run code "
+                     "when loaded). Convert it with save_pretrained(..., safe_serialization=True) where you trust "
+                     "it, or use a checkpoint that ships safetensors")
+
+
+def _explicit_weights(path: Path) -> str | None:
+    try:
+        value = json.loads((path / "config.json").read_text(encoding="utf-8")).get("transformers_weights")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
 
 
 def resolve_source(path: str) -> str:
@@ -86,10 +126,14 @@ def materialize(cfg: ModelConfig, out: Path, seed: int) -> dict[str, Any]:
         torch.manual_seed(seed)
         model = auto.from_config(config)
     else:
+        # GGUF is a tensor format, not a pickle; everything else must be safetensors.
+        safe = {} if cfg.gguf_file else {"use_safetensors": True}
+        if not cfg.gguf_file:
+            require_safetensors(src, f"model.path={cfg.path}")
         try:
-            loaded = auto.from_pretrained(src, dtype=torch.float32, **kwargs)
+            loaded = auto.from_pretrained(src, dtype=torch.float32, **safe, **kwargs)
         except (OSError, ValueError, EnvironmentError) as err:
-            raise ModelError(f"model.path={cfg.path}: cannot load weights from {src}: {err}") from None
+            raise ModelError(f"model.path={cfg.path}: cannot load weights from {src}: {_one_line(err)}") from None
         model = auto.from_config(config)
         model.load_state_dict(loaded.state_dict())
         del loaded
@@ -192,10 +236,11 @@ def load_causal_lm(path: str | Path) -> "PreTrainedModel":
 
     from safetensors import SafetensorError
 
+    require_safetensors(path)
     try:
         return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, use_safetensors=True)
     except (OSError, ValueError, SafetensorError) as err:  # missing, unreadable or corrupt (truncated) files
-        raise ModelError(f"cannot load the model in {path}: {type(err).__name__}: {err}. "
+        raise ModelError(f"cannot load the model in {path}: {type(err).__name__}: {_one_line(err)}. "
                          "Re-run the base_model stage (dvc repro -f base_model).") from None
 
 
@@ -232,6 +277,8 @@ def load_finetuned(base_dir: str | Path, tuned_dir: str | Path) -> "PreTrainedMo
     if (tuned / "adapter").is_dir():
         from peft import PeftModel
 
+        # peft falls back to adapter_model.bin (a pickle) when the safetensors file is missing.
+        require_safetensors(tuned / "adapter", "the LoRA adapter", "adapter_model.safetensors", strict=True)
         model = PeftModel.from_pretrained(load_causal_lm(base_dir), str(tuned / "adapter"))
         return model.merge_and_unload()
     return load_causal_lm(tuned / "model")

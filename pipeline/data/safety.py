@@ -85,12 +85,28 @@ def load_rules(keywords_file: Path, regex_file: Path, classifier: Classifier | N
 
 
 def build_classifier(spec: dict[str, Any] | None) -> Classifier | None:
-    """The ``safety.classifier`` hook: ``{_target_: module.fn}``, or a factory with arguments."""
+    """The ``safety.classifier`` hook: ``{_target_: module.fn}``, or a factory with arguments.
+
+    Any importable callable may be named, and importing runs its module: the config is
+    trusted like code (RELIABILITY.md). A target that cannot be imported or built, or is not
+    callable, is a config error naming the key.
+    """
     if not spec:
         return None
+    from hydra.errors import HydraException
     from hydra.utils import get_method, instantiate
 
-    return instantiate(spec) if len(spec) > 1 else get_method(spec["_target_"])
+    from pipeline.core.errors import ConfigError
+
+    target = spec.get("_target_")
+    try:
+        built = instantiate(spec) if len(spec) > 1 else get_method(target)
+    except (HydraException, ImportError, AttributeError, TypeError, ValueError) as err:
+        reason = " ".join(str(err).split())
+        raise ConfigError([f"safety.classifier: cannot build {target!r}: {reason}"]) from None
+    if not callable(built):
+        raise ConfigError([f"safety.classifier: {target!r} gave a {type(built).__name__}, not a callable text -> reason"])
+    return built
 
 
 def from_config(cfg: Any, roots: Sequence[Path]) -> Rules:

@@ -10,6 +10,12 @@ Parallel jobs share one SQLite file. SQLite allows one writer at a time and MLfl
 waits 20 s for a lock, but a fresh store's table creation and long bursts of writes can
 still fail with "database is locked"; the writes made here hold a file lock next to the
 database and retry with backoff (:func:`write_lock`, :func:`retry_locked`).
+
+Secrets never reach the store: params, run names, tags and uploaded config files go
+through :func:`redact_tree` / :func:`redact_text` (secret-looking key names, and values
+that carry credentials whatever their key: URL userinfo, ``key=value`` override items,
+well-known token shapes). A tracking URI with credentials in it is refused
+(:func:`check_uri`), and MLflow is told not to print run URLs.
 """
 
 from __future__ import annotations
@@ -23,12 +29,29 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, TypeVar
+from urllib.parse import urlsplit
 
 from pipeline.core.config import flatten
+from pipeline.core.errors import ConfigError
 
-# The last name of a dotted key (hub_token, api_key, password, aws_secret_access_key), not any
-# segment: num_key_value_heads and keywords are not secrets.
-SECRET_PARTS = re.compile(r"(^|_)(token|password|passwd|secret|key|apikey|credentials?)$", re.I)
+# A key is judged by the words of its last dotted name (snake_case, kebab-case or camelCase:
+# hubToken -> hub, token). Any of these words makes it a secret...
+SECRET_WORDS = frozenset({"password", "passwd", "passphrase", "secret", "secrets", "credential", "credentials",
+                          "auth", "authorization", "oauth", "apikey", "cookie", "private", "privatekey", "bearer"})
+# ...and so do "token" and "key" as the last word (hub_token, api_key) or before one of TAILS
+# (access_key_id, token_file); num_key_value_heads, keywords_file and pad_token_id are not secrets.
+SECRET_LAST = frozenset({"token", "key"})
+SECRET_TAILS = frozenset({"id", "file", "path"})
+NOT_SECRET_TOKENS = frozenset({"pad", "bos", "eos", "unk", "sep", "cls", "mask"})  # tokenizer special tokens
+_WORD = re.compile(r"[A-Z]+(?=[A-Z][a-z])|[A-Z]?[a-z]+|[A-Z]+|\d+")
+# Credentials in a value, whatever the key: userinfo in a URL (postgresql://user:pass@host),
+# `name=value` / `name: value` pairs whose name is a secret (Hydra overrides, override_dirname,
+# inline mappings), a bearer header, and the shapes of common API tokens.
+_URL_USERINFO = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.\-]*://)[^\s/@?#]+@")
+_PAIR = re.compile(r"(?P<name>[+~]*[A-Za-z_][\w.\-]*)(?P<sep>\s*[:=]\s*)(?P<value>[^\s,}\]]+)")
+_BEARER = re.compile(r"\b(Bearer|Basic|Token)\s+[A-Za-z0-9._~+/=\-]{8,}")
+_TOKEN_SHAPES = re.compile(r"\b(hf_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_\-]{16,}|gh[pousr]_[A-Za-z0-9]{20,}"
+                           r"|github_pat_\w{20,}|AKIA[0-9A-Z]{16}|xox[abprs]-[A-Za-z0-9\-]{10,})\b")
 REDACTED = "***"
 PARENT_TAG = "mlflow.parentRunId"  # what the MLflow UI nests runs by
 SWEEP_TAG = "sweep.id"
@@ -63,8 +86,11 @@ class Tracking:
 
 
 def default_uri(root: Path) -> str:
-    """``MLFLOW_TRACKING_URI`` if set, else the SQLite store at :func:`store_root`."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(store_root(root) / 'mlflow.db').resolve()}"
+    """``MLFLOW_TRACKING_URI`` if set (refused with credentials in it), else the SQLite store at
+    :func:`store_root`. Entry points call this, so it also quiets MLflow's URL printing."""
+    quiet_mlflow()
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    return check_uri(uri) if uri else f"sqlite:///{(store_root(root) / 'mlflow.db').resolve()}"
 
 
 def sqlite_path(uri: str) -> Path | None:
@@ -113,21 +139,82 @@ def locked_write(uri: str, fn: Callable[[], T]) -> T:
     return retry_locked(attempt)
 
 
-def _is_secret(dotted_key: str) -> bool:
-    return bool(SECRET_PARTS.search(dotted_key.rsplit(".", 1)[-1]))
+def is_secret_key(dotted_key: str) -> bool:
+    """True when the last name of ``dotted_key`` names a secret (see SECRET_WORDS)."""
+    words = [w.lower() for w in _WORD.findall(str(dotted_key).rsplit(".", 1)[-1])]
+    if any(w in SECRET_WORDS for w in words):
+        return True
+    for i, word in enumerate(words):
+        last = i == len(words) - 1
+        if word in SECRET_LAST and (last or words[i + 1] in SECRET_TAILS):
+            return not (word == "token" and i > 0 and words[i - 1] in NOT_SECRET_TOKENS)
+    return False
+
+
+def _secret_value(value: Any) -> bool:
+    return value not in (None, "") and not isinstance(value, bool)  # a flag is no secret
+
+
+def redact_text(text: str) -> str:
+    """``text`` with credentials in it replaced by ``***`` (URL userinfo, secret ``name=value`` pairs, tokens)."""
+    text = _URL_USERINFO.sub(lambda m: f"{m.group(1)}{REDACTED}@", text)
+    text = _BEARER.sub(lambda m: f"{m.group(1)} {REDACTED}", text)
+    text = _PAIR.sub(lambda m: f"{m['name']}{m['sep']}{REDACTED}" if is_secret_key(m["name"].lstrip("+~"))
+                     and m["value"] != REDACTED else m.group(0), text)
+    return _TOKEN_SHAPES.sub(REDACTED, text)
+
+
+def redact_overrides(overrides: str) -> str:
+    """Hydra overrides as one string (``a.api_key=x,b=y``: ``override_dirname``, or a joined
+    command line) with the values of secret keys and any credentials replaced by ``***``."""
+    return redact_text(overrides)
 
 
 def redact(params: Mapping[str, Any]) -> dict[str, Any]:
-    """Replace values whose dotted key looks like a secret (token, password, key, ...)."""
-    return {k: (REDACTED if _is_secret(k) and v not in (None, "") else v) for k, v in params.items()}
+    """Flat params with secret-looking keys (token, password, key, ...) and credentials in values redacted."""
+    return {k: redact_tree(v, f"{k}.") for k, v in params.items()}
 
 
 def redact_tree(tree: Any, prefix: str = "") -> Any:
-    """``redact`` for a nested config, keeping its shape (for the saved config.yaml)."""
+    """``redact`` for a nested config, keeping its shape (for the saved config.yaml); lists are
+    entered, and every string is searched for credentials (:func:`redact_text`)."""
+    key = prefix.rstrip(".")
     if isinstance(tree, Mapping):
         return {k: redact_tree(v, f"{prefix}{k}.") for k, v in tree.items()}
-    key = prefix.rstrip(".")
-    return REDACTED if key and _is_secret(key) and tree not in (None, "") else tree
+    if isinstance(tree, (list, tuple)):
+        return [redact_tree(v, prefix) for v in tree]
+    if key and is_secret_key(key) and _secret_value(tree):
+        return REDACTED
+    return redact_text(tree) if isinstance(tree, str) else tree
+
+
+def redacted_yaml(tree: Any) -> str:
+    """YAML text of ``tree`` after :func:`redact_tree`: what a stage saves and uploads as ``config.yaml``."""
+    import yaml
+
+    return yaml.safe_dump(redact_tree(tree), sort_keys=False)
+
+
+def check_uri(uri: str) -> str:
+    """``uri``, refused (ConfigError) when it carries credentials: MLflow prints run URLs with their
+    userinfo, and sweeps store the URI in ``mlflow_sweep.json``."""
+    parts = urlsplit(uri)
+    if "@" not in parts.netloc:
+        return uri
+    shown = redact_text(uri)
+    if parts.scheme in ("http", "https"):
+        fix = "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) instead"
+    else:
+        fix = "keep the password out of the URI (e.g. in ~/.pgpass for PostgreSQL)"
+    if parts.password is None and parts.scheme not in ("http", "https"):
+        return uri  # a database user name alone (its password in the driver's own file) carries no secret
+    raise ConfigError([f"MLFLOW_TRACKING_URI: credentials in the URI ({shown}) would be printed and stored; {fix}"],
+                      "the environment")
+
+
+def quiet_mlflow() -> None:
+    """Stop MLflow printing ``View run ... at: <url>`` when a run ends (unless the user asked for it)."""
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 
 def git_tags(cwd: Path) -> dict[str, str]:
@@ -144,8 +231,8 @@ def git_tags(cwd: Path) -> dict[str, str]:
 
 
 def params_for_logging(params: Mapping[str, Any]) -> dict[str, str]:
-    """Flattened, redacted, stringified params with DVC's dotted names."""
-    flat = redact(flatten(params))
+    """Flattened, redacted, stringified params with DVC's dotted names (a list stays one param)."""
+    flat = flatten(redact_tree(params))
     return {k: ("null" if v is None else str(v))[:6000] for k, v in flat.items()}
 
 
@@ -177,12 +264,15 @@ def start_run(uri: str, experiment: str, artifact_root: Path, params: Mapping[st
     from mlflow.entities import Param
     from mlflow.tracking import MlflowClient
 
+    quiet_mlflow()
     exp_id = ensure_experiment(uri, experiment, artifact_root)
     items = [Param(k, v) for k, v in params_for_logging(params).items()]
+    name = redact_text(run_name) if run_name else run_name  # e.g. Hydra's override_dirname
+    safe_tags = {k: redact_text(str(v)) for k, v in tags.items()}
 
     def create() -> str:
         client = MlflowClient(uri)
-        run = client.create_run(exp_id, run_name=run_name, tags=dict(tags))
+        run = client.create_run(exp_id, run_name=name, tags=safe_tags)
         for i in range(0, len(items), 100):  # the REST API caps a batch at 100 params
             client.log_batch(run.info.run_id, params=items[i:i + 100])
         return run.info.run_id
@@ -195,17 +285,29 @@ def active_run(uri: str, run_id: str) -> Iterator[Any]:
     """Reopen ``run_id`` for fluent logging; mark it FAILED or KILLED if the body raises."""
     import mlflow
 
+    quiet_mlflow()
     mlflow.set_tracking_uri(uri)
-    run = mlflow.start_run(run_id=run_id)
+    # Reopening sets the run RUNNING and ending it sets its status: writes, so under the store's lock.
+    run = locked_write(uri, lambda: mlflow.start_run(run_id=run_id))
+
+    def end(status: str) -> None:
+        active = mlflow.active_run()
+        if active is not None and active.info.run_id == run_id:
+            mlflow.end_run(status)
+        else:  # a retry: end_run had already popped the run before its write failed
+            from mlflow.tracking import MlflowClient
+
+            MlflowClient(uri).set_terminated(run_id, status)
+
     try:
         yield run
     except KeyboardInterrupt:
-        mlflow.end_run("KILLED")
+        locked_write(uri, lambda: end("KILLED"))
         raise
     except BaseException:
-        mlflow.end_run("FAILED")
+        locked_write(uri, lambda: end("FAILED"))
         raise
-    mlflow.end_run("FINISHED")
+    locked_write(uri, lambda: end("FINISHED"))
 
 
 def run_tags(root: Path, data_hash: str, template_hash: str, exp_name: str | None,

@@ -92,8 +92,8 @@ def sweep_definition(config: DictConfig, objective: Objective) -> dict[str, str]
     sweeper = OmegaConf.to_container(hydra_cfg.sweeper, resolve=True)
     launcher = OmegaConf.to_container(hydra_cfg.launcher, resolve=True)
     overrides = list(hydra_cfg.overrides.task)
-    definition = {
-        "sweep.overrides": " ".join(overrides),
+    definition = {  # start_run redacts each param by its key; one joined string needs its items redacted
+        "sweep.overrides": tracking.redact_overrides(" ".join(overrides)),
         "sweep.sweeper": str(sweeper.get("_target_", "")).rsplit(".", 1)[-1],
         "sweep.launcher": str(launcher.get("_target_", "")).rsplit(".", 1)[-1],
         "sweep.metric": objective.metric,
@@ -178,7 +178,7 @@ def summarize(parent: Parent, objective: Objective, sweep_dir: Path, stopped: bo
             client.set_tag(parent.run_id, "best.run_id", best[0])
         for name in ("multirun.yaml", "optimization_results.yaml"):
             if (sweep_dir / name).exists():
-                client.log_artifact(parent.run_id, str(sweep_dir / name), artifact_path="sweep")
+                _log_redacted(client, parent.run_id, sweep_dir / name)
         if stopped:
             client.set_tag(parent.run_id, "sweep.stopped_early",
                            "the multirun ended before its last job (a job failed, or it was interrupted); "
@@ -188,3 +188,17 @@ def summarize(parent: Parent, objective: Objective, sweep_dir: Path, stopped: bo
     tracking.locked_write(parent.uri, log)
     write_json(sweep_dir / "summary.json", summary)
     return summary
+
+
+def _log_redacted(client: Any, run_id: str, path: Path) -> None:
+    """Upload a Hydra YAML file (its overrides hold any secret given on the command line) redacted."""
+    import tempfile
+
+    import yaml
+
+    with open(path, encoding="utf-8") as fh:
+        tree = yaml.safe_load(fh)
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / path.name
+        copy.write_text(tracking.redacted_yaml(tree), encoding="utf-8")
+        client.log_artifact(run_id, str(copy), artifact_path="sweep")

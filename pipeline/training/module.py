@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from pipeline.core.config import TrainerConfig
+from pipeline.core.errors import PipelineError
 from pipeline.core.files import read_jsonl
 from pipeline.core.models import IGNORE_INDEX, completion_loss
 from pipeline.training.packing import collate_packed, epoch_batches
@@ -309,6 +310,25 @@ class CheckpointOnSigterm(L.Callback):
 
         if isinstance(exception, SIGTERMException) and trainer.accumulate_grad_batches == 1:
             trainer.save_checkpoint(self.path, weights_only=False)
+
+
+class NonFiniteLoss(PipelineError, RuntimeError):
+    """The training loss became NaN or infinite: the run diverged (learning rate, data, precision)."""
+
+
+class StopOnNonFiniteLoss(L.Callback):
+    """Stop training with :class:`NonFiniteLoss` at the first step whose loss is NaN or infinite.
+
+    Lightning would otherwise train on to ``max_steps`` and exit 0 with NaN weights. The
+    check reads the loss the step returned (one host sync per step, as the progress bar's).
+    """
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, *args: Any) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if isinstance(loss, torch.Tensor) and not bool(torch.isfinite(loss.detach()).all()):
+            value = float(loss.detach().float().mean())
+            raise NonFiniteLoss(f"training loss is {value} at optimizer step {trainer.global_step}; "
+                                "lower trainer.lr or check the data and trainer.precision")
 
 
 def trainer_settings(t: TrainerConfig) -> dict[str, Any]:

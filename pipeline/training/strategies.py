@@ -2,6 +2,7 @@
 
 The config names layer classes by dotted path (a string in YAML), and this builder
 imports them, so ``conf/`` stays plain data and the strategy objects live only here.
+Importing a module runs its code: a config is trusted like code (RELIABILITY.md).
 """
 
 from __future__ import annotations
@@ -9,16 +10,21 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from pipeline.core.config import StrategyConfig
+from pipeline.core.config import ConfigError, StrategyConfig
 
 
 def layer_class(path: str) -> type:
-    """``package.module.ClassName`` -> the class, with an error naming the config key."""
+    """``package.module.ClassName`` -> the class (a torch module), with an error naming the config key."""
+    import torch
+
     module, _, name = path.rpartition(".")
     try:
-        return getattr(importlib.import_module(module), name)
+        found = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError, ValueError) as err:
-        raise ValueError(f"trainer.strategy.auto_wrap: cannot import {path!r} ({err})") from None
+        raise ConfigError([f"trainer.strategy.auto_wrap: cannot import {path!r} ({err})"]) from None
+    if not (isinstance(found, type) and issubclass(found, torch.nn.Module)):
+        raise ConfigError([f"trainer.strategy.auto_wrap: {path!r} is not a torch.nn.Module class"])
+    return found
 
 
 def build(cfg: StrategyConfig) -> Any:
