@@ -8,8 +8,10 @@ import re
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 from sweep_helpers import copy_checkout, sh, stdout_of
 
 from pipeline.tracking import runs as tracking
@@ -75,7 +77,7 @@ def test_dvc_queue_runs_land_in_the_repository_store(tmp_path_factory: pytest.Te
     sh(["git", "add", "-A"], repo)
     sh(["git", "commit", "-qm", "init"], repo)
     sh([*DVC, "exp", "run", "--queue", "-S", "+experiment=smoke", "-S", "trainer.lr=1e-4,3e-4"], repo)
-    sh([*DVC, "queue", "start"], repo)
+    sh([*DVC, "queue", "start", "--jobs", "1"], repo)  # one worker: the queue runs serially (DVC's default)
     deadline = time.monotonic() + 900
     while True:
         status = sh([*DVC, "queue", "status"], repo)
@@ -95,11 +97,42 @@ def test_dvc_queue_runs_land_in_the_repository_store(tmp_path_factory: pytest.Te
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     found = client.search_runs([client.get_experiment_by_name("instruction-tuning").experiment_id])
     runs = [r for r in found if r.data.tags.get("arm") != "encoder"]  # the causal LM's train+evaluate runs
-    encoder_runs = [r for r in found if r.data.tags.get("arm") == "encoder"]  # train_encoder's, one each
+    encoder_runs = [r for r in found if r.data.tags.get("arm") == "encoder"]  # train_encoder's
     assert sorted(float(r.data.params["trainer.lr"]) for r in runs) == [1e-4, 3e-4]
     assert {r.data.tags["dvc.exp_name"] for r in runs} == {e["revs"][0]["name"] for e in exps}
-    # trainer.lr is not an encoder param: the second experiment takes train_encoder from DVC's run
-    # cache, so the encoder trained (and logged a run) once, under the first experiment's name.
-    assert len(encoder_runs) == 1
+    # trainer.lr is not an encoder param: train_encoder's inputs are the same in both experiments, and
+    # the second (run after the first: one worker) takes it from DVC's run cache, so the encoder
+    # trained (and logged a run) once, under the first experiment's name. When not, say which.
+    locks = {e["revs"][0]["name"]: _lock_entry(repo, e["revs"][0]["rev"], "train_encoder") for e in exps}
+    first, second = locks.values()
+    assert first == second, f"train_encoder's inputs differ between the experiments: {_differences(locks)}"
+    assert len(encoder_runs) == 1, f"{len(encoder_runs)} encoder runs; stages per experiment:\n{_stage_log(repo)}"
     assert encoder_runs[0].data.tags["dvc.exp_name"] in {e["revs"][0]["name"] for e in exps}
     assert all("eval.tuned.overall.score" in r.data.metrics for r in runs)
+
+
+def _lock_entry(repo: Path, rev: str, stage: str) -> dict[str, Any]:
+    """``stage``'s dvc.lock entry in commit ``rev``: its command, deps (with hashes) and params."""
+    entry = yaml.safe_load(stdout_of(["git", "show", f"{rev}:dvc.lock"], repo))["stages"][stage]
+    return {k: entry.get(k) for k in ("cmd", "deps", "params")}
+
+
+def _differences(locks: dict[str, dict[str, Any]]) -> str:
+    """The deps and params whose values differ between two lock entries, by experiment name."""
+    (a_name, a), (b_name, b) = locks.items()
+    deps_a, deps_b = ({d["path"]: d for d in e["deps"]} for e in (a, b))
+    diff = [f"dep {p}: {deps_a.get(p)} vs {deps_b.get(p)}" for p in sorted(deps_a.keys() | deps_b.keys())
+            if deps_a.get(p) != deps_b.get(p)]
+    if a["params"] != b["params"]:
+        diff.append(f"params: {a['params']} vs {b['params']}")
+    if a["cmd"] != b["cmd"]:
+        diff.append(f"cmd: {a['cmd']!r} vs {b['cmd']!r}")
+    return f"({a_name} vs {b_name}) " + "; ".join(diff)
+
+
+def _stage_log(repo: Path) -> str:
+    """Each queued experiment's 'Running stage' / 'is cached' lines, from the queue's task logs."""
+    logs = sorted((repo / ".dvc/tmp/exps/run").glob("*/*.out"), key=lambda p: p.stat().st_mtime)
+    return "\n".join(f"{log.parent.name[:7]}: " + ", ".join(
+        line.strip() for line in log.read_text(errors="replace").splitlines()
+        if line.startswith("Running stage") or "is cached" in line) for log in logs)
