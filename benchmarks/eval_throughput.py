@@ -30,7 +30,7 @@ from pipeline.core.models import load_causal_lm, load_tokenizer
 from pipeline.data.schema import ProblemCollector
 from pipeline.params import compose
 from pipeline.prompting.templates import make_template
-from pipeline.render import tokenize_split
+from pipeline.prompting.rows import tokenize_split
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -72,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         model_dir = args.model or (REPO / "models" / "base")
         if args.smoke and args.model is None:
             model_dir = Path(tmp) / "base"
-            base_model.run(cfg.model, cfg.seed, model_dir)
+            base_model.run(cfg, base_model.Paths(model_dir))
         tokenizer, model = load_tokenizer(model_dir), load_causal_lm(model_dir).eval()
     prompts, budgets = test_prompts(cfg, tokenizer, n)
     print(f"{len(prompts)} prompts, {sum(map(len, prompts))} prompt tokens, budgets {sorted(set(budgets))}, "

@@ -8,8 +8,8 @@ moves the median less than one run). Prints examples/s from the medians against 
 goal; then, redone in one process for reference, render's
 parts (loading the tokenizer in a fresh process, reading, templates, tokenization) and
 its tokenization against the baselines measured in this same process on the same
-texts: the tokenizer's own batched ``__call__`` and ``render.encode`` (whole texts, each
-distinct text once); ``render.PieceEncoder`` is what render uses.
+texts: the tokenizer's own batched ``__call__`` and ``pieces.encode`` (whole texts, each
+distinct text once); ``pieces.PieceEncoder`` is what render uses.
 
     python benchmarks/prepare_render_throughput.py                  # 100k examples
     python benchmarks/prepare_render_throughput.py --smoke --base-model DIR   # seconds
@@ -32,12 +32,12 @@ sys.path.insert(0, str(REPO))  # run as a script from anywhere, against this che
 
 from pipeline import prepare, render
 from pipeline.core import parallel
-from pipeline.data import safety  # noqa: E402
 from pipeline.core.config import from_mapping  # noqa: E402
 from pipeline.core.files import read_jsonl  # noqa: E402
 from pipeline.core.models import load_tokenizer  # noqa: E402
 from pipeline.params import compose  # noqa: E402
 from pipeline.prompting.templates import make_template, segments  # noqa: E402
+from pipeline.prompting import pieces as piece_encoding  # noqa: E402
 from pipeline.prompting.shots import ShotPool  # noqa: E402
 
 GOAL = 20_000  # examples/s, near-duplicate detection off
@@ -54,15 +54,14 @@ def measure(n_per_task: int, base_model: Path, work: Path, repeat: int = 1) -> d
     n = 4 * n_per_task
     off = dataclasses.replace(cfg.data, dedup=dataclasses.replace(cfg.data.dedup, near="off"))
     on = dataclasses.replace(cfg.data, dedup=dataclasses.replace(cfg.data.dedup, near="report"))
-    rules = safety.from_config(cfg.safety, [REPO])  # the default lists, as the prepare stage reads them
     runs: dict[str, list[float]] = {"prepare_off_s": [], "prepare_on_s": [], "render_s": []}
     for _ in range(repeat):  # rounds of the three timed parts; the median of each is reported
-        runs["prepare_off_s"].append(timed(prepare.run, off, cfg.seed, work / "prep_off", work / "stats_off.json",
-                                           None, rules)[0])
-        runs["prepare_on_s"].append(timed(prepare.run, on, cfg.seed, work / "prep_on", work / "stats_on.json",
-                                          None, rules)[0])
-        t_render, report = timed(render.run, cfg.prompt, work / "prep_off", base_model, work / "rendered",
-                                 work / "render.json")
+        runs["prepare_off_s"].append(timed(prepare.run, dataclasses.replace(cfg, data=off),
+                                           prepare.Paths(work / "prep_off", work / "stats_off.json"))[0])
+        runs["prepare_on_s"].append(timed(prepare.run, dataclasses.replace(cfg, data=on),
+                                          prepare.Paths(work / "prep_on", work / "stats_on.json"))[0])
+        t_render, report = timed(render.run, cfg, render.Paths(work / "prep_off", base_model, work / "rendered",
+                                                               work / "render.json"))
         runs["render_s"].append(t_render)
     rendered = sum(r["rows"] for r in report["splits"].values())
     t_prep_off, t_prep_on, t_render = (statistics.median(runs[k]) for k in runs)
@@ -79,8 +78,8 @@ def measure(n_per_task: int, base_model: Path, work: Path, repeat: int = 1) -> d
          for pool in [ShotPool(splits["train"])] for r in splits["test"]] if kshot.k_shot else []))
     first = [p[0][0] for p in pieces]
     rest = [t for p in pieces for t, _ in p[1:]]
-    t_pieces, fast = timed(lambda: (lambda enc: (enc(first, True), enc(rest, False)))(render.PieceEncoder(tokenizer)))
-    t_whole, whole = timed(lambda: (render.encode(tokenizer, first, True), render.encode(tokenizer, rest, False)))
+    t_pieces, fast = timed(lambda: (lambda enc: (enc(first, True), enc(rest, False)))(piece_encoding.PieceEncoder(tokenizer)))
+    t_whole, whole = timed(lambda: (piece_encoding.encode(tokenizer, first, True), piece_encoding.encode(tokenizer, rest, False)))
     t_base, base = timed(lambda: (tokenizer(first)["input_ids"],
                                   tokenizer(rest, add_special_tokens=False)["input_ids"]))
     assert fast == whole == base, "render's encoders must give the tokenizer's own ids"
@@ -129,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"prepare + render, near-dup on:  {on:,.0f} ex/s  ({on / GOAL:.2f}x the goal)")
     print("render's parts, redone in one process: " + "; ".join(f"{k} {v:.2f}s" for k, v in parts.items()))
     texts = m["texts"]
-    print(f"tokenization of {texts} texts: render.PieceEncoder {texts / m['tokenize_pieces_s']:,.0f} texts/s, "
+    print(f"tokenization of {texts} texts: pieces.PieceEncoder {texts / m['tokenize_pieces_s']:,.0f} texts/s, "
           f"render.encode (whole texts) {texts / m['tokenize_whole_s']:,.0f}/s, "
           f"the tokenizer's own call {texts / m['tokenize_baseline_s']:,.0f}/s "
           f"({m['tokenize_baseline_s'] / m['tokenize_pieces_s']:.1f}x)")

@@ -260,18 +260,18 @@ def prepare_rows(args, tmp: Path) -> Path:  # type: ignore[no-untyped-def]
     """The rendered rows as the train stage reads them: --rendered, or (smoke) the embedded examples."""
     if not args.smoke:
         return Path(args.rendered)
-    from pipeline import render
     from pipeline.core.config import from_mapping
     from pipeline.data.embedded import generate
     from pipeline.core.files import write_json, write_jsonl
     from pipeline.core.models import load_tokenizer
     from pipeline.params import compose
+    from pipeline.prompting.rows import tokenize_split
     from pipeline.prompting.templates import make_template
 
     cfg = from_mapping(compose(["+experiment=smoke"]), source="+experiment=smoke")
     tok = load_tokenizer(args.model)
     template = make_template(cfg.prompt, tok.chat_template, tok.bos_token, tok.eos_token)
-    rows, _ = render.tokenize_split([e.to_dict() for e in generate(seed=0, n_per_task=8)], template, tok, 128,
+    rows, _ = tokenize_split([e.to_dict() for e in generate(seed=0, n_per_task=8)], template, tok, 128,
                                     "truncate")
     write_jsonl(tmp / "train.jsonl", rows)
     write_jsonl(tmp / "val.jsonl", [])

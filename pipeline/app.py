@@ -11,30 +11,38 @@ its key holds ``encoder`` and ``seed``, so a sweep over the causal LM's trainer.
 once (its metrics land in each job's run through evaluate). A job returns the sweep metric
 (``hydra.callbacks.mlflow_sweep.metric``), which is what the Optuna sweeper optimizes.
 
-This is an entry point, not a stage: it calls the stages' ``run`` functions the way
-``dvc.yaml`` calls their ``main``; DVC keeps working on ``params.yaml`` as before.
+This is an entry point, not a stage. It runs the same stages as ``dvc repro``, through the
+same function each (the stage module's ``run(cfg, paths)``, which its ``main`` calls under
+DVC), with the paths that ``dvc.yaml``'s ``cmd`` gives the stage, placed in the stage cache
+or the job's folder (:class:`StageTable`). The stage list, the paths and the cache keys'
+code deps all come from ``dvc.yaml``: the two runners cannot drift apart.
 """
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import hydra
+import yaml
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import base_model, evaluate, prepare, render, train, train_encoder
-from pipeline.core import config
-from pipeline.tracking import stage_cache
+from pipeline.core import cli, config
+from pipeline.core.files import write_json
 from pipeline.tracking import runs as mlf
-from pipeline.core.files import read_json, write_json
+from pipeline.tracking import stage_cache
+from pipeline.tracking.code_deps import stage_entry
 from pipeline.tracking.sweeps import Objective, Parent, eval_metrics, objective_value, read_parent
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SHARED_STAGES = ("base_model", "prepare", "render", "train_encoder")
+STAGES = {"base_model": base_model, "prepare": prepare, "render": render, "train_encoder": train_encoder,
+          "train": train, "evaluate": evaluate}
+SHARED_STAGES = ("base_model", "prepare", "render", "train_encoder")  # built once per inputs, in this order
 
 
 @dataclass(frozen=True)
@@ -44,62 +52,78 @@ class JobContext:
     job_dir: Path
     cache: Path
     repo_root: Path
-    tracking: train.Tracking
+    tracking: mlf.Tracking
     objective: Objective | None
     job_num: int | None
     sweeping: bool
 
 
-def shared_stages(cfg: config.PipelineConfig, params: dict[str, Any], cache: Path, repo_root: Path) -> dict[str, Path]:
-    """Build (or reuse) base_model, prepare, render and train_encoder; return each stage's entry directory."""
-    recipes = stage_cache.stage_keys(stage_cache.read_specs(repo_root / "dvc.yaml"), params, repo_root,
+@dataclass(frozen=True)
+class StageTable:
+    """Each stage's command-line arguments and which stage writes each path, as ``dvc.yaml`` has them."""
+
+    args: dict[str, list[str]]  # stage -> its cmd's arguments after ``python -m pipeline.<stage>``
+    owner: dict[str, str]  # path -> the stage that writes it (a path in its cmd, not among its deps)
+
+    @classmethod
+    def read(cls, dvc_yaml: Path) -> "StageTable":
+        stages = yaml.safe_load(dvc_yaml.read_text(encoding="utf-8"))["stages"]
+        args, owner = {}, {}
+        for name, st in stages.items():
+            words = shlex.split(" ".join(str(st["cmd"]).split()))
+            entry = stage_entry(" ".join(words))
+            args[name] = words[words.index(entry) + 1:] if entry in words else []
+            deps = {d if isinstance(d, str) else next(iter(d)) for d in st.get("deps", [])}
+            owner.update({w: name for w in args[name][1::2] if w not in deps})
+        return cls(args, owner)
+
+    def paths(self, stage: str, homes: dict[str, Path]) -> Any:
+        """``stage``'s ``Paths``, parsed from its ``dvc.yaml`` arguments with every path placed in the
+        home folder of the stage that writes it (``homes[stage]`` for its own outputs)."""
+        words = list(self.args[stage])
+        for i in range(1, len(words), 2):
+            words[i] = str(homes[self.owner[words[i]]] / words[i])
+        return cli.parse(None, STAGES[stage].Paths, words)[1]
+
+
+def shared_stages(cfg: config.PipelineConfig, table: StageTable, cache: Path, repo_root: Path) -> dict[str, Path]:
+    """Build (or reuse) base_model, prepare, render and train_encoder in ``cache``; return their folders."""
+    recipes = stage_cache.stage_keys(stage_cache.read_specs(repo_root / "dvc.yaml"), config.to_dict(cfg), repo_root,
                                      SHARED_STAGES)
-    base, built = stage_cache.build_once(cache, "base_model", recipes["base_model"],
-                                         lambda d: base_model.run(cfg.model, cfg.seed, d / "out"))
-    _report("base_model", base, built)
-    prepared, built = stage_cache.build_once(cache, "prepare", recipes["prepare"],
-                                             lambda d: prepare.run(cfg.data, cfg.seed, d / "out", d / "stats.json"))
-    _report("prepare", prepared, built)
-    rendered, built = stage_cache.build_once(
-        cache, "render", recipes["render"],
-        lambda d: render.run(cfg.prompt, prepared / "out", base / "out", d / "out", d / "report.json"))
-    _report("render", rendered, built)
-    # No MLflow run of its own here: built once for many jobs, its scores go into each job's run.
-    encoder_arm, built = stage_cache.build_once(
-        cache, "train_encoder", recipes["train_encoder"],
-        lambda d: train_encoder.run(cfg, params, prepared / "out", d / "out", d / "curves", None))
-    _report("train_encoder", encoder_arm, built)
-    return {"base_model": base, "prepare": prepared, "render": rendered, "train_encoder": encoder_arm}
+    homes: dict[str, Path] = {}
+    builders: dict[str, Callable[[Any], Any]] = {
+        "base_model": lambda paths: base_model.run(cfg, paths),
+        "prepare": lambda paths: prepare.run(cfg, paths),
+        "render": lambda paths: render.run(cfg, paths),
+        # No MLflow run of its own here: built once for many jobs, its scores go into each job's run.
+        "train_encoder": lambda paths: train_encoder.run(cfg, paths, None),
+    }
+    for stage in SHARED_STAGES:
+        home, built = stage_cache.build_once(
+            cache, stage, recipes[stage], lambda d, s=stage: builders[s](table.paths(s, {**homes, s: d})))
+        homes[stage] = home
+        print(f"{stage}: {'built' if built else 'reused'} {home}", flush=True)
+    return homes
 
 
-def _report(stage: str, path: Path, built: bool) -> None:
-    print(f"{stage}: {'built' if built else 'reused'} {path}", flush=True)
-
-
-def run_pipeline(cfg: config.PipelineConfig, params: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
-    """All six stages for one job; returns evaluate's metrics."""
-    shared = shared_stages(cfg, params, ctx.cache, ctx.repo_root)
-    base, prepared, rendered = shared["base_model"] / "out", shared["prepare"] / "out", shared["render"] / "out"
-    job = ctx.job_dir
-    write_json(job / "stages.json", {name: str(path) for name, path in shared.items()})
-    tuned = job / "models" / "finetuned"
-    train.run(cfg, params, rendered, base, tuned, job / "reports" / "train", job / "checkpoints", ctx.tracking)
-    _tag_job(ctx, read_json(tuned / "run.json")["run_id"])
-    return evaluate.run(cfg, rendered, prepared, base, tuned, job / "reports" / "eval", ctx.tracking,
-                        encoder_dir=shared["train_encoder"] / "out")
+def run_pipeline(cfg: config.PipelineConfig, ctx: JobContext) -> dict[str, Any]:
+    """All six stages for one job, each through its module's ``run``; returns evaluate's metrics."""
+    table = StageTable.read(ctx.repo_root / "dvc.yaml")
+    homes = shared_stages(cfg, table, ctx.cache, ctx.repo_root)
+    write_json(ctx.job_dir / "stages.json", {name: str(path) for name, path in homes.items()})
+    homes.update(train=ctx.job_dir, evaluate=ctx.job_dir)
+    summary = train.run(cfg, table.paths("train", homes), ctx.tracking)
+    _tag_job(ctx, summary["run_id"])
+    return evaluate.run(cfg, table.paths("evaluate", homes), ctx.tracking)
 
 
 def _tag_job(ctx: JobContext, run_id: str) -> None:
-    """Tie the MLflow run to its Hydra job directory (and its number within a sweep)."""
+    """The run's number within its sweep (train tagged it with the job's folder when it opened it)."""
     from mlflow.tracking import MlflowClient
 
-    def tag() -> None:
-        client = MlflowClient(ctx.tracking.uri)
-        client.set_tag(run_id, "hydra.job_dir", str(ctx.job_dir))
-        if ctx.job_num is not None:
-            client.set_tag(run_id, "sweep.job_num", str(ctx.job_num))
-
-    mlf.locked_write(ctx.tracking.uri, tag)
+    if ctx.job_num is not None:
+        mlf.locked_write(ctx.tracking.uri,
+                         lambda: MlflowClient(ctx.tracking.uri).set_tag(run_id, "sweep.job_num", str(ctx.job_num)))
 
 
 def job_context(hc: Any, cwd: Path) -> JobContext:
@@ -109,10 +133,10 @@ def job_context(hc: Any, cwd: Path) -> JobContext:
     cb = hc.callbacks.get("mlflow_sweep") if hc.callbacks else None
     objective = Objective(cb.metric, cb.direction) if cb is not None else None
     uri = parent.uri if parent else mlf.default_uri(cwd)
-    tracking = train.Tracking(uri, mlf.store_root(cwd) / "mlartifacts", REPO_ROOT, None,
-                              parent.run_id if parent else None, parent.sweep_id if parent else None,
-                              mlf.redact_overrides(hc.job.override_dirname) or None)
     job_dir = config.check_job_dir(hc.runtime.output_dir, cwd, REPO_ROOT)  # a job there replaces checkpoints/
+    tracking = mlf.Tracking(uri, mlf.store_root(cwd) / "mlartifacts", REPO_ROOT, None,
+                            parent.run_id if parent else None, parent.sweep_id if parent else None,
+                            mlf.redact_overrides(hc.job.override_dirname) or None, str(job_dir))
     return JobContext(job_dir, cwd / "outputs" / "cache", REPO_ROOT, tracking, objective,
                       hc.job.num if sweeping else None, sweeping)
 
@@ -123,7 +147,7 @@ def run_job(cfg: DictConfig) -> float | None:
     pipeline_cfg = config.from_mapping(params, source="python -m pipeline")
     # Hydra 1.3 does not chdir into the job dir, so the cwd is where the user launched us.
     ctx = job_context(HydraConfig.get(), Path.cwd())
-    metrics = run_pipeline(pipeline_cfg, params, ctx)
+    metrics = run_pipeline(pipeline_cfg, ctx)
     if ctx.objective is None:
         return None
     if not ctx.sweeping and ctx.objective.metric not in eval_metrics(metrics):

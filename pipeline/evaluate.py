@@ -1,6 +1,6 @@
 """Stage 5, evaluate: generate on the test split with the base and/or tuned model, score, compare.
 
-Reads ``eval`` and ``tracking`` from params.yaml. Refuses to run when the prompt
+Reads ``eval``, ``safety`` and ``tracking``. Refuses to run when the prompt
 template the tuned model was trained with differs from the one that rendered the test
 prompts. ``eval.models: [base]`` is a zero-shot baseline that needs no trained model
 (``--tuned`` may then be left out) and gets its own MLflow run. Writes to ``--out``:
@@ -8,33 +8,29 @@ prompts. ``eval.models: [base]`` is a zero-shot baseline that needs no trained m
 delta), ``intervals.json`` (95% bootstrap intervals of every metric, paired deltas with
 p-values, per-class scores, confusion matrices), ``predictions.jsonl``, ``report.md``,
 PNG plots in ``plots/`` and DVC plot data (``per_task.json``, ``confusion/<task>_<model>.json``);
-logs the same into MLflow. A trained encoder classifier's answers are its argmax labels,
-scored by the same code: the whole pipeline's (``model.kind=sequence_classification``), or the
-``encoder`` arm that train_encoder trained beside the causal LM (``--encoder``), scored on the
-same test rows of the classification tasks, with its paired difference to ``tuned``.
+logs the same into MLflow. The ``encoder`` arm (``--encoder``, trained by train_encoder beside
+the causal LM) answers with its argmax labels, scored by the same code on the same test rows
+of the classification tasks, with its paired difference to ``tuned``.
 """
 
 from __future__ import annotations
 
-import argparse
 import re
 import shutil
 import sys
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from pipeline.core import config
-from pipeline.data import safety
-from pipeline.core.files import hash_files, read_json, read_jsonl, write_json, write_jsonl
+from pipeline.core import cli, config
+from pipeline.core.errors import MissingInput, TemplateMismatch
+from pipeline.core.files import atomic_dir, hash_files, read_json, read_jsonl, write_json, write_jsonl
 from pipeline.core.models import IGNORE_INDEX
+from pipeline.core.paths import search_roots
+from pipeline.data import safety
+from pipeline.tracking import stage_run
 from pipeline.tracking.runs import Tracking
-from pipeline.core.errors import TemplateMismatch
-
-
-# The checkout this module belongs to: where the default safety lists are found when the
-# working directory (a DVC repo root) does not have them.
-PROJECT = Path(__file__).resolve().parents[1]
 
 
 def check_template(rendered: Path, tuned: Path | None) -> str:
@@ -130,7 +126,7 @@ def arm_rows(rendered: Path, models: Sequence[str], max_examples: int | None) ->
         return {m: rows for m in models}
     path = rendered / "test_kshot.jsonl"
     if not path.exists():
-        raise FileNotFoundError(f"evaluate: eval.models includes 'base_kshot' but {path} does not exist; "
+        raise MissingInput(f"evaluate: eval.models includes 'base_kshot' but {path} does not exist; "
                                 "render with prompt.eval_k_shot >= 1")
     kshot = {r["id"]: r for r in read_jsonl(path)}
     rows = [r for r in rows if r["id"] in kshot]
@@ -149,7 +145,7 @@ def encoder_arm(encoder_dir: Path | None, rows: list[dict[str, Any]], examples: 
     if (encoder_dir / encoder.SKIPPED_FILE).exists():
         return read_json(encoder_dir / encoder.SKIPPED_FILE)["reason"]
     if not (encoder_dir / encoder.LABELS_FILE).exists():
-        raise FileNotFoundError(f"evaluate: {encoder_dir} holds neither a trained encoder ({encoder.LABELS_FILE}) "
+        raise MissingInput(f"evaluate: {encoder_dir} holds neither a trained encoder ({encoder.LABELS_FILE}) "
                                 f"nor {encoder.SKIPPED_FILE}; run train_encoder first")
     text = read_json(encoder_dir / "template.json")
     labels = read_json(encoder_dir / encoder.LABELS_FILE)
@@ -158,123 +154,193 @@ def encoder_arm(encoder_dir: Path | None, rows: list[dict[str, Any]], examples: 
     tokenizer = load_tokenizer(encoder_dir / "model")
     enc_rows, _ = encoder.render_rows(chosen, labels, tokenizer, text["include_instruction"], text["max_length"])
     if [r["id"] for r in enc_rows] != [ex["id"] for ex in chosen]:
-        raise ValueError(f"evaluate: the encoder in {encoder_dir} reads only rows the data types 'classification', "
-                         f"but eval.task_types makes other rows of {sorted(tasks)} classification too")
+        raise config.ConfigError([f"eval.task_types: the encoder in {encoder_dir} reads only rows the data types "
+                                  f"'classification', but this makes other rows of {sorted(tasks)} classification too"],
+                                 "eval.task_types")
     preds, nll = classify(encoder_dir, enc_rows, tokenizer.pad_token_id, batch_size)  # type: ignore[arg-type]
     ids = [r["id"] for r in enc_rows]
     return dict(zip(ids, preds)), {i: x for i, (x, _) in zip(ids, nll)}
 
 
-def run(cfg: config.PipelineConfig, rendered: Path, prepared: Path, base_model: Path, tuned: Path | None,
-        out: Path, tracking: Tracking | None, rules: Any = None, encoder_dir: Path | None = None) -> dict[str, Any]:
-    """Generate, score and report; return the metrics dict written to ``metrics.json``.
+@dataclass(frozen=True)
+class Paths:
+    rendered: Path = cli.field("render stage output directory")
+    prepared: Path = cli.field("prepare stage output directory (references, slices, labels)")
+    base_model: Path = cli.field("base_model stage output")
+    out: Path = cli.field("directory for metrics, predictions, plots")
+    tuned: Path | None = cli.field("train stage output; not needed for eval.models=[base]", default=None)
+    encoder: Path | None = cli.field("train_encoder stage output: the encoder arm (skipped when absent or marked "
+                                     "skipped)", default=None)
 
-    ``rules`` (a :class:`pipeline.data.safety.Rules`) reviews every arm's outputs; ``None`` skips the review.
-    ``encoder_dir`` is train_encoder's output: the ``encoder`` arm, when ``eval.models`` lists it.
-    """
-    from pipeline.evaluation import scoring
-    from pipeline.evaluation import slices
-    from pipeline.evaluation.generation import generate
-    from pipeline.core.models import load_causal_lm, load_finetuned, load_tokenizer, model_kind
 
-    ev = cfg.eval
-    if "tuned" in ev.models and (tuned is None or not tuned.is_dir()):
-        raise FileNotFoundError(f"evaluate: eval.models includes 'tuned' but there is no tuned model at {tuned}; "
-                                "train first, or set eval.models=[base] for a zero-shot baseline")
-    # The guard is about the tuned arm: the k-shot arm's template differs from training by design.
-    template_hash = check_template(rendered, tuned if "tuned" in ev.models else None)
-    llm_arms = [m for m in ev.models if m != "encoder"]
-    if not llm_arms:
-        raise config.ConfigError(["eval.models: the encoder arm is scored beside a causal LM arm; "
-                                  "list one of base, base_kshot, tuned too"], "eval.models")
-    arms = arm_rows(rendered, llm_arms, ev.max_examples)
-    rows = arms[llm_arms[0]]
-    task_types = resolve_task_types(rows, ev.task_types)
-    examples = {ex["id"]: ex for ex in read_jsonl(prepared / "test.jsonl")}
-    references = {i: ex["output"] for i, ex in examples.items()}
-    labels = label_sets(prepared, ev.task_types)
-    tokenizer = load_tokenizer(base_model)
-    budgets = [ev.max_new_tokens[task_types[r["task"]]] for r in rows]
-    idx = {t: [i for i, r in enumerate(rows) if r["task"] == t] for t in sorted(task_types)}
-    indices = scoring.task_indices({t: len(v) for t, v in idx.items()}, ev.bootstrap.n_resamples, ev.bootstrap.seed)
+@dataclass
+class TestSet:
+    """The rows every arm is scored on, aligned by position, with what scoring needs of them."""
 
-    predictions: dict[str, list[str]] = {}
-    outputs: dict[str, dict[str, scoring.TaskOutputs]] = {}
+    rows: list[dict[str, Any]]  # the first causal-LM arm's rows: ids, tasks, order
+    arms: dict[str, list[dict[str, Any]]]  # each causal-LM arm's rendered rows (k-shot prompts differ)
+    task_types: dict[str, str]
+    examples: dict[str, dict[str, Any]]  # prepared test examples by id
+    labels: dict[str, list[str]]  # label set of each classification task
+    idx: dict[str, list[int]]  # each task's row positions
 
-    def task_outputs(preds: Sequence[Any], nll: Sequence[Any], tasks: Sequence[str]) -> dict[str, scoring.TaskOutputs]:
-        """One arm's answers and reference NLLs (both by row of ``rows``) for each of ``tasks``."""
-        return {t: scoring.TaskOutputs(task_types[t], [references[rows[i]["id"]] for i in idx[t]],
-                                       [preds[i] for i in idx[t]], labels.get(t),
-                                       [nll[i][0] for i in idx[t]], [nll[i][1] for i in idx[t]])
+    def outputs(self, preds: Sequence[Any], nll: Sequence[Any], tasks: Sequence[str]) -> dict[str, Any]:
+        """One arm's answers and reference NLLs (both by row position) as scoring's TaskOutputs per task."""
+        from pipeline.evaluation import scoring
+
+        return {t: scoring.TaskOutputs(self.task_types[t], [self.examples[self.rows[i]["id"]]["output"]
+                                                            for i in self.idx[t]],
+                                       [preds[i] for i in self.idx[t]], self.labels.get(t),
+                                       [nll[i][0] for i in self.idx[t]], [nll[i][1] for i in self.idx[t]])
                 for t in tasks}
 
-    classifier = model_kind(base_model) == "sequence_classification"
-    base_lm = None  # loaded once for the base and base_kshot arms
-    for name in llm_arms:
-        if classifier:  # config validation allows only the tuned encoder: its base has no trained head
-            predictions[name], nll = classify(tuned, arms[name], tokenizer.pad_token_id, ev.batch_size)  # type: ignore[arg-type]
-        else:
-            if name == "tuned":
-                base_lm = None  # one model in memory at a time
-                model = load_finetuned(base_model, tuned)  # type: ignore[arg-type]
-            else:
-                base_lm = base_lm if base_lm is not None else load_causal_lm(base_model)
-                model = base_lm
-            predictions[name] = generate(model, tokenizer, [_prompt_ids(r) for r in arms[name]], budgets,
-                                         ev.batch_size, ev.stop_strings, desc=f"evaluate {name}",
-                                         decode_batch_size=ev.decode_batch_size)
-            nll = reference_nll(model, arms[name], tokenizer.pad_token_id, ev.batch_size)
-            del model
-        outputs[name] = task_outputs(predictions[name], nll, list(idx))
-    encoder_note = ""
-    if "encoder" in ev.models:
-        arm = encoder_arm(encoder_dir, rows, examples, task_types, ev.batch_size)
-        if isinstance(arm, str):
-            encoder_note = f"\nEncoder arm: skipped ({arm}).\n"
-            print(f"evaluate: encoder arm skipped: {arm}", flush=True)
-        else:
-            by_id, enc_nll = arm
-            # A full-length column (None off its tasks), so prediction rows line up with the other arms.
-            predictions["encoder"] = [by_id.get(r["id"]) for r in rows]  # type: ignore[misc]
-            outputs["encoder"] = task_outputs(predictions["encoder"],
-                                              [(enc_nll[r["id"]], 1) if r["id"] in by_id else None for r in rows],
-                                              [t for t, ii in idx.items() if ii and rows[ii[0]]["id"] in by_id])
-    scores = {name: scoring.score_model(o, {t: indices[t] for t in o}) for name, o in outputs.items()}
-    deltas = scoring.compare_arms(scores)
-    llm_outputs = {name: o for name, o in outputs.items() if name != "encoder"}
 
-    # The encoder answers with one of its labels: nothing for the safety rules to review.
-    flags = ({name: [rules.check(p) for p in preds] for name, preds in predictions.items() if name != "encoder"}
-             if rules else {})
-    safety_rates = {name: safety.flag_rate(f, ev.bootstrap.n_resamples, ev.bootstrap.seed) for name, f in flags.items()}
-    slice_values = [{k: slices.slice_value(examples[r["id"]], k, ev.length_buckets) for k in ev.slices} for r in rows]
-    slice_table = slices.score_slices(ev.slices, slice_values, llm_outputs, [r["task"] for r in rows],
-                                      ev.bootstrap.n_resamples, ev.bootstrap.seed)
+def run(cfg: config.PipelineConfig, paths: Paths, tracking: Tracking | None) -> dict[str, Any]:
+    """Generate, score and report into ``paths.out`` (atomically); return the metrics of ``metrics.json``.
 
-    metrics = scoring.metrics_json(scores, deltas)
-    if safety_rates:
-        metrics["safety"] = {name: {"flagged_rate": r["rate"], "flagged": r["flagged"]} for name, r in safety_rates.items()}
-    pred_rows = _prediction_rows(rows, references, predictions, scores, idx, arms, flags)
-    _write(out, metrics, {**scoring.intervals_json(scores, deltas), "template_hash": template_hash,
-                          "examples": len(rows), "task_types": task_types, "safety": safety_rates,
-                          "slices": {"rows": slice_table.rows, "gaps": slice_table.gaps,
-                                     "largest_gap": slice_table.largest_gap()}}, pred_rows)
-    _plots(out, scores, task_types, references, rows, idx, slice_table)
-    report = (scoring.markdown(scores, deltas, task_types) + encoder_note + _safety_markdown(safety_rates)
-              + "\n## Slices\n\n" + slices.markdown(slice_table))
-    (out / "report.md").write_text(report, encoding="utf-8")
-    print(report)
-    if tracking is not None:
-        _log_mlflow(tracking, cfg, tuned, rendered, template_hash, metrics, pred_rows, out, prepared)
+    The ``safety`` rules review every causal-LM arm's outputs. With ``tracking``, the
+    scores go into the training run of the tuned model (found by its digest), or into a new
+    run for a zero-shot baseline; the run is open while evaluation works, and ends FAILED or
+    KILLED if it does not finish.
+    """
+    rules = safety.from_config(cfg.safety, search_roots())
+    template_hash = check_inputs(cfg, paths)
+    test = load_test_set(cfg, paths)
+    client, run_id = _open_run(cfg, paths, tracking, template_hash) if tracking else (None, None)
+
+    def terminate(status: str) -> None:
+        if run_id is not None:
+            from pipeline.tracking.runs import locked_write
+
+            locked_write(tracking.uri, lambda: client.set_terminated(run_id, status))  # type: ignore[union-attr]
+
+    with stage_run.closing(terminate):
+        predictions, outputs = generate_arms(cfg, paths, test)
+        encoder_note = add_encoder_arm(cfg, paths, test, predictions, outputs)
+        metrics, pred_rows = report(cfg, paths.out, test, predictions, outputs, rules, template_hash, encoder_note)
+        if run_id is not None:
+            _log_mlflow(tracking, run_id, metrics, pred_rows, paths.out, paths.prepared)  # type: ignore[arg-type]
     return metrics
 
 
+def check_inputs(cfg: config.PipelineConfig, paths: Paths) -> str:
+    """Refuse what cannot be evaluated before any model loads; return the test prompts' template hash."""
+    if "tuned" in cfg.eval.models and (paths.tuned is None or not paths.tuned.is_dir()):
+        raise MissingInput(f"evaluate: eval.models includes 'tuned' but there is no tuned model at "
+                                f"{paths.tuned}; train first, or set eval.models=[base] for a zero-shot baseline")
+    if not [m for m in cfg.eval.models if m != "encoder"]:
+        raise config.ConfigError(["eval.models: the encoder arm is scored beside a causal LM arm; "
+                                  "list one of base, base_kshot, tuned too"], "eval.models")
+    # The guard is about the tuned arm: the k-shot arm's template differs from training by design.
+    return check_template(paths.rendered, paths.tuned if "tuned" in cfg.eval.models else None)
+
+
+def load_test_set(cfg: config.PipelineConfig, paths: Paths) -> TestSet:
+    """The test rows of every causal-LM arm, their task types, references and label sets."""
+    ev = cfg.eval
+    llm_arms = [m for m in ev.models if m != "encoder"]
+    arms = arm_rows(paths.rendered, llm_arms, ev.max_examples)
+    rows = arms[llm_arms[0]]
+    task_types = resolve_task_types(rows, ev.task_types)
+    return TestSet(rows, arms, task_types, {ex["id"]: ex for ex in read_jsonl(paths.prepared / "test.jsonl")},
+                   label_sets(paths.prepared, ev.task_types),
+                   {t: [i for i, r in enumerate(rows) if r["task"] == t] for t in sorted(task_types)})
+
+
+def generate_arms(cfg: config.PipelineConfig, paths: Paths,
+                  test: TestSet) -> tuple[dict[str, list[Any]], dict[str, dict[str, Any]]]:
+    """Each causal-LM arm's answers (greedy generation) and scoring inputs, one model in memory at a time."""
+    from pipeline.core.models import load_causal_lm, load_finetuned, load_tokenizer
+    from pipeline.evaluation.generation import generate
+
+    ev = cfg.eval
+    tokenizer = load_tokenizer(paths.base_model)
+    budgets = [ev.max_new_tokens[test.task_types[r["task"]]] for r in test.rows]
+    predictions: dict[str, list[Any]] = {}
+    outputs: dict[str, dict[str, Any]] = {}
+    base_lm = None  # loaded once for the base and base_kshot arms
+    for name, rows in test.arms.items():
+        if name == "tuned":
+            base_lm = None  # one model in memory at a time
+            model = load_finetuned(paths.base_model, paths.tuned)  # type: ignore[arg-type]
+        else:
+            base_lm = base_lm if base_lm is not None else load_causal_lm(paths.base_model)
+            model = base_lm
+        predictions[name] = generate(model, tokenizer, [_prompt_ids(r) for r in rows], budgets, ev.batch_size,
+                                     ev.stop_strings, desc=f"evaluate {name}", decode_batch_size=ev.decode_batch_size)
+        nll = reference_nll(model, rows, tokenizer.pad_token_id, ev.batch_size)
+        del model
+        outputs[name] = test.outputs(predictions[name], nll, list(test.idx))
+    return predictions, outputs
+
+
+def add_encoder_arm(cfg: config.PipelineConfig, paths: Paths, test: TestSet, predictions: dict[str, list[Any]],
+                    outputs: dict[str, dict[str, Any]]) -> str:
+    """Score the encoder arm into ``predictions``/``outputs`` when ``eval.models`` lists it; return the
+    report's note when it is skipped (else an empty string)."""
+    if "encoder" not in cfg.eval.models:
+        return ""
+    arm = encoder_arm(paths.encoder, test.rows, test.examples, test.task_types, cfg.eval.batch_size)
+    if isinstance(arm, str):
+        print(f"evaluate: encoder arm skipped: {arm}", flush=True)
+        return f"\nEncoder arm: skipped ({arm}).\n"
+    by_id, enc_nll = arm
+    rows = test.rows
+    # A full-length column (None off its tasks), so prediction rows line up with the other arms.
+    predictions["encoder"] = [by_id.get(r["id"]) for r in rows]
+    outputs["encoder"] = test.outputs(predictions["encoder"],
+                                      [(enc_nll[r["id"]], 1) if r["id"] in by_id else None for r in rows],
+                                      [t for t, ii in test.idx.items() if ii and rows[ii[0]]["id"] in by_id])
+    return ""
+
+
+def report(cfg: config.PipelineConfig, out: Path, test: TestSet, predictions: dict[str, list[Any]],
+           outputs: dict[str, dict[str, Any]], rules: Any, template_hash: str,
+           encoder_note: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Score every arm, compare them, review outputs and slices; write ``out`` atomically."""
+    from pipeline.evaluation import scoring, slices
+
+    ev, rows = cfg.eval, test.rows
+    indices = scoring.task_indices({t: len(v) for t, v in test.idx.items()}, ev.bootstrap.n_resamples,
+                                   ev.bootstrap.seed)
+    scores = {name: scoring.score_model(o, {t: indices[t] for t in o}) for name, o in outputs.items()}
+    deltas = scoring.compare_arms(scores)
+    # The encoder answers with one of its labels: nothing for the safety rules to review.
+    flags = {name: [rules.check(p) for p in preds] for name, preds in predictions.items() if name != "encoder"}
+    safety_rates = {name: safety.flag_rate(f, ev.bootstrap.n_resamples, ev.bootstrap.seed) for name, f in flags.items()}
+    slice_values = [{k: slices.slice_value(test.examples[r["id"]], k, ev.length_buckets) for k in ev.slices}
+                    for r in rows]
+    slice_table = slices.score_slices(ev.slices, slice_values, {n: o for n, o in outputs.items() if n != "encoder"},
+                                      [r["task"] for r in rows], ev.bootstrap.n_resamples, ev.bootstrap.seed)
+    metrics = scoring.metrics_json(scores, deltas)
+    if safety_rates:
+        metrics["safety"] = {name: {"flagged_rate": r["rate"], "flagged": r["flagged"]} for name, r in safety_rates.items()}
+    references = {i: ex["output"] for i, ex in test.examples.items()}
+    pred_rows = _prediction_rows(rows, references, predictions, scores, test.idx, test.arms, flags)
+    text = (scoring.markdown(scores, deltas, test.task_types) + encoder_note + _safety_markdown(safety_rates)
+            + "\n## Slices\n\n" + slices.markdown(slice_table))
+    with atomic_dir(out) as tmp:
+        _write(tmp, metrics, {**scoring.intervals_json(scores, deltas), "template_hash": template_hash,
+                              "examples": len(rows), "task_types": test.task_types, "safety": safety_rates,
+                              "slices": {"rows": slice_table.rows, "gaps": slice_table.gaps,
+                                         "largest_gap": slice_table.largest_gap()}}, pred_rows)
+        _plots(tmp, scores, test.task_types, references, rows, test.idx, slice_table)
+        (tmp / "report.md").write_text(text, encoding="utf-8")
+    print(text)
+    return metrics, pred_rows
+
+
 def _safety_markdown(rates: Mapping[str, dict[str, Any]]) -> str:
+    """Flagged outputs per arm, with the exact (Clopper-Pearson) interval of ``flagged`` of ``n``:
+    0/96 flagged is not a rate known to be 0."""
+    from pipeline.evaluation.resampling import exact_interval
+
     if not rates:
         return ""
-    lines = ["\n## Safety review of outputs\n", "| model | flagged | rate (95% CI) |", "|---|---|---|"]
-    lines += [f"| {m} | {r['flagged']}/{r['n']} | {r['rate']:.3f} [{r['low']:.3f}, {r['high']:.3f}] |"
-              for m, r in rates.items()]
+    lines = ["\n## Safety review of outputs\n", "| model | flagged | rate (95% CI, exact) |", "|---|---|---|"]
+    for m, r in rates.items():
+        low, high = exact_interval(r["flagged"], r["n"])
+        lines.append(f"| {m} | {r['flagged']}/{r['n']} | {r['rate']:.3f} [{low:.3f}, {high:.3f}] |")
     return "\n".join(lines) + "\n"
 
 
@@ -303,10 +369,12 @@ def _prediction_rows(rows: list[dict[str, Any]], references: dict[str, str], pre
 
 
 def _write(out: Path, metrics: dict, intervals: dict, pred_rows: list[dict[str, Any]]) -> None:
+    from pipeline.evaluation.scoring import json_safe  # NaN is not JSON: null instead
+
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "metrics.json", metrics)
-    write_json(out / "intervals.json", intervals)
-    write_jsonl(out / "predictions.jsonl", pred_rows)
+    write_json(out / "metrics.json", json_safe(metrics))
+    write_json(out / "intervals.json", json_safe(intervals))
+    write_jsonl(out / "predictions.jsonl", json_safe(pred_rows))
 
 
 def _plots(out: Path, scores: dict, task_types: dict[str, str], references: dict[str, str],
@@ -344,34 +412,51 @@ def _plots(out: Path, scores: dict, task_types: dict[str, str], references: dict
                                 out / "plots" / f"confusion_{t}_encoder.png")
 
 
-def _log_mlflow(tracking: Tracking, cfg: config.PipelineConfig, tuned: Path | None, rendered: Path,
-                template_hash: str, metrics: dict, pred_rows: list, out: Path, prepared: Path) -> None:
-    """Log into the training run, or into a new run tagged as a zero-shot baseline."""
+def _open_run(cfg: config.PipelineConfig, paths: Paths, tracking: Tracking, template_hash: str) -> tuple[Any, str]:
+    """The MLflow run the scores go into, set RUNNING: the tuned model's training run (found by the
+    model folder's digest), or a new run for a zero-shot baseline or a model whose run is elsewhere."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking import runs as mlf
+
+    client = mlf.locked_write(tracking.uri, lambda: MlflowClient(tracking.uri))
+    digest = stage_run.model_digest(paths.tuned) if "tuned" in cfg.eval.models and paths.tuned else None
+    run_id = stage_run.find_model_run(client, cfg.tracking.experiment, digest, tracking.job_dir) if digest else None
+    if run_id is not None:
+        mlf.locked_write(tracking.uri, lambda: client.update_run(run_id, status="RUNNING"))
+        return client, run_id
+    tags = {**mlf.run_tags(tracking.repo_root, hash_files([paths.rendered / "test.jsonl"]), template_hash,
+                           tracking.dvc_exp_name, tracking.parent_run_id, tracking.sweep_id),
+            **({stage_run.DIGEST_TAG: digest} if digest else {"eval.baseline": "zero-shot"}),
+            **({stage_run.JOB_TAG: tracking.job_dir} if tracking.job_dir else {})}
+    params = {k: config.to_dict(getattr(cfg, k)) for k in ("model", "data", "prompt", "eval", "seed")}
+    name = f"evaluate-{cfg.model.name}" if digest else f"zero-shot-{cfg.model.name}"
+    return client, mlf.start_run(tracking.uri, cfg.tracking.experiment, tracking.artifact_root,
+                                 mlf.redact_tree(params), tags, run_name=tracking.run_name or name)
+
+
+def _log_mlflow(tracking: Tracking, run_id: str, metrics: dict, pred_rows: list, out: Path, prepared: Path) -> None:
+    """The metrics, the per-example table, the slice table, every output file and prepare's safety counts."""
     import mlflow
     import pandas as pd
 
     from pipeline.tracking import runs as mlf
 
-    run_file = tuned / "run.json" if tuned is not None else None
-    if "tuned" in cfg.eval.models and run_file is not None and run_file.exists():
-        run_id = read_json(run_file)["run_id"]
-    else:
-        tags = {**mlf.run_tags(tracking.repo_root, hash_files([rendered / "test.jsonl"]), template_hash,
-                               tracking.dvc_exp_name), "eval.baseline": "zero-shot"}
-        params = {k: config.to_dict(getattr(cfg, k)) for k in ("model", "data", "prompt", "eval", "seed")}
-        run_id = mlf.start_run(tracking.uri, cfg.tracking.experiment, tracking.artifact_root, params, tags,
-                               run_name=f"zero-shot-{cfg.model.name}")
     flat = {f"eval.{k}": float(v) for k, v in config.flatten(metrics).items() if isinstance(v, (int, float))}
     table = pd.DataFrame([{**{k: v for k, v in r.items() if not k.endswith("_scores")},
                            **{f"{k}.{s}": x for k in r if k.endswith("_scores") for s, x in r[k].items()}}
                           for r in pred_rows])
-    with mlf.active_run(tracking.uri, run_id):
+    slices = pd.DataFrame(read_json(out / "intervals.json")["slices"]["rows"])
+
+    def log() -> None:
         mlflow.log_metrics(flat)
         mlflow.log_table(table, artifact_file="eval/predictions.json")
-        mlflow.log_table(pd.DataFrame(read_json(out / "intervals.json")["slices"]["rows"]),
-                         artifact_file="eval/slice_table.json")
+        mlflow.log_table(slices, artifact_file="eval/slice_table.json")
         mlflow.log_artifacts(str(out), artifact_path="eval")
         _log_prepare_safety(prepared)
+
+    with mlf.active_run(tracking.uri, run_id):
+        mlf.locked_write(tracking.uri, log)
 
 
 def _log_prepare_safety(prepared: Path) -> None:
@@ -395,29 +480,10 @@ def _log_prepare_safety(prepared: Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--rendered", type=Path, required=True)
-    parser.add_argument("--prepared", type=Path, required=True)
-    parser.add_argument("--base-model", type=Path, required=True)
-    parser.add_argument("--tuned", type=Path, default=None, help="train stage output; not needed for eval.models=[base]")
-    parser.add_argument("--encoder", type=Path, default=None,
-                        help="train_encoder stage output: the encoder arm (skipped when absent or marked skipped)")
-    parser.add_argument("--out", type=Path, required=True, help="directory for metrics, predictions, plots")
-    args = parser.parse_args(argv)
-    root = Path.cwd()
-    tracking = Tracking.from_env(root)
-    try:
-        cfg = config.load(args.params)
-        rules = safety.from_config(cfg.safety, [root, PROJECT])
-        run(cfg, args.rendered, args.prepared, args.base_model, args.tuned, args.out, tracking, rules, args.encoder)
-    except (TemplateMismatch, config.ConfigError, FileNotFoundError, safety.SafetyListError) as err:
-        print(f"evaluate: error: {err}", file=sys.stderr)
-        return 1
+    params, paths = cli.parse(__doc__, Paths, argv)
+    run(config.load(params), paths, Tracking.from_env(Path.cwd()))
     return 0
 
 
 if __name__ == "__main__":
-    from pipeline.cli import guard
-
-    sys.exit(guard("evaluate", main))
+    sys.exit(cli.guard("evaluate", main))

@@ -1,6 +1,6 @@
 """Stage 2, prepare: load raw data (one source or a mixture), validate, deduplicate, split, report.
 
-Reads ``data`` and ``seed`` from params.yaml. Writes ``train/val/test.jsonl`` (one
+Reads ``data``, ``safety`` and ``seed``. Writes ``train/val/test.jsonl`` (one
 normalized :class:`~pipeline.data.schema.Example` per line) to ``--out``, a stats report
 to ``--stats`` and a length histogram to ``--plot``. Every removed or flagged row is
 counted with its reason. Invalid raw data stops the stage with every problem listed as
@@ -10,23 +10,23 @@ file:line: field and nothing written (``data.on_error: fail``), or goes to
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import random
 import sys
 from collections import Counter, defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generator, Sequence
 
 import numpy as np
 
-from pipeline.core import config
-from pipeline.core import parallel
+from pipeline.core import cli, config, parallel
 from pipeline.data import safety
 from pipeline.data import dedup, mixture
-from pipeline.data.schema import DataError, Example, Problem, ProblemCollector
+from pipeline.data.schema import Example, Problem, ProblemCollector
 from pipeline.core.files import atomic_dir, write_json, write_jsonl
 from pipeline.core.errors import SplitError
+from pipeline.core.paths import search_roots
 
 SPLITS = ("train", "val", "test")
 # The reasons data.dedup checks give; each is always in the stats, found or not.
@@ -178,28 +178,55 @@ def safety_counts(quarantined: list[dict[str, Any]]) -> dict[str, Any]:
             "by_rule": dict(sorted(Counter(r for q in quarantined for r in q["rules"]).items()))}
 
 
+@dataclass(frozen=True)
+class Paths:
+    out: Path = cli.field("directory for train/val/test.jsonl")
+    stats: Path = cli.field("stats JSON to write")
+    plot: Path | None = cli.field("PNG histogram of example lengths in words", default=None)
+
+
 @parallel.paused_gc()  # row work: no reference cycles to collect (see paused_gc)
-def run(data_cfg: config.DataConfig, seed: int, out: Path, stats_path: Path,
-        plot_path: Path | None = None, rules: Any = None) -> dict[str, Any]:
-    """Prepare the dataset into ``out`` (atomically), write the stats report and the length plot.
+def run(cfg: config.PipelineConfig, paths: Paths) -> dict[str, Any]:
+    """Prepare the dataset into ``paths.out`` (atomically), write the stats report and the length plot.
 
     ``out`` holds ``train/val/test.jsonl``, ``dropped.jsonl`` (rows removed, with why),
     ``flagged.jsonl`` (rows a check set to ``report`` found, kept) and ``quarantine.jsonl``
-    (invalid raw rows, with ``data.on_error: skip``, and every example a ``rules``
-    safety rule hits, whatever ``on_error`` says, with the rules it hit); ``safety.json``
-    counts the latter per rule.
+    (invalid raw rows, with ``data.on_error: skip``, and every example a ``safety`` rule
+    hits, whatever ``on_error`` says, with the rules it hit); ``safety.json`` counts the
+    latter per rule.
     """
-    problems = ProblemCollector(limit=data_cfg.max_problems, skip=data_cfg.on_error == "skip")
-    examples, sources = load(data_cfg, seed, problems)
+    rules = safety.from_config(cfg.safety, search_roots())
+    problems = ProblemCollector(limit=cfg.data.max_problems, skip=cfg.data.on_error == "skip")
+    examples, sources = load(cfg.data, cfg.seed, problems)
     problems.raise_if_any()
-    cfg, dropped, flagged = data_cfg.dedup, [], []  # type: ignore[var-annotated]
-    check = start_safety(examples, rules) if rules is not None else None
+    dropped: list[dict[str, Any]] = []
+    flagged: list[dict[str, Any]] = []
+    kept, unsafe = deduplicate(examples, rules, cfg.data.dedup, dropped, flagged)
+    splits = split(kept, cfg.data.val_fraction, cfg.data.test_fraction, cfg.seed)
+    if not splits["train"] or not splits["test"]:
+        raise SplitError(
+            f"no task has >= 3 examples ({len({e.task for e in kept})} tasks, {len(kept)} examples), so nothing is "
+            "left for val/test; set data.task=NAME to treat the file as one task, or add examples")
+    dd = cfg.data.dedup
+    if dd.contamination != "off":  # removed from train: val/test stay the fixed yardstick
+        found = dedup.contamination(splits["train"], splits["val"] + splits["test"], dd.ngram, dd.ngram_threshold)
+        splits["train"] = apply(dd.contamination, splits["train"], found, dropped, flagged)
+    quarantined = quarantine_rows(problems.problems) + unsafe
+    report = {**stats(len(examples), splits, dropped, flagged, quarantined, sources), "safety": safety_counts(unsafe)}
+    _write(paths, splits, dropped, flagged, quarantined, report)
+    return report
+
+
+def deduplicate(examples: list[Example], rules: Any, cfg: config.DedupConfig, dropped: list[dict[str, Any]],
+                flagged: list[dict[str, Any]]) -> tuple[list[Example], list[dict[str, Any]]]:
+    """The examples no safety rule hits, without exact and near duplicates (per ``cfg``); and the
+    quarantine records of the unsafe ones. Removed and reported rows are appended to ``dropped``/``flagged``."""
+    check = start_safety(examples, rules)
     try:  # exact-duplicate keys are computed here while forked workers check the safety rules
         keys = [dedup.exact_key(e) for e in examples] if cfg.exact != "off" else None
-        hits = parallel.joined(check) if check is not None else [[] for _ in examples]
+        hits = parallel.joined(check)
     finally:
-        if check is not None:
-            check.close()  # ends the workers if the keys failed; nothing left to do otherwise
+        check.close()  # ends the workers if the keys failed; nothing left to do otherwise
     kept, unsafe = _quarantine(examples, hits)
     if keys is not None:
         kept_keys = [key for key, found in zip(keys, hits) if not found]
@@ -207,47 +234,30 @@ def run(data_cfg: config.DataConfig, seed: int, out: Path, stats_path: Path,
     if cfg.near != "off":
         found = dedup.near_duplicates(kept, cfg.near_threshold, cfg.shingle, cfg.num_perm)
         kept = apply(cfg.near, kept, found, dropped, flagged)
-    splits = split(kept, data_cfg.val_fraction, data_cfg.test_fraction, seed)
-    if not splits["train"] or not splits["test"]:
-        n_tasks = len({e.task for e in kept})
-        raise SplitError(
-            f"no task has >= 3 examples ({n_tasks} tasks, {len(kept)} examples), so nothing is left for val/test; "
-            "set data.task=NAME to treat the file as one task, or add examples")
-    if cfg.contamination != "off":  # removed from train: val/test stay the fixed yardstick
-        found = dedup.contamination(splits["train"], splits["val"] + splits["test"], cfg.ngram, cfg.ngram_threshold)
-        splits["train"] = apply(cfg.contamination, splits["train"], found, dropped, flagged)
-    quarantined = quarantine_rows(problems.problems) + unsafe
-    report = {**stats(len(examples), splits, dropped, flagged, quarantined, sources), "safety": safety_counts(unsafe)}
-    with atomic_dir(out) as tmp:
+    return kept, unsafe
+
+
+def _write(paths: Paths, splits: dict[str, list[Example]], dropped: list[dict[str, Any]],
+           flagged: list[dict[str, Any]], quarantined: list[dict[str, Any]], report: dict[str, Any]) -> None:
+    """The splits and the records of every removed row (atomically), the stats and the length plot."""
+    with atomic_dir(paths.out) as tmp:
         for name, rows in splits.items():
             write_jsonl(tmp / f"{name}.jsonl", (e.to_dict() for e in rows))
         write_jsonl(tmp / "dropped.jsonl", dropped)
         write_jsonl(tmp / "flagged.jsonl", flagged)
         write_jsonl(tmp / "quarantine.jsonl", quarantined)
         write_json(tmp / "safety.json", report["safety"])
-    write_json(stats_path, report)
-    if plot_path is not None:
+    write_json(paths.stats, report)
+    if paths.plot is not None:
         from pipeline.core.plots import length_histograms
 
         length_histograms({s: [len(dedup.full_text(e).split()) for e in rows] for s, rows in splits.items()},
-                          "words per example (prompt + answer)", plot_path)
-    return report
+                          "words per example (prompt + answer)", paths.plot)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--out", type=Path, required=True, help="directory for train/val/test.jsonl")
-    parser.add_argument("--stats", type=Path, required=True, help="stats JSON to write")
-    parser.add_argument("--plot", type=Path, help="PNG histogram of example lengths in words")
-    args = parser.parse_args(argv)
-    cfg = config.load(args.params)
-    try:
-        rules = safety.from_config(cfg.safety, [Path.cwd(), Path(__file__).resolve().parents[1]])
-        report = run(cfg.data, cfg.seed, args.out, args.stats, args.plot, rules)
-    except (DataError, SplitError, safety.SafetyListError) as err:
-        print(f"prepare: error: {err}", file=sys.stderr)
-        return 1
+    params, paths = cli.parse(__doc__, Paths, argv)
+    report = run(config.load(params), paths)
     print(f"prepare: {report['kept']} examples ({report['splits']}), dropped {report['dropped'] or 'none'}, "
           f"flagged {report['flagged'] or 'none'}, quarantined {report['quarantine']['rows']} rows "
           f"({report['safety']['quarantined']} by the safety filter: {report['safety']['by_rule'] or 'no rule hit'})")
@@ -255,6 +265,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from pipeline.cli import guard
-
-    sys.exit(guard("prepare", main))
+    sys.exit(cli.guard("prepare", main))

@@ -1,39 +1,47 @@
 """Stage 4, train: fine-tune the base model on the rendered rows with Lightning.
 
-Reads ``finetune``, ``trainer``, ``seed`` and ``tracking`` from params.yaml. Writes to
-``--out`` the adapter (``adapter/``, LoRA) or full weights (``model/``), both as
-safetensors, with the prompt template, the resolved config and the MLflow run id, so
-evaluation renders prompts identically and logs into the same run. Loss curves go to
-``--curves``; Lightning checkpoints to ``--checkpoints``. An encoder base gets a label head
-from the rendered ``labels.json`` and is saved as ``model/`` with ``labels.json``.
+Reads ``finetune``, ``trainer``, ``seed`` and ``tracking``. Writes to ``--out`` the adapter
+(``adapter/``, LoRA) or full weights (``model/``), both as safetensors, with the prompt
+template (so evaluation renders prompts identically), the resolved config and a summary.
+Loss curves go to ``--curves``; Lightning checkpoints to ``--checkpoints`` (removed when
+training finishes). The MLflow run is tagged with the saved folder's digest, which is how
+evaluate finds it (:mod:`pipeline.tracking.stage_run`): a run id in the folder would change
+its hash on every run.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import shutil
-import signal
 import sys
-import threading
 import time
-import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-import yaml
-
-from pipeline.core import config
-from pipeline.core.files import atomic_dir, hash_files, read_json, write_json
+from pipeline.core import cli, config
+from pipeline.core.files import hash_files, read_json, write_json
+from pipeline.tracking import stage_run
 from pipeline.tracking.runs import Tracking
+from pipeline.training import fit
+
+
+@dataclass(frozen=True)
+class Paths:
+    rendered: Path = cli.field("render stage output directory")
+    base_model: Path = cli.field("base_model stage output")
+    out: Path = cli.field("directory for the adapter / weights")
+    curves: Path = cli.field("directory for loss curves")
+    checkpoints: Path = cli.field("directory for Lightning checkpoints")
 
 
 def fingerprint(params: dict[str, Any], rendered: Path, base_model: Path) -> str:
     """What a checkpoint must match to be resumed: training config, data and base weights."""
     relevant = json.dumps({k: params.get(k) for k in ("finetune", "trainer", "seed")}, sort_keys=True)
     data = hash_files([rendered / "train.jsonl", rendered / "val.jsonl"])
-    weights = hash_files([base_model / "config.json", base_model / "model.safetensors"])
+    # A missing base file is reported by the model load that follows, as a one-line error in an open run.
+    weights = hash_files([f for f in (base_model / "config.json", base_model / "model.safetensors") if f.exists()])
     return hashlib.sha256(f"{relevant}|{data}|{weights}".encode()).hexdigest()
 
 
@@ -44,7 +52,7 @@ def _matching_state(checkpoints: Path, expected: str) -> dict[str, Any] | None:
     return state if state and state["fingerprint"] == expected and (checkpoints / "last.ckpt").exists() else None
 
 
-def _resume_state(checkpoints: Path, expected: str, client: Any) -> dict[str, Any] | None:
+def _resume_state(checkpoints: Path, expected: str, client: Any, uri: str) -> dict[str, Any] | None:
     """The run to resume, or None (then stale checkpoints are removed and their run closed)."""
     state = _matching_state(checkpoints, expected)
     if state:
@@ -54,28 +62,13 @@ def _resume_state(checkpoints: Path, expected: str, client: Any) -> dict[str, An
     if state:  # a killed run that will never be resumed must not stay RUNNING in MLflow
         try:
             if client.get_run(state["run_id"]).info.status == "RUNNING":
-                client.set_terminated(state["run_id"], "KILLED")
+                from pipeline.tracking.runs import locked_write
+
+                locked_write(uri, lambda: client.set_terminated(state["run_id"], "KILLED"))
         except Exception:  # the run lives in another store: nothing to close here
             pass
     shutil.rmtree(checkpoints, ignore_errors=True)
     return None
-
-
-class Terminated(SystemExit):
-    """SIGTERM outside ``Trainer.fit`` (loading, saving, logging): stop and mark the run KILLED."""
-
-
-def _handle_sigterm(fitting: list[bool]) -> None:
-    """Inside fit, Lightning's own handler stops at the next batch and we checkpoint;
-    elsewhere SIGTERM would kill the process with the MLflow run left RUNNING."""
-    if threading.current_thread() is not threading.main_thread():
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        if not fitting[0]:
-            raise Terminated(128 + signum)
-
-    signal.signal(signal.SIGTERM, handler)
 
 
 def _open_run(cfg: config.PipelineConfig, params: dict[str, Any], rendered: Path, template: dict[str, Any],
@@ -86,12 +79,18 @@ def _open_run(cfg: config.PipelineConfig, params: dict[str, Any], rendered: Path
 
     if resume:
         run_id: str = resume["run_id"]
-        client.update_run(run_id, status="RUNNING")
-        client.set_tag(run_id, "resumed", "true")
+
+        def reopen() -> None:
+            client.update_run(run_id, status="RUNNING")
+            client.set_tag(run_id, "resumed", "true")
+
+        mlf.locked_write(tracking.uri, reopen)
         print(f"train: resuming MLflow run {run_id} from {checkpoints / 'last.ckpt'}", flush=True)
         return run_id
     tags = mlf.run_tags(tracking.repo_root, hash_files([rendered / "train.jsonl", rendered / "val.jsonl"]),
                         template["hash"], tracking.dvc_exp_name, tracking.parent_run_id, tracking.sweep_id)
+    if tracking.job_dir:
+        tags[stage_run.JOB_TAG] = tracking.job_dir
     run_id = mlf.start_run(tracking.uri, cfg.tracking.experiment, tracking.artifact_root, params, tags,
                            run_name=tracking.run_name or tracking.dvc_exp_name)
     checkpoints.mkdir(parents=True, exist_ok=True)
@@ -99,150 +98,141 @@ def _open_run(cfg: config.PipelineConfig, params: dict[str, Any], rendered: Path
     return run_id
 
 
-def run(cfg: config.PipelineConfig, params: dict[str, Any], rendered: Path, base_model: Path, out: Path,
-        curves: Path, checkpoints: Path, tracking: Tracking) -> dict[str, Any]:
-    """Train, save the result to ``out`` atomically, log everything to one MLflow run."""
+def run(cfg: config.PipelineConfig, paths: Paths, tracking: Tracking) -> dict[str, Any]:
+    """Train, save the result to ``paths.out`` atomically, log everything to one MLflow run.
+
+    Returns the summary and the MLflow ``run_id`` (an empty dict on DDP ranks other than 0).
+    """
     import lightning as L
-    from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
-    from lightning.pytorch.loggers import MLFlowLogger
     from lightning.pytorch.utilities import rank_zero_only
-    from lightning.pytorch.utilities.exceptions import SIGTERMException
     from mlflow.tracking import MlflowClient
 
     from pipeline.tracking import runs as mlf
-    from pipeline.training import encoder
-    from pipeline.core.models import apply_finetune, check_tokenizer, load_causal_lm, load_tokenizer, model_kind
-    from pipeline.core.plots import loss_curve
-    from pipeline.training.module import (CheckpointOnSigterm, InstructionTuner, LossCurve, RenderedData, RngState, collate,
-                                   prepare_for_batching, token_loss, trainer_settings)
 
-    warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    # Our sampler resumes mid-epoch itself (EpochSampler.skip), which Lightning cannot see.
-    warnings.filterwarnings("ignore", ".*your dataloader is not resumable.*")
+    fit.quiet_lightning()
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # the one place global RNGs are seeded
-    template = read_json(rendered / "template.json")
-    tokenizer = load_tokenizer(base_model)
-    # An encoder gets a new label head over the rendered labels; config validation made it finetune=full.
-    classifier = model_kind(base_model) == encoder.KIND
-    labels = read_json(rendered / encoder.LABELS_FILE) if classifier else None
-    base = encoder.load_classifier(base_model, labels["labels"]) if labels else load_causal_lm(base_model)
-    check_tokenizer(tokenizer, base, base_model)
-    model = apply_finetune(base, cfg.finetune)
-    if not classifier:
-        prepare_for_batching(model, cfg.trainer)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    print(f"train: {cfg.finetune.method}, {trainable:,} trainable of {total:,} parameters", flush=True)
-
+    params = config.to_dict(cfg)
+    template = read_json(paths.rendered / "template.json")
     fitting = [False]
-    _handle_sigterm(fitting)
+    stage_run.sigterm_outside(lambda: fitting[0])
     # Built under the store's lock: a fresh SQLite store creates and migrates its tables here.
     client = mlf.locked_write(tracking.uri, lambda: MlflowClient(tracking.uri))
-    expected = fingerprint(params, rendered, base_model)
+    expected = fingerprint(params, paths.rendered, paths.base_model)
     # Under DDP, Lightning re-runs this script once per extra device (rank >= 1) when fit
     # starts. Only rank 0 touches MLflow, resume.json and the outputs; the other ranks find
     # the checkpoint rank 0 kept (it already removed stale ones before launching them).
-    zero = rank_zero_only.rank == 0
-    if zero:
-        resume = _resume_state(checkpoints, expected, client)
-        run_id = _open_run(cfg, params, rendered, template, checkpoints, expected, client, tracking, resume)
+    if rank_zero_only.rank == 0:
+        resume = _resume_state(paths.checkpoints, expected, client, tracking.uri)
+        run_id = _open_run(cfg, params, paths.rendered, template, paths.checkpoints, expected, client, tracking,
+                           resume)
     else:
-        resume, run_id = _matching_state(checkpoints, expected), None
+        resume, run_id = _matching_state(paths.checkpoints, expected), None
 
-    def close(status: str) -> None:
+    def terminate(status: str) -> None:
         if run_id is not None:
-            client.set_terminated(run_id, status)
+            mlf.locked_write(tracking.uri, lambda: client.set_terminated(run_id, status))
 
-    try:
-        t = cfg.trainer
-        curve = LossCurve(curves)
-        trainer = L.Trainer(
-            **trainer_settings(t),
-            logger=MLFlowLogger(experiment_name=cfg.tracking.experiment, tracking_uri=tracking.uri, run_id=run_id)
-            if zero else False,
-            # tqdm, not rich: it still draws when DVC pipes the output to a non-terminal.
-            callbacks=[curve, RngState(), CheckpointOnSigterm(checkpoints / "last.ckpt"),
-                       TQDMProgressBar(refresh_rate=1),
-                       # Saved after each validation run, so the checkpoint holds its val loss too.
-                       # one rolling checkpoint, last.ckpt links to it
-                       ModelCheckpoint(dirpath=checkpoints, filename="step-{step}", save_last="link",
-                                       save_top_k=1, save_on_train_epoch_end=False)],
-            default_root_dir=checkpoints,
-        )
-        data = RenderedData(rendered, t.batch_size, tokenizer.pad_token_id, cfg.seed, t.num_workers,
-                            encoder.collate if classifier else collate, t.batching, t.pack_length)
-        start = time.perf_counter()
-        # Only checkpoints this stage wrote itself are loaded, and with weights_only=True.
-        fitting[0] = True
-        trainer.fit(InstructionTuner(model, t, encoder.loss if classifier else token_loss), datamodule=data,
-                    ckpt_path=str(checkpoints / "last.ckpt") if resume else None, weights_only=True)
-        fitting[0] = False
-        seconds = time.perf_counter() - start
-        # FSDP holds each rank's shard only: gathering the full weights takes every rank.
-        weights = trainer.strategy.lightning_module_state_dict() if t.strategy.name == "fsdp" else None
-        if not trainer.is_global_zero:
+    with stage_run.closing(terminate):  # opened before anything that can fail: the model, the data, the fit
+        tokenizer, model = build(cfg, paths.base_model)
+        result = _fit(cfg, paths, model, tokenizer, tracking, run_id, resume is not None, fitting)
+        if result is None:  # a DDP rank other than 0: rank 0 saves and logs
             return {}
-        curve.write()  # also when a resumed run had nothing left to do
-
-        summary = {
-            "method": cfg.finetune.method, "trainable_parameters": trainable, "parameters": total,
-            "steps": trainer.global_step, "seconds": round(seconds, 1),
-            "train_loss": curve.train[-1][1] if curve.train else None,
-            "val_loss": curve.val[-1][1] if curve.val else None,
-        }
-        with atomic_dir(out) as tmp:
-            state = {k.removeprefix("model."): v for k, v in weights.items()} if weights is not None else None
-            if cfg.finetune.method == "lora":
-                model.save_pretrained(tmp / "adapter", safe_serialization=True, state_dict=state)
-            else:
-                model.save_pretrained(tmp / "model", safe_serialization=True, state_dict=state)
-                tokenizer.save_pretrained(tmp / "model")
-            write_json(tmp / "template.json", template)
-            if labels:
-                write_json(tmp / encoder.LABELS_FILE, labels)
-            # Secret-looking keys never reach disk or MLflow (the file is logged as an artifact).
-            (tmp / "config.yaml").write_text(yaml.safe_dump(mlf.redact_tree(params), sort_keys=False))
-            write_json(tmp / "run.json", {"run_id": run_id, "experiment": cfg.tracking.experiment})
-            write_json(tmp / "summary.json", summary)
-        loss_curve(curves / "train_loss.csv", curves / "val_loss.csv", curves / "loss.png")
-        client.log_artifact(run_id, str(out / "config.yaml"))
-        client.log_artifact(run_id, str(out / "template.json"))
-        client.log_artifacts(run_id, str(out / ("adapter" if cfg.finetune.method == "lora" else "model")),
-                             artifact_path="adapter" if cfg.finetune.method == "lora" else "model")
-        client.log_artifacts(run_id, str(curves), artifact_path="plots")
-    except SIGTERMException:  # a SystemExit with code 0: DVC must not take it for success
-        close("KILLED")
-        raise Terminated(128 + signal.SIGTERM) from None
-    except (KeyboardInterrupt, SystemExit):
-        close("KILLED")
-        raise
-    except BaseException:
-        close("FAILED")
-        raise
-    close("FINISHED")
-    shutil.rmtree(checkpoints, ignore_errors=True)  # finished: nothing left to resume
-    print(f"train: {summary['steps']} steps in {seconds:.0f}s, final train loss {summary['train_loss']}, "
+        summary, weights = result
+        _name_base(model, cfg)
+        fit.save(paths.out, model, _weights(cfg), params, {"template.json": template, "summary.json": summary},
+                 tokenizer=tokenizer if cfg.finetune.method != "lora" else None, state_dict=weights)
+        _log(client, tracking.uri, run_id, paths, cfg)  # type: ignore[arg-type]
+    shutil.rmtree(paths.checkpoints, ignore_errors=True)  # finished: nothing left to resume
+    print(f"train: {summary['steps']} steps, final train loss {summary['train_loss']}, "
           f"val loss {summary['val_loss']}; MLflow run {run_id}", flush=True)
-    return summary
+    return {**summary, "run_id": run_id}
+
+
+def _name_base(model: Any, cfg: config.PipelineConfig) -> None:
+    """What peft writes into ``adapter_config.json`` and its model card, made the same for the same
+    config: the base model named by its source (``model.path``), not by the folder it was loaded
+    from (which differs between runners and machines), and the target modules in sorted order
+    (peft keeps them in a set, whose order changes with each process's hash seed)."""
+    core = model.get_base_model() if hasattr(model, "get_base_model") else model
+    core.name_or_path = core.config.name_or_path = cfg.model.path  # the card reads the config's
+    for adapter in getattr(model, "peft_config", {}).values():
+        adapter.base_model_name_or_path = cfg.model.path
+        if isinstance(adapter.target_modules, (set, frozenset)):
+            adapter.target_modules = sorted(adapter.target_modules)
+
+
+def _weights(cfg: config.PipelineConfig) -> str:
+    return "adapter" if cfg.finetune.method == "lora" else "model"
+
+
+def build(cfg: config.PipelineConfig, base_model: Path) -> tuple[Any, Any]:
+    """The tokenizer, and the base model with its LoRA adapter (or all weights) trainable."""
+    from pipeline.core.models import apply_finetune, check_tokenizer, load_causal_lm, load_tokenizer
+    from pipeline.training.module import prepare_for_batching
+
+    tokenizer = load_tokenizer(base_model)
+    base = load_causal_lm(base_model)
+    check_tokenizer(tokenizer, base, base_model)
+    model = apply_finetune(base, cfg.finetune)
+    prepare_for_batching(model, cfg.trainer)
+    n_trainable, total = fit.trainable(model)
+    print(f"train: {cfg.finetune.method}, {n_trainable:,} trainable of {total:,} parameters", flush=True)
+    return tokenizer, model
+
+
+def _fit(cfg: config.PipelineConfig, paths: Paths, model: Any, tokenizer: Any, tracking: Tracking,
+         run_id: str | None, resume: bool, fitting: list[bool]) -> tuple[dict[str, Any], Any] | None:
+    """Fit (resuming from ``last.ckpt`` when ``resume``); return the summary and, under FSDP, the
+    gathered weights, or None on a rank other than 0."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from pipeline.training.module import CheckpointOnSigterm, LossCurve, RenderedData, RngState, collate, token_loss
+
+    t, ckpt = cfg.trainer, paths.checkpoints
+    curve = LossCurve(paths.curves)
+    callbacks = [RngState(), CheckpointOnSigterm(ckpt / "last.ckpt"),
+                 # Saved after each validation run, so the checkpoint holds its val loss too;
+                 # one rolling checkpoint, last.ckpt links to it.
+                 ModelCheckpoint(dirpath=ckpt, filename="step-{step}", save_last="link", save_top_k=1,
+                                 save_on_train_epoch_end=False)]
+    trainer = fit.build_trainer(t, curve, ckpt, cfg.tracking.experiment, tracking.uri, run_id, callbacks)
+    data = RenderedData(paths.rendered, t.batch_size, tokenizer.pad_token_id, cfg.seed, t.num_workers, collate,
+                        t.batching, t.pack_length)
+    start = time.perf_counter()
+    fitting[0] = True
+    # Only checkpoints this stage wrote itself are loaded, and with weights_only=True.
+    fit.fit_tuner(trainer, model, t, token_loss, data, ckpt_path=str(ckpt / "last.ckpt") if resume else None,
+                  weights_only=True)
+    fitting[0] = False
+    seconds = time.perf_counter() - start
+    # FSDP holds each rank's shard only: gathering the full weights takes every rank.
+    weights = trainer.strategy.lightning_module_state_dict() if t.strategy.name == "fsdp" else None
+    if not trainer.is_global_zero:
+        return None
+    curve.write()  # also when a resumed run had nothing left to do
+    n_trainable, total = fit.trainable(model)
+    print(f"train: fit in {seconds:.0f}s", flush=True)
+    state = {k.removeprefix("model."): v for k, v in weights.items()} if weights is not None else None
+    return fit.summary(trainer, curve, method=cfg.finetune.method, trainable_parameters=n_trainable,
+                       parameters=total), state
+
+
+def _log(client: Any, uri: str, run_id: str, paths: Paths, cfg: config.PipelineConfig) -> None:
+    """The loss plot, the saved files as artifacts, and the folder's digest as the run's tag."""
+    from pipeline.core.plots import loss_curve
+
+    curves = paths.curves
+    loss_curve(curves / "train_loss.csv", curves / "val_loss.csv", curves / "loss.png")
+    fit.log_outputs(client, uri, run_id, paths.out, _weights(cfg), curves, ("config.yaml", "template.json"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--rendered", type=Path, required=True, help="render stage output directory")
-    parser.add_argument("--base-model", type=Path, required=True, help="base_model stage output")
-    parser.add_argument("--out", type=Path, required=True, help="directory for the adapter / weights")
-    parser.add_argument("--curves", type=Path, required=True, help="directory for loss curves")
-    parser.add_argument("--checkpoints", type=Path, required=True, help="directory for Lightning checkpoints")
-    args = parser.parse_args(argv)
-    cfg, params = config.read(args.params)
-    shutil.rmtree(args.curves, ignore_errors=True)
-    run(cfg, params, args.rendered, args.base_model, args.out, args.curves, args.checkpoints,
-        Tracking.from_env(Path.cwd()))
+    params, paths = cli.parse(__doc__, Paths, argv)
+    cfg = config.load(params)
+    shutil.rmtree(paths.curves, ignore_errors=True)
+    run(cfg, paths, Tracking.from_env(Path.cwd()))
     return 0
 
 
 if __name__ == "__main__":
-    from pipeline.cli import guard
-
-    sys.exit(guard("train", main))
+    sys.exit(cli.guard("train", main))

@@ -18,6 +18,14 @@ from pipeline.params import compose
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 
+def config_with(**sections: Any) -> PipelineConfig:
+    """The default composed config with some sections (``data=...``, ``prompt=...``, ``seed=...``) replaced:
+    what a stage's ``run`` takes when a test builds one section by hand."""
+    import dataclasses
+
+    return dataclasses.replace(from_mapping(compose([])), **sections)
+
+
 @pytest.fixture(scope="session")
 def smoke_cfg() -> PipelineConfig:
     """The typed, validated ``+experiment=smoke`` configuration."""
@@ -28,7 +36,7 @@ def smoke_cfg() -> PipelineConfig:
 def smoke_base(tmp_path_factory: pytest.TempPathFactory, smoke_cfg: PipelineConfig) -> Path:
     """A 2-layer random-init SmolLM2 checkpoint with the real tokenizer (about 13 s, built once)."""
     out = tmp_path_factory.mktemp("smoke") / "base"
-    base_model.run(smoke_cfg.model, smoke_cfg.seed, out)
+    base_model.run(smoke_cfg, base_model.Paths(out))
     return out
 
 
@@ -37,8 +45,8 @@ def prepared_workdir(root: Path, raw: dict[str, Any], base: Path) -> Path:
     ``render.json``) and a link ``base`` to the model: what the later stages read."""
     (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     cfg = from_mapping(raw)
-    prepare.run(cfg.data, cfg.seed, root / "prepared", root / "stats.json")
-    render.run(cfg.prompt, root / "prepared", base, root / "rendered", root / "render.json")
+    prepare.run(cfg, prepare.Paths(root / "prepared", root / "stats.json"))
+    render.run(cfg, render.Paths(root / "prepared", base, root / "rendered", root / "render.json"))
     (root / "base").symlink_to(base)
     return root
 

@@ -52,14 +52,15 @@ def seed_base_model(cwd: Path, smoke_base: Path, overrides: Sequence[str]) -> st
     Saves building the same random 2-layer model in every test (about 15 s each); the
     entry is exactly what ``base_model.run`` writes plus the cache manifest.
     """
-    from pipeline.tracking import stage_cache
+    from pipeline.app import StageTable
     from pipeline.core.files import write_json
     from pipeline.params import compose
+    from pipeline.tracking import stage_cache
 
     recipe = stage_cache.stage_keys(stage_cache.read_specs(REPO / "dvc.yaml"), compose(list(overrides)), REPO,
                                     ("base_model",))["base_model"]
     entry = stage_cache.entry(cwd / "outputs" / "cache", "base_model", recipe["key"])
-    shutil.copytree(smoke_base, entry / "out")
+    shutil.copytree(smoke_base, StageTable.read(REPO / "dvc.yaml").paths("base_model", {"base_model": entry}).out)
     write_json(entry / stage_cache.MANIFEST, recipe)
     return recipe["key"]
 

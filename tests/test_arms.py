@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from pipeline import evaluate
-from pipeline.data import safety
 from pipeline.core.files import read_json, read_jsonl
 from pipeline.prompting.shots import ShotPool
 
@@ -53,9 +52,8 @@ def test_three_arms_scored_side_by_side_with_paired_deltas(tmp_path: Path, data:
     tuned = tmp_path / "tuned"
     load_causal_lm(smoke_base).save_pretrained(tuned / "model")  # full weights, equal to the base
     shutil.copy(data / "rendered" / "template.json", tuned / "template.json")
-    rules = safety.from_config(smoke_cfg.safety, [evaluate.PROJECT])
     out = tmp_path / "eval"
-    metrics = evaluate.run(smoke_cfg, data / "rendered", data / "prepared", smoke_base, tuned, out, None, rules)
+    metrics = evaluate.run(smoke_cfg, evaluate.Paths(data / "rendered", data / "prepared", smoke_base, out, tuned), None)
     arms = ("base", "base_kshot", "tuned")
     assert set(smoke_cfg.eval.models) == {*arms, "encoder"}  # no --encoder folder here: that arm is skipped
     for arm in arms:
@@ -73,7 +71,8 @@ def test_three_arms_scored_side_by_side_with_paired_deltas(tmp_path: Path, data:
     assert set(intervals["safety"]) == set(arms)
     report = (out / "report.md").read_text()
     assert "| tuned − base (95% CI, p) | tuned − base_kshot (95% CI, p) | base_kshot − base (95% CI, p) |" in report
-    assert "Largest gap between slices" in report and "## Safety review of outputs" in report
+    assert ("Largest gap between slices" in report or "No gap between slices to compare" in report)
+    assert "## Safety review of outputs" in report
     assert "Encoder arm: skipped (no --encoder folder given)." in report and "encoder" not in metrics
     bars = read_json(out / "per_task.json")
     assert {b["model"] for b in bars} == set(arms)

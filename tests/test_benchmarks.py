@@ -35,7 +35,7 @@ def test_prepare_render_throughput_smoke(smoke_base: Path, capsys) -> None:
     out = capsys.readouterr().out
     assert "examples: 1000" in out
     assert "prepare + render, near-dup off:" in out and "prepare + render, near-dup on:" in out
-    assert "render.PieceEncoder" in out and "the tokenizer's own call" in out
+    assert "pieces.PieceEncoder" in out and "the tokenizer's own call" in out
     assert re.search(r"render's parts, redone in one process: tokenizer load \(fresh process\) [\d.]+s; .*tokenization [\d.]+s", out)
 
 

@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 
 from conftest import SHARED
-from pipeline import render
 from pipeline.data.formats import load_file
 from pipeline.data.schema import DataError
 from pipeline.core.models import IGNORE_INDEX, load_tokenizer
 from pipeline.params import compose
 from pipeline.core.config import from_mapping
 from pipeline.prompting.templates import PromptError, make_template, segments
+from pipeline.prompting.rows import tokenize_split
 
 SELF_INSTRUCT = SHARED / "data" / "self-instruct"
 REAL_FILES = ["seed_tasks.jsonl", "user_oriented_instructions.jsonl",
@@ -77,13 +77,13 @@ def test_conversation_formats_load(tmp_path: Path, raw: dict) -> None:
 def test_multi_turn_masks_are_exact(tmp_path: Path, tokenizer, option: str, train_on: str) -> None:
     rows = [load_file(_one(tmp_path, raw))[0].to_dict() for raw in (SHAREGPT, OPENAI)]
     tmpl = template(tokenizer, option, train_on=train_on)
-    out, report = render.tokenize_split(rows, tmpl, tokenizer, max_length=512, overflow="truncate")
+    out, report = tokenize_split(rows, tmpl, tokenizer, max_length=512, overflow="truncate")
     for ex, row in zip(rows, out):
         answers = [m["content"] for m in ex["messages"] if m["role"] == "assistant"]
         assert_exact(tokenizer, row, answers if train_on == "all_assistant" else answers[-1:])
         assert row["completion"] == answers[-1] + "<|im_end|>"
     # The test split (what evaluate generates from) always learns only the last answer.
-    test_rows, _ = render.tokenize_split(rows, tmpl, tokenizer, max_length=512, overflow="truncate", last_only=True)
+    test_rows, _ = tokenize_split(rows, tmpl, tokenizer, max_length=512, overflow="truncate", last_only=True)
     assert_exact(tokenizer, test_rows[0], [TURNS[-1][1]])
     assert "Be terse." in out[1]["prompt"] and "named SmolLM" not in out[1]["prompt"]  # the data's system turn
 
@@ -110,9 +110,9 @@ def test_jinja_templates_refuse_conversations_clearly(tmp_path: Path, tokenizer)
 
 def test_truncation_keeps_the_last_answer_and_cuts_from_the_start(tmp_path: Path, tokenizer) -> None:
     ex = load_file(_one(tmp_path, SHAREGPT))[0].to_dict()
-    full, _ = render.tokenize_split([ex], template(tokenizer), tokenizer, max_length=512, overflow="truncate")
+    full, _ = tokenize_split([ex], template(tokenizer), tokenizer, max_length=512, overflow="truncate")
     n = len(full[0]["input_ids"])
-    cut, report = render.tokenize_split([ex], template(tokenizer), tokenizer, max_length=n - 10, overflow="truncate")
+    cut, report = tokenize_split([ex], template(tokenizer), tokenizer, max_length=n - 10, overflow="truncate")
     assert cut[0]["input_ids"] == full[0]["input_ids"][10:] and cut[0]["labels"] == full[0]["labels"][10:]
     assert report["truncated"] == 1
 
@@ -133,7 +133,7 @@ def test_bad_conversations_name_the_turn(tmp_path: Path) -> None:
 def test_real_files_render_with_exact_masks(tokenizer, name: str, option: str) -> None:
     examples = [e.to_dict() for e in load_file(SELF_INSTRUCT / name)]
     tmpl = template(tokenizer, option)
-    rows, report = render.tokenize_split(examples, tmpl, tokenizer, max_length=100_000, overflow="truncate")
+    rows, report = tokenize_split(examples, tmpl, tokenizer, max_length=100_000, overflow="truncate")
     assert len(rows) == len(examples) and report["dropped"] == report["truncated"] == 0
     end = "<|im_end|>"
     for ex, row in zip(examples, rows):

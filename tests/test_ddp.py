@@ -22,6 +22,7 @@ from pipeline.core.config import from_mapping
 from pipeline.core.files import read_json
 from pipeline.params import compose
 from pipeline.training.module import EpochSampler
+from pipeline.tracking import stage_run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -100,8 +101,8 @@ def workdir(tmp_path_factory: pytest.TempPathFactory, smoke_base: Path) -> Path:
     for name, overrides in (("single", SINGLE), ("ddp", DDP)):
         (root / f"{name}.yaml").write_text(yaml.safe_dump(compose(overrides), sort_keys=False))
     cfg = from_mapping(compose(SINGLE))
-    prepare.run(cfg.data, cfg.seed, root / "prepared", root / "stats.json")
-    render.run(cfg.prompt, root / "prepared", smoke_base, root / "rendered", root / "render.json")
+    prepare.run(cfg, prepare.Paths(root / "prepared", root / "stats.json"))
+    render.run(cfg, render.Paths(root / "prepared", smoke_base, root / "rendered", root / "render.json"))
     (root / "base").symlink_to(smoke_base)
     return root
 
@@ -133,7 +134,7 @@ def test_ddp_two_cpu_processes_match_one_process(workdir: Path) -> None:
     exp = client.get_experiment_by_name(from_mapping(compose(DDP)).tracking.experiment)
     runs = client.search_runs([exp.experiment_id], filter_string="params.`trainer.strategy.name` = 'ddp'")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    assert read_json(workdir / "ddp/model/run.json")["run_id"] == runs[0].info.run_id
+    assert runs[0].data.tags[stage_run.DIGEST_TAG] == stage_run.model_digest(workdir / "ddp/model")
     assert {a.path for a in client.list_artifacts(runs[0].info.run_id)} >= {"adapter", "plots", "config.yaml"}
     assert (workdir / "ddp/model/adapter/adapter_model.safetensors").is_file()
     assert not (workdir / "ddp/ckpt").exists()  # finished: checkpoints removed

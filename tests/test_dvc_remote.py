@@ -33,7 +33,7 @@ def test_push_clone_pull_restores_outputs_and_repro_is_a_no_op(tmp_path: Path) -
     _sh(["git", "clone", "-q", str(repo), str(clone)], tmp_path)
     assert not (clone / "models/finetuned").exists()
     _sh([*dvc, "pull"], clone)
-    for path in ("models/finetuned/adapter/adapter_model.safetensors", "models/finetuned/run.json",
+    for path in ("models/finetuned/adapter/adapter_model.safetensors", "models/finetuned/summary.json",
                  "reports/eval/metrics.json", "models/base/model.safetensors"):
         assert (clone / path).read_bytes() == (repo / path).read_bytes(), path
     assert json.loads((clone / "reports/eval/metrics.json").read_text())["tuned"]

@@ -1,4 +1,4 @@
-"""Issue 9: one config runs the encoder beside the causal LM on the same test split.
+"""One config runs the encoder beside the causal LM on the same test split.
 
 The smoke config's encoder arm (a 2-layer, 32-wide random BERT with the real MiniLM tokenizer)
 goes through the train_encoder stage (real Lightning, real MLflow SQLite store) on the same
@@ -21,8 +21,7 @@ from pipeline import compare, evaluate, train_encoder
 from pipeline.training import encoder
 from pipeline.core.config import PipelineConfig
 from pipeline.core.files import read_json, read_jsonl, write_jsonl
-from pipeline.core.models import materialize
-from pipeline.params import compose
+from pipeline.core.models import load_tokenizer, materialize
 from pipeline.tracking.runs import Tracking
 
 
@@ -36,14 +35,15 @@ def chain(tmp_path_factory: pytest.TempPathFactory, smoke_cfg: PipelineConfig, s
     for name in ("prepared", "rendered"):  # the shared smoke data, read only
         (root / name).symlink_to(smoke_data / name)
     tracking = Tracking(f"sqlite:///{root / 'mlflow.db'}", root / "mlartifacts", root)
-    train_encoder.run(smoke_cfg, compose(["+experiment=smoke"]), root / "prepared", root / "encoder",
-                      root / "curves", tracking)
+    summary = train_encoder.run(smoke_cfg, train_encoder.Paths(root / "prepared", root / "encoder", root / "curves"),
+                                tracking)
+    (root / "encoder_run_id").write_text(summary["run_id"])
     tuned = root / "tuned"  # full weights equal to the base: the LLM arm costs no training here
     load_causal_lm(smoke_base).save_pretrained(tuned / "model")
     shutil.copy(root / "rendered" / "template.json", tuned / "template.json")
     cfg = dataclasses.replace(smoke_cfg, eval=dataclasses.replace(smoke_cfg.eval, models=["tuned", "encoder"]))
-    evaluate.run(cfg, root / "rendered", root / "prepared", smoke_base, tuned, root / "eval", None,
-                 encoder_dir=root / "encoder")
+    evaluate.run(cfg, evaluate.Paths(root / "rendered", root / "prepared", smoke_base, root / "eval", tuned,
+                                     root / "encoder"), None)
     return root
 
 
@@ -52,7 +52,7 @@ def test_train_encoder_writes_the_classifier_curves_and_one_mlflow_run(chain: Pa
 
     out = chain / "encoder"
     for name in ("model/model.safetensors", "model/tokenizer.json", "labels.json", "template.json", "summary.json",
-                 "config.yaml", "run.json"):
+                 "config.yaml"):
         assert (out / name).is_file(), name
     assert not (out / encoder.SKIPPED_FILE).exists()
     labels = read_json(out / "labels.json")
@@ -63,7 +63,7 @@ def test_train_encoder_writes_the_classifier_curves_and_one_mlflow_run(chain: Pa
     assert summary["train_rows"] == len(train_topic)  # only the classification task's rows
     assert (chain / "curves" / "train_loss.csv").read_text().count("\n") == summary["steps"] + 1
     client = MlflowClient(f"sqlite:///{chain / 'mlflow.db'}")
-    run = client.get_run(read_json(out / "run.json")["run_id"])
+    run = client.get_run((chain / "encoder_run_id").read_text())
     assert run.info.status == "FINISHED" and run.data.tags["arm"] == "encoder"
     assert run.data.params["encoder.model.kind"] == "sequence_classification"
     assert run.data.params["encoder.trainer.lr"] == str(smoke_cfg.encoder.trainer.lr)
@@ -134,20 +134,56 @@ def test_compare_arms_puts_the_encoder_row_next_to_the_llm(chain: Path) -> None:
 def test_disabled_or_no_classification_task_writes_a_marker_and_evaluate_skips(tmp_path: Path, chain: Path,
                                                                               smoke_cfg, smoke_base: Path) -> None:
     off = dataclasses.replace(smoke_cfg, encoder=dataclasses.replace(smoke_cfg.encoder, enabled=False))
-    assert train_encoder.run(off, {}, chain / "prepared", tmp_path / "off", tmp_path / "curves", None) == {
+    assert train_encoder.run(off, train_encoder.Paths(chain / "prepared", tmp_path / "off", tmp_path / "curves"), None) == {
         "skipped": "encoder.enabled is false (encoder=none)"}
     assert [p.name for p in (tmp_path / "off").iterdir()] == [encoder.SKIPPED_FILE]
     prepared = tmp_path / "prepared"
     for split in ("train", "val", "test"):
         write_jsonl(prepared / f"{split}.jsonl", [ex for ex in read_jsonl(chain / "prepared" / f"{split}.jsonl")
                                                   if ex["task_type"] != "classification"])
-    reason = train_encoder.run(smoke_cfg, {}, prepared, tmp_path / "none", tmp_path / "curves", None)["skipped"]
+    reason = train_encoder.run(smoke_cfg, train_encoder.Paths(prepared, tmp_path / "none", tmp_path / "curves"),
+                               None)["skipped"]
     assert "has no classification task" in reason
     assert read_json(tmp_path / "none" / encoder.SKIPPED_FILE) == {"reason": reason}
 
     cfg = dataclasses.replace(smoke_cfg, eval=dataclasses.replace(smoke_cfg.eval, models=["tuned", "encoder"],
                                                                   max_examples=2))
-    metrics = evaluate.run(cfg, chain / "rendered", chain / "prepared", smoke_base, chain / "tuned",
-                           tmp_path / "eval", None, encoder_dir=tmp_path / "off")
-    assert set(metrics) == {"tuned"}
+    metrics = evaluate.run(cfg, evaluate.Paths(chain / "rendered", chain / "prepared", smoke_base, tmp_path / "eval",
+                                              chain / "tuned", tmp_path / "off"), None)
+    assert set(metrics) == {"tuned", "safety"}  # the safety review covers the causal LM's answers only
     assert "Encoder arm: skipped (encoder.enabled is false (encoder=none))." in (tmp_path / "eval" / "report.md").read_text()
+
+
+def test_predict_chooses_only_among_the_rows_task_labels(chain: Path) -> None:
+    labels = read_json(chain / "encoder" / "labels.json")
+    model = encoder.load_classifier(chain / "encoder" / "model")
+    tokenizer = load_tokenizer(chain / "encoder" / "model")
+    text = read_json(chain / "encoder" / "template.json")
+    topic = [ex for ex in read_jsonl(chain / "prepared" / "train.jsonl") if ex["task"] == "topic"][:5]
+    rows, _ = encoder.render_rows(topic, labels, tokenizer, text["include_instruction"], text["max_length"])
+    only = {"labels": labels["labels"], "tasks": {"topic": [1]}}  # pretend topic had one label
+    preds, nll = encoder.predict(model, rows, only, tokenizer.pad_token_id, 2)
+    assert preds == [1] * 5
+    assert nll == [float("inf") if r["labels"] != 1 else 0.0 for r in rows]
+
+
+def test_compare_shows_two_evaluations_of_one_task_side_by_side(tmp_path: Path, chain: Path) -> None:
+    from pipeline.core.files import write_json
+
+    enc = read_json(chain / "eval" / "metrics.json")["tuned"]["topic"]
+    llm = tmp_path / "llm" / "reports" / "eval"  # a causal LM's evaluation, by hand: same accuracy, base row too
+    write_json(llm / "metrics.json", {"base": {"topic": {"accuracy": 0.125}, "qa": {"exact_match": 0.5}},
+                                      "tuned": {"topic": {"accuracy": enc["accuracy"]}}})
+    write_json(llm / "intervals.json", {"intervals": {"base": {"topic": {"accuracy": [0.0, 0.25]}},
+                                                      "tuned": {"topic": {"accuracy": [0.5, 1.0]}}}})
+    out = tmp_path / "cmp.json"
+    assert compare.main(["--evals", str(llm), str(chain / "eval"), "--task", "topic", "--format", "json",
+                         "--out", str(out), "--plot", str(tmp_path / "cmp.png")]) == 0
+    rep = read_json(out)
+    assert {f"eval.tuned.topic.{k}" for k in enc} | {"eval.base.topic.accuracy"} <= set(rep["metrics"])
+    same = rep["metrics"]["eval.tuned.topic.accuracy"]  # equal values are shown too
+    assert [c["value"] for c in same["runs"]] == [enc["accuracy"]] * 2 and same["diff"] == 0
+    assert same["runs"][0]["ci"] == [0.5, 1.0]
+    assert same["runs"][1]["ci"] == read_json(chain / "eval" / "intervals.json")["intervals"]["tuned"]["topic"]["accuracy"]
+    assert rep["metrics"]["eval.base.topic.accuracy"]["runs"][1]["value"] is None
+

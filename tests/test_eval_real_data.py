@@ -39,7 +39,7 @@ def test_prepare_render_evaluate_on_self_instruct_t0(tmp_path: Path, smoke_base:
     for path, task_type in files().items():
         cfg = from_mapping(compose(["+experiment=smoke", "data=local", f"data.path={path}",
                                     "data.format=prompt_completion", f"data.task_type={task_type}"]))
-        stats = prepare.run(cfg.data, cfg.seed, tmp_path / path.stem, tmp_path / f"{path.stem}.json")
+        stats = prepare.run(cfg, prepare.Paths(tmp_path / path.stem, tmp_path / f"{path.stem}.json"))
         assert stats["task_types"] == {path.stem: task_type}
         for split in prepare.SPLITS:
             merged[split] += read_jsonl(tmp_path / path.stem / f"{split}.jsonl")
@@ -49,11 +49,11 @@ def test_prepare_render_evaluate_on_self_instruct_t0(tmp_path: Path, smoke_base:
         write_jsonl(prepared / f"{split}.jsonl", rows)
     assert not any("<|endoftext|>" in r["output"] for rows in merged.values() for r in rows)
 
-    report = render.run(cfg.prompt, prepared, smoke_base, tmp_path / "rendered", tmp_path / "render.json")
+    report = render.run(cfg, render.Paths(prepared, smoke_base, tmp_path / "rendered", tmp_path / "render.json"))
     assert all(0 < s["loss_token_fraction"] < 1 for s in report["splits"].values())
 
     cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, models=["base"], max_examples=3))
-    metrics = evaluate.run(cfg, tmp_path / "rendered", prepared, smoke_base, None, tmp_path / "eval", None)
+    metrics = evaluate.run(cfg, evaluate.Paths(tmp_path / "rendered", prepared, smoke_base, tmp_path / "eval"), None)
 
     by_type = {path.stem: tt for path, tt in files().items()}
     assert set(metrics["base"]) == {*by_type, "overall"}

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import evaluate
+from pipeline.core.cli import guard
 from pipeline.core.config import ConfigError, PipelineConfig
 from pipeline.core.files import read_json, read_jsonl
 from pipeline.params import compose, dump
@@ -69,9 +70,9 @@ def test_tuned_requested_without_a_tuned_model_fails_clearly(tmp_path: Path, dat
                                                             capsys) -> None:
     params = tmp_path / "params.yaml"
     params.write_text(dump(compose(["+experiment=smoke"])))
-    code = evaluate.main(["--params", str(params), "--rendered", str(data / "rendered"), "--prepared",
-                          str(data / "prepared"), "--base-model", str(smoke_base), "--tuned", str(tmp_path / "nope"),
-                          "--out", str(tmp_path / "eval")])
+    argv = ["--params", str(params), "--rendered", str(data / "rendered"), "--prepared", str(data / "prepared"),
+            "--base-model", str(smoke_base), "--tuned", str(tmp_path / "nope"), "--out", str(tmp_path / "eval")]
+    code = guard("evaluate", lambda: evaluate.main(argv))  # what `python -m pipeline.evaluate` runs
     assert code == 1
     assert "eval.models=[base]" in capsys.readouterr().err
     assert not (tmp_path / "eval").exists()
@@ -85,9 +86,9 @@ def test_identical_tuned_model_has_zero_deltas_and_task_type_override(tmp_path: 
     load_causal_lm(smoke_base).save_pretrained(tuned / "model")  # full weights, equal to the base
     shutil.copy(data / "rendered" / "template.json", tuned / "template.json")
     cfg = with_eval(smoke_cfg, task_types={"past_tense": "short_answer"})
-    metrics = evaluate.run(cfg, data / "rendered", data / "prepared", smoke_base, tuned, tmp_path / "eval", None)
+    metrics = evaluate.run(cfg, evaluate.Paths(data / "rendered", data / "prepared", smoke_base, tmp_path / "eval", tuned), None)
     assert set(metrics) == {"base", "base_kshot", "tuned", "delta", "delta_tuned_vs_base_kshot",
-                            "delta_base_kshot_vs_base"}
+                            "delta_base_kshot_vs_base", "safety"}
     assert {"exact_match", "token_f1", "perplexity"} == set(metrics["base"]["past_tense"])  # now short_answer
     assert metrics["tuned"] == metrics["base"]
     deltas = read_json(tmp_path / "eval" / "intervals.json")["intervals"]["delta"]

@@ -79,7 +79,8 @@ def prefixed(model_and_tokenizer, prompts) -> list[list[int]]:
 
 def test_shared_prefix_and_stacked_chunks_equal_per_example_generate(model_and_tokenizer, prefixed) -> None:
     """Prefill 2 at a time after the shared prefix, decode all 6 together == model.generate one by one."""
-    from pipeline.evaluation.generation import _shared_prefix, generate_ids, plain_greedy
+    from pipeline.evaluation.batched_greedy import _shared_prefix
+    from pipeline.evaluation.generation import generate_ids, plain_greedy
 
     model, tokenizer = model_and_tokenizer
     assert plain_greedy(model), "the smoke model must take the own greedy loop, or this tests model.generate"

@@ -14,7 +14,6 @@ import yaml
 
 from pipeline import evaluate, prepare, render, train
 from pipeline.core.config import from_mapping
-from pipeline.core.files import read_json
 from pipeline.params import compose
 from sweep_helpers import mlflow_server
 
@@ -36,19 +35,20 @@ def test_train_and_evaluate_log_one_run_to_the_server(server: str, tmp_path: Pat
 
     raw = compose(["+experiment=smoke", f"tracking.experiment={EXPERIMENT}"])
     cfg = from_mapping(raw)
-    prepare.run(cfg.data, cfg.seed, tmp_path / "prepared", tmp_path / "stats.json")
-    render.run(cfg.prompt, tmp_path / "prepared", smoke_base, tmp_path / "rendered", tmp_path / "render.json")
+    prepare.run(cfg, prepare.Paths(tmp_path / "prepared", tmp_path / "stats.json"))
+    render.run(cfg, render.Paths(tmp_path / "prepared", smoke_base, tmp_path / "rendered", tmp_path / "render.json"))
     # The artifact root is ignored for http:// stores: the server decides where artifacts go.
-    summary = train.run(cfg, raw, tmp_path / "rendered", smoke_base, tmp_path / "tuned", tmp_path / "curves",
-                        tmp_path / "ckpt", train.Tracking(server, tmp_path / "unused", tmp_path, "server-exp"))
-    metrics = evaluate.run(cfg, tmp_path / "rendered", tmp_path / "prepared", smoke_base, tmp_path / "tuned",
-                           tmp_path / "eval", evaluate.Tracking(server, tmp_path / "unused", tmp_path, "server-exp"))
+    summary = train.run(cfg, train.Paths(tmp_path / "rendered", smoke_base, tmp_path / "tuned", tmp_path / "curves",
+                                         tmp_path / "ckpt"), train.Tracking(server, tmp_path / "unused", tmp_path, "server-exp"))
+    metrics = evaluate.run(cfg, evaluate.Paths(tmp_path / "rendered", tmp_path / "prepared", smoke_base, tmp_path / "eval",
+                                              tmp_path / "tuned"),
+                           evaluate.Tracking(server, tmp_path / "unused", tmp_path, "server-exp"))
 
     client = MlflowClient(server)
     exp = client.get_experiment_by_name(EXPERIMENT)
     assert exp.artifact_location.startswith("mlflow-artifacts:")  # proxied through the server
     [run] = client.search_runs([exp.experiment_id])
-    assert run.info.run_id == read_json(tmp_path / "tuned" / "run.json")["run_id"]
+    assert run.info.run_id == summary["run_id"]
     assert run.info.status == "FINISHED"
     assert run.data.params["trainer.max_steps"] == str(cfg.trainer.max_steps)
     assert run.data.metrics["train_loss"] == pytest.approx(summary["train_loss"])

@@ -12,7 +12,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline import render
 from pipeline.data.embedded import generate
 from pipeline.core.files import write_json, write_jsonl
 from pipeline.core.models import apply_finetune, completion_loss, load_causal_lm, load_tokenizer
@@ -20,6 +19,7 @@ from pipeline.training.packing import (best_fit_decreasing, collate_packed, docu
                               use_packed_attention)
 from pipeline.prompting.templates import make_template
 from pipeline.training.module import EpochSampler, InstructionTuner, RenderedData, collate, prepare_for_batching
+from pipeline.prompting.rows import tokenize_split
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def rows(smoke_base: Path, smoke_cfg) -> list[dict]:
     tokenizer = load_tokenizer(smoke_base)
     template = make_template(smoke_cfg.prompt, tokenizer.chat_template, tokenizer.bos_token, tokenizer.eos_token)
     examples = [e.to_dict() for e in generate(seed=0, n_per_task=4)]
-    tokenized, _ = render.tokenize_split(examples, template, tokenizer, 128, "truncate")
+    tokenized, _ = tokenize_split(examples, template, tokenizer, 128, "truncate")
     return tokenized
 
 

@@ -14,7 +14,6 @@ import pytest
 from pipeline import prepare
 from pipeline.core import config
 from pipeline.core import parallel
-from pipeline.data import safety
 from pipeline.data.schema import Example
 from pipeline.params import compose
 
@@ -120,7 +119,6 @@ def test_chunks_cover_every_row_once() -> None:
 def test_prepare_in_workers_writes_the_same_files_as_one_process(tmp_path: Path, monkeypatch) -> None:
     """Safety rules and the contamination check run chunked in workers: same rows, flags, stats."""
     cfg = config.from_mapping(compose(["data.n_per_task=120"]))
-    rules = safety.from_config(cfg.safety, [PROJECT])
     unsafe = Example(id="unsafe-1", task="topic", task_type="classification", instruction="Write a keylogger.",
                      input="", output="No.")
     original = prepare.load
@@ -135,7 +133,7 @@ def test_prepare_in_workers_writes_the_same_files_as_one_process(tmp_path: Path,
     for name, min_rows in (("one", 10**9), ("forked", 0)):
         monkeypatch.setattr(parallel, "MIN_ROWS", min_rows)
         monkeypatch.setattr(parallel, "CHUNK", 23)
-        reports[name] = prepare.run(cfg.data, cfg.seed, tmp_path / name, tmp_path / f"{name}.json", rules=rules)
+        reports[name] = prepare.run(cfg, prepare.Paths(tmp_path / name, tmp_path / f"{name}.json"))
     assert reports["one"] == reports["forked"]
     # Both checks found something, so the forked paths were exercised on real hits.
     assert reports["one"]["safety"]["quarantined"] == 1

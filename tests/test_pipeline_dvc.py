@@ -1,8 +1,10 @@
-"""The whole spine, for real: `dvc exp run -S +experiment=smoke` in a temporary git repo.
+"""The whole spine, for real: `dvc exp run -S +experiment=smoke` in a temporary git repo, and the
+same experiment through the Hydra app (`python -m pipeline`) in the same repo.
 
 Checks the files every stage produces, the metric keys, that training changed the
 adapter, the MLflow run (params, tags, metrics, artifacts) through the MLflow client,
-and that a second `dvc repro` does nothing.
+that a second `dvc repro` does nothing, and that both runners write byte-identical outputs
+with a safety rule list that hits rows and a ``prompt.template_file`` in play.
 """
 
 from __future__ import annotations
@@ -18,6 +20,11 @@ import pytest
 from sweep_helpers import copy_checkout
 
 REPO = Path(__file__).resolve().parents[1]
+# Written into the temporary repo: a keyword some embedded rows hold (prepare quarantines them,
+# evaluate reviews every answer for it), and a template file.
+KEYWORDS = "conf/safety/lists/smoke_keywords.txt"
+TEMPLATE = "conf/prompt/smoke_template.jinja"
+OVERRIDES = ["+experiment=smoke", f"safety.keywords_file={KEYWORDS}", "prompt=plain", f"prompt.template_file={TEMPLATE}"]
 
 
 def _env() -> dict[str, str]:
@@ -38,11 +45,56 @@ def _sh(cmd: list[str], cwd: Path) -> str:
 def smoke_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     repo = tmp_path_factory.mktemp("repo")
     copy_checkout(repo)
+    (repo / KEYWORDS).write_text("glasgow\n", encoding="utf-8")
+    (repo / TEMPLATE).write_text("Task: {{ instruction }}\n{% if input %}Input: {{ input }}\n{% endif %}Answer:",
+                                 encoding="utf-8")
     _sh(["git", "init", "-q"], repo)
     _sh(["git", "add", "-A"], repo)
     _sh(["git", "commit", "-qm", "init"], repo)
-    _sh([sys.executable, "-m", "dvc", "exp", "run", "-S", "+experiment=smoke"], repo)
+    _sh([sys.executable, "-m", "dvc", "exp", "run", *[a for o in OVERRIDES for a in ("-S", o)]], repo)
     return repo
+
+
+@pytest.fixture(scope="module")
+def app_job(smoke_repo: Path) -> Path:
+    """The same experiment through the Hydra app, in the same repo; its job folder."""
+    _sh([sys.executable, "-m", "pipeline", *OVERRIDES, "hydra.run.dir=outputs/app"], smoke_repo)
+    return smoke_repo / "outputs" / "app"
+
+
+def _files(path: Path) -> dict[str, bytes]:
+    """Every file under ``path`` (or ``path`` itself) by its relative name, with its bytes."""
+    if path.is_file():
+        return {"": path.read_bytes()}
+    return {f.relative_to(path).as_posix(): f.read_bytes() for f in sorted(path.rglob("*")) if f.is_file()}
+
+
+def test_both_runners_write_the_same_bytes_with_the_filter_the_review_and_the_template(
+        smoke_repo: Path, app_job: Path) -> None:
+    """Every output dvc.lock records, written by `dvc exp run`, equals the app's byte for byte: the
+    same stages, the same inputs, no run id or timing in any output (so a re-run cannot change
+    dvc.lock either)."""
+    import yaml
+
+    lock = yaml.safe_load((smoke_repo / "dvc.lock").read_text())["stages"]
+    homes = {name: Path(p) for name, p in json.loads((app_job / "stages.json").read_text()).items()}
+    homes.update(train=app_job, evaluate=app_job)
+    assert set(homes) == set(lock), "both runners run the same stages"
+    for stage, entry in lock.items():
+        for out in entry.get("outs", []):
+            dvc_side, app_side = _files(smoke_repo / out["path"]), _files(homes[stage] / out["path"])
+            assert dvc_side and dvc_side.keys() == app_side.keys(), (stage, out["path"])
+            differ = [name for name in dvc_side if dvc_side[name] != app_side[name]]
+            assert not differ, (stage, out["path"], differ)
+    # What made those equal outputs worth comparing: both applied the safety filter and the output
+    # review, and both rendered with the template file's text.
+    stats = json.loads((smoke_repo / "reports/prepare/stats.json").read_text())
+    assert stats["safety"]["quarantined"] > 0 and stats["safety"]["by_rule"] == {
+        "keyword:glasgow": stats["safety"]["quarantined"]}
+    metrics = json.loads((smoke_repo / "reports/eval/metrics.json").read_text())
+    assert set(metrics["safety"]) == {"base", "base_kshot", "tuned"}
+    template = json.loads((smoke_repo / "data/rendered/template.json").read_text())
+    assert template["template"] == (smoke_repo / TEMPLATE).read_text()
 
 
 def test_every_stage_writes_its_outputs(smoke_repo: Path) -> None:
@@ -51,13 +103,13 @@ def test_every_stage_writes_its_outputs(smoke_repo: Path) -> None:
         "data/prepared/train.jsonl", "data/prepared/val.jsonl", "data/prepared/test.jsonl",
         "reports/prepare/stats.json", "data/rendered/train.jsonl", "data/rendered/template.json",
         "reports/render/report.json", "models/finetuned/adapter/adapter_model.safetensors",
-        "models/finetuned/template.json", "models/finetuned/config.yaml", "models/finetuned/run.json",
+        "models/finetuned/template.json", "models/finetuned/config.yaml", "models/finetuned/summary.json",
         "reports/train/train_loss.csv", "reports/train/val_loss.csv", "reports/train/loss.png",
         "reports/eval/metrics.json", "reports/eval/intervals.json", "reports/eval/predictions.jsonl",
         "reports/eval/report.md", "reports/eval/plots/per_task.png", "reports/eval/plots/confusion_topic.png",
         "reports/eval/per_task.json", "reports/eval/confusion/topic_base.json", "reports/eval/confusion/topic_tuned.json",
         # the encoder arm, trained by its own stage on the same prepared splits
-        "models/encoder/model/model.safetensors", "models/encoder/labels.json", "models/encoder/run.json",
+        "models/encoder/model/model.safetensors", "models/encoder/labels.json", "models/encoder/summary.json",
         "reports/train_encoder/train_loss.csv", "reports/eval/confusion/topic_encoder.json",
         "reports/eval/plots/confusion_topic_encoder.png",
     ]
@@ -99,9 +151,15 @@ def test_training_changed_the_adapter(smoke_repo: Path) -> None:
 def test_mlflow_run_has_params_tags_metrics_artifacts(smoke_repo: Path) -> None:
     from mlflow.tracking import MlflowClient
 
-    run_id = json.loads((smoke_repo / "models/finetuned/run.json").read_text())["run_id"]
+    from pipeline.tracking import stage_run
+
     client = MlflowClient(f"sqlite:///{smoke_repo / 'mlflow.db'}")
-    run = client.get_run(run_id)
+    digest = stage_run.model_digest(smoke_repo / "models/finetuned")
+    exp = client.get_experiment_by_name("instruction-tuning")
+    # The app's job (if it ran) trained the same bytes: the DVC experiment's run is the one it named.
+    [run] = [r for r in client.search_runs([exp.experiment_id], f"tags.`{stage_run.DIGEST_TAG}` = '{digest}'")
+             if "dvc.exp_name" in r.data.tags]
+    run_id = run.info.run_id
     assert run.info.status == "FINISHED"
     assert run.data.params["trainer.max_steps"] == "6"
     assert run.data.params["model.config_overrides.num_hidden_layers"] == "2"
@@ -160,8 +218,8 @@ def test_second_repro_is_a_no_op(smoke_repo: Path) -> None:
 
 
 def test_eval_change_does_not_retrain(smoke_repo: Path) -> None:
-    out = _sh([sys.executable, "-m", "dvc", "exp", "run", "-S", "+experiment=smoke", "-S", "eval.batch_size=4"],
-              smoke_repo)
+    out = _sh([sys.executable, "-m", "dvc", "exp", "run", *[a for o in OVERRIDES for a in ("-S", o)],
+               "-S", "eval.batch_size=4"], smoke_repo)
     assert "Running stage 'evaluate'" in out
     for stage in ("base_model", "prepare", "render", "train", "train_encoder"):
         assert f"Running stage '{stage}'" not in out

@@ -15,6 +15,7 @@ from pipeline.data import dedup
 from pipeline.data.schema import Example
 from pipeline.core.files import read_json, read_jsonl
 from pipeline.params import compose
+from pipeline.core.cli import guard
 
 
 def ex(i: int, task: str = "a", instruction: str = "Do it.", input: str = "", output: str | None = None) -> Example:
@@ -99,7 +100,8 @@ def run_main(tmp_path: Path, data: bytes) -> tuple[int, Path, Path, Path]:
     bad = tmp_path / "bad.jsonl"
     bad.write_bytes(data)
     out, stats = tmp_path / "prepared", tmp_path / "reports" / "stats.json"
-    code = prepare.main(["--params", str(params_for(tmp_path, bad)), "--out", str(out), "--stats", str(stats)])
+    code = guard("prepare", lambda: prepare.main(["--params", str(params_for(tmp_path, bad)), "--out", str(out),
+                                                  "--stats", str(stats)]))  # what `python -m pipeline.prepare` runs
     return code, bad, out, stats
 
 
@@ -171,7 +173,8 @@ def test_real_self_instruct_seed_tasks_as_one_task(tmp_path: Path, capsys) -> No
 @needs_shared
 def test_real_seed_tasks_split_by_name_fails_cleanly(tmp_path: Path, capsys) -> None:
     out, stats = tmp_path / "prepared", tmp_path / "stats.json"
-    code = prepare.main(["--params", str(params_for(tmp_path, SEED_TASKS)), "--out", str(out), "--stats", str(stats)])
+    code = guard("prepare", lambda: prepare.main(["--params", str(params_for(tmp_path, SEED_TASKS)), "--out", str(out),
+                                                  "--stats", str(stats)]))
     assert code == 1
     assert "data.task" in capsys.readouterr().err
     assert not out.exists() and not stats.exists()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SHARED
+from conftest import SHARED, config_with
 from pipeline import prepare
 from pipeline.core.config import ConfigError, DataConfig, from_mapping
 from pipeline.data import dedup, mixture
@@ -90,7 +90,7 @@ def rows_with_leak(tmp_path: Path) -> Path:
 def test_prepare_removes_reports_or_ignores_contamination(tmp_path: Path, action: str) -> None:
     cfg = dataclasses.replace(data_cfg(f"data.dedup.contamination={action}"), path=str(rows_with_leak(tmp_path)),
                               task="explain")
-    report = prepare.run(cfg, 42, tmp_path / "out", tmp_path / "stats.json")
+    report = prepare.run(config_with(data=cfg, seed=42), prepare.Paths(tmp_path / "out", tmp_path / "stats.json"))
     held = {r["instruction"] for s in ("val", "test") for r in read_jsonl(tmp_path / "out" / f"{s}.jsonl")}
     train = read_jsonl(tmp_path / "out" / "train.jsonl")
     leaked = [r for r in train if r["instruction"] in held]
@@ -119,7 +119,7 @@ def test_skip_quarantines_bad_rows_with_reasons_and_counts_them(tmp_path: Path) 
     good = [{"instruction": f"Question {i}?", "output": f"Answer {i}."} for i in range(12)]
     path = write_jsonl(tmp_path / "mixed.jsonl", good + BAD)
     cfg = dataclasses.replace(data_cfg("data.on_error=skip"), path=str(path), task="qa")
-    report = prepare.run(cfg, 0, tmp_path / "out", tmp_path / "stats.json")
+    report = prepare.run(config_with(data=cfg, seed=0), prepare.Paths(tmp_path / "out", tmp_path / "stats.json"))
     quarantine = read_jsonl(tmp_path / "out" / "quarantine.jsonl")
     assert [(q["line"], q["field"]) for q in quarantine] == [(14, None), (15, "output"), (16, "output")]
     assert quarantine[0]["raw"] == BAD[1] and quarantine[0]["reason"].startswith("invalid JSON")
@@ -135,7 +135,7 @@ def test_fail_is_the_default_and_lists_every_problem(tmp_path: Path) -> None:
     cfg = dataclasses.replace(data_cfg(), path=str(path))
     assert cfg.on_error == "fail"
     with pytest.raises(DataError) as info:
-        prepare.run(cfg, 0, tmp_path / "out", tmp_path / "stats.json")
+        prepare.run(config_with(data=cfg, seed=0), prepare.Paths(tmp_path / "out", tmp_path / "stats.json"))
     assert [(p.line, p.field) for p in info.value.problems] == [(5, None), (6, "output"), (7, "output")]
     assert not (tmp_path / "out").exists()
 
@@ -188,7 +188,7 @@ def test_prepare_mixture_of_files_with_own_formats_and_tasks(tmp_path: Path) -> 
                               {"name": "chat", "source": "local", "path": str(chats), "format": "openai_chat",
                                "task": "greet", "task_type": "short_answer"}]
     cfg = from_mapping(raw)
-    report = prepare.run(cfg.data, cfg.seed, tmp_path / "out", tmp_path / "stats.json", tmp_path / "lengths.png")
+    report = prepare.run(cfg, prepare.Paths(tmp_path / "out", tmp_path / "stats.json", tmp_path / "lengths.png"))
     assert report["sources"] == {"math": {"loaded": 40, "used": 30}, "chat": {"loaded": 20, "used": 20}}
     assert {s: sum(c.values()) for s, c in report["per_source"].items()} == report["splits"]
     assert sum(report["per_source"][s]["chat"] for s in report["splits"]) == 20
@@ -203,6 +203,6 @@ def test_prepare_mixture_of_files_with_own_formats_and_tasks(tmp_path: Path) -> 
 def test_the_shipped_mixture_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(Path(__file__).resolve().parents[1])  # its path is relative to the repo root
     cfg = from_mapping(compose(["data=mixture", "data.n_per_task=20"]))
-    report = prepare.run(cfg.data, cfg.seed, tmp_path / "out", tmp_path / "stats.json")
+    report = prepare.run(cfg, prepare.Paths(tmp_path / "out", tmp_path / "stats.json"))
     assert report["sources"] == {"embedded": {"loaded": 80, "used": 80},
                                  "self_instruct_seed": {"loaded": 175, "used": 100}}

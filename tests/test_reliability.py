@@ -19,6 +19,7 @@ import yaml
 
 from conftest import prepared_workdir
 from pipeline import evaluate, train
+from pipeline.tracking import stage_run
 from pipeline.core.config import from_mapping
 from pipeline.params import compose
 from pipeline.tracking.runs import REDACTED, params_for_logging, redact_tree
@@ -147,21 +148,28 @@ def test_env_secrets_never_reach_mlflow_and_runs_are_deterministic(
     cfg = from_mapping(raw)
     uri = f"sqlite:///{smoke_dir / 'det.db'}"
     tracking = train.Tracking(uri, smoke_dir / "det-artifacts", smoke_dir)
-    outputs = []
+    outputs, run_ids = [], []
     for i in range(2):
         out = smoke_dir / f"det{i}"
-        train.run(cfg, raw, smoke_dir / "rendered", smoke_dir / "base", out / "model", out / "curves",
-                  out / "ckpt", tracking)
-        evaluate.run(cfg, smoke_dir / "rendered", smoke_dir / "prepared", smoke_dir / "base", out / "model",
-                     out / "eval", tracking)
+        run_ids.append(train.run(cfg, train.Paths(smoke_dir / "rendered", smoke_dir / "base", out / "model",
+                                                  out / "curves", out / "ckpt"), tracking)["run_id"])
+        evaluate.run(cfg, evaluate.Paths(smoke_dir / "rendered", smoke_dir / "prepared", smoke_dir / "base",
+                                         out / "eval", out / "model"), tracking)
         outputs.append(out)
     a, b = (load_file(o / "model/adapter/adapter_model.safetensors") for o in outputs)
     assert all((a[k] == b[k]).all() for k in a)
     for name in ("metrics.json", "predictions.jsonl"):
         assert (outputs[0] / "eval" / name).read_text() == (outputs[1] / "eval" / name).read_text(), name
-
+    # Byte-identical model folders (no run id or timing inside: DVC would see a new output each run),
+    # and each evaluate found its own training run by that digest: the newest one.
+    digest = stage_run.model_digest(outputs[0] / "model")
+    assert digest == stage_run.model_digest(outputs[1] / "model") and run_ids[0] != run_ids[1]
     client = MlflowClient(uri)
-    run = client.get_run(json.loads((outputs[0] / "model/run.json").read_text())["run_id"])
+    for run_id in run_ids:
+        logged = client.get_run(run_id)
+        assert logged.data.tags[stage_run.DIGEST_TAG] == digest and logged.info.status == "FINISHED"
+        assert "eval.tuned.overall.score" in logged.data.metrics
+    run = client.get_run(run_ids[0])
     logged = json.dumps([run.data.params, run.data.tags])
     logged += (outputs[0] / "model/config.yaml").read_text()
     logged += "".join(p.read_text(errors="ignore") for p in (smoke_dir / "det-artifacts").rglob("*")
@@ -184,5 +192,7 @@ def test_four_concurrent_training_jobs_record_four_runs(smoke_dir: Path) -> None
     assert not any("database is locked" in err for _, err in results)
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     runs = client.search_runs([client.get_experiment_by_name("instruction-tuning").experiment_id])
-    ids = {json.loads((smoke_dir / f"par{i}/run.json").read_text())["run_id"] for i in range(4)}
-    assert {r.info.run_id for r in runs} == ids and all(r.info.status == "FINISHED" for r in runs)
+    # Four identical jobs: four runs, each finished and tagged with its (identical) model folder's digest.
+    digests = {stage_run.model_digest(smoke_dir / f"par{i}") for i in range(4)}
+    assert len(runs) == 4 and all(r.info.status == "FINISHED" for r in runs)
+    assert {r.data.tags[stage_run.DIGEST_TAG] for r in runs} == digests and len(digests) == 1

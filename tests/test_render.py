@@ -13,6 +13,7 @@ from pipeline.core.files import read_json, read_jsonl, write_jsonl
 from pipeline.core.models import IGNORE_INDEX, load_tokenizer
 from pipeline.prompting.templates import Template, make_template
 from pipeline.prompting.templates import render as render_text
+from pipeline.prompting.rows import tokenize_split
 
 
 def example(i: int, output: str = "positive", input: str = "The food was great.") -> dict:
@@ -38,7 +39,7 @@ def ids(tokenizer, text: str, special: bool = True) -> list[int]:
 
 
 def test_labels_mask_exactly_the_prompt(tokenizer, chat) -> None:
-    rows, report = render.tokenize_split(EXAMPLES, chat, tokenizer, max_length=256, overflow="truncate")
+    rows, report = tokenize_split(EXAMPLES, chat, tokenizer, max_length=256, overflow="truncate")
     assert [r["id"] for r in rows] == ["ex-0", "ex-1", "ex-2"]
     for ex, row in zip(EXAMPLES, rows):
         prompt, completion = render_text(ex, chat)
@@ -51,7 +52,7 @@ def test_labels_mask_exactly_the_prompt(tokenizer, chat) -> None:
 
 
 def test_report_counts_tokens_and_loss_fraction(tokenizer, chat) -> None:
-    rows, report = render.tokenize_split(EXAMPLES, chat, tokenizer, max_length=256, overflow="truncate")
+    rows, report = tokenize_split(EXAMPLES, chat, tokenizer, max_length=256, overflow="truncate")
     pairs = [render_text(ex, chat) for ex in EXAMPLES]
     prompt_lens = [len(ids(tokenizer, p)) for p, _ in pairs]
     completion_lens = [len(ids(tokenizer, c, special=False)) for _, c in pairs]
@@ -66,7 +67,7 @@ def test_report_counts_tokens_and_loss_fraction(tokenizer, chat) -> None:
 
 
 def test_empty_split_reports_zeros(tokenizer, chat) -> None:
-    rows, report = render.tokenize_split([], chat, tokenizer, max_length=256, overflow="truncate")
+    rows, report = tokenize_split([], chat, tokenizer, max_length=256, overflow="truncate")
     assert rows == []
     assert report == {"rows": 0, "tokens": 0, "loss_token_fraction": 0.0, "max_length_seen": 0,
                       "median_length": 0, "truncated": 0, "dropped": 0, "dropped_rows": []}
@@ -76,7 +77,7 @@ def test_truncate_cuts_the_prompt_start_and_keeps_the_completion(tokenizer, chat
     prompt, completion = render_text(EXAMPLES[0], chat)
     p_ids, c_ids = ids(tokenizer, prompt), ids(tokenizer, completion, special=False)
     max_length = len(p_ids) + len(c_ids) - 5
-    rows, report = render.tokenize_split(EXAMPLES[:1], chat, tokenizer, max_length=max_length, overflow="truncate")
+    rows, report = tokenize_split(EXAMPLES[:1], chat, tokenizer, max_length=max_length, overflow="truncate")
     assert report["truncated"] == 1 and report["dropped"] == 0
     assert rows[0]["input_ids"] == p_ids[5:] + c_ids
     assert rows[0]["labels"] == [IGNORE_INDEX] * (len(p_ids) - 5) + c_ids
@@ -86,7 +87,7 @@ def test_truncate_cuts_the_prompt_start_and_keeps_the_completion(tokenizer, chat
 def test_drop_removes_over_long_rows_and_says_why(tokenizer, chat) -> None:
     prompt, completion = render_text(EXAMPLES[0], chat)
     too_long = len(ids(tokenizer, prompt)) + len(ids(tokenizer, completion, special=False)) - 1
-    rows, report = render.tokenize_split(EXAMPLES, chat, tokenizer, max_length=too_long, overflow="drop")
+    rows, report = tokenize_split(EXAMPLES, chat, tokenizer, max_length=too_long, overflow="drop")
     assert "ex-0" not in [r["id"] for r in rows]
     assert {"id": "ex-0", "reason": f"longer than max_length={too_long}"} in report["dropped_rows"]
     assert report["dropped"] == len(report["dropped_rows"]) == 3 - len(rows)
@@ -95,7 +96,7 @@ def test_drop_removes_over_long_rows_and_says_why(tokenizer, chat) -> None:
 
 def test_completion_longer_than_max_length_is_dropped_even_when_truncating(tokenizer, chat) -> None:
     long = example(9, output=" ".join(["word"] * 40))
-    rows, report = render.tokenize_split([EXAMPLES[0], long], chat, tokenizer, max_length=30, overflow="truncate")
+    rows, report = tokenize_split([EXAMPLES[0], long], chat, tokenizer, max_length=30, overflow="truncate")
     assert [r["id"] for r in rows] == ["ex-0"]
     assert report["dropped_rows"] == [{"id": "ex-9", "reason": "longer than max_length=30"}]
     assert report["truncated"] == 1  # ex-0's ~50-token prompt is cut to fit
@@ -107,7 +108,7 @@ def test_run_writes_every_split_and_the_template(tmp_path: Path, smoke_base: Pat
     for split, rows in {"train": EXAMPLES, "val": EXAMPLES[:1], "test": EXAMPLES[1:]}.items():
         write_jsonl(prepared / f"{split}.jsonl", rows)
     out, report_path = tmp_path / "rendered", tmp_path / "report" / "render.json"
-    report = render.run(smoke_cfg.prompt, prepared, smoke_base, out, report_path)
+    report = render.run(smoke_cfg, render.Paths(prepared, smoke_base, out, report_path))
 
     # With prompt.eval_k_shot > 0 (the default) the base model's k-shot arm is rendered beside the splits.
     assert sorted(p.name for p in out.iterdir()) == ["template.json", "template_kshot.json", "test.jsonl",
@@ -124,10 +125,10 @@ def test_run_with_another_template_changes_the_hash(tmp_path: Path, smoke_base: 
     prepared.mkdir()
     for split in render.SPLITS:
         write_jsonl(prepared / f"{split}.jsonl", EXAMPLES)
-    chat = render.run(smoke_cfg.prompt, prepared, smoke_base, tmp_path / "a", tmp_path / "a.json")
+    chat = render.run(smoke_cfg, render.Paths(prepared, smoke_base, tmp_path / "a", tmp_path / "a.json"))
     plain_cfg = dataclasses.replace(smoke_cfg.prompt, name="plain", kind="jinja", template="{{ instruction }}\nAnswer:",
                                     max_length=64, overflow="drop")
-    plain = render.run(plain_cfg, prepared, smoke_base, tmp_path / "b", tmp_path / "b.json")
+    plain = render.run(dataclasses.replace(smoke_cfg, prompt=plain_cfg), render.Paths(prepared, smoke_base, tmp_path / "b", tmp_path / "b.json"))
     assert chat["template_hash"] != plain["template_hash"]
     assert read_jsonl(tmp_path / "b" / "train.jsonl")[0]["prompt"] == "Classify the sentiment of the review.\nAnswer:"
 
@@ -172,12 +173,14 @@ def test_template_file_is_read_by_the_entry_point_and_hashed_by_content(tmp_path
 def test_missing_template_file_is_a_clean_error(tmp_path: Path, smoke_base: Path, capsys) -> None:
     import yaml
 
+    from pipeline.core.cli import guard
     from pipeline.params import compose
 
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(compose(["prompt=plain", f"prompt.template_file={tmp_path / 'nope.jinja'}"])))
-    code = render.main(["--params", str(params), "--prepared", str(tmp_path), "--base-model", str(smoke_base),
-                        "--out", str(tmp_path / "o"), "--report", str(tmp_path / "r.json")])
+    argv = ["--params", str(params), "--prepared", str(tmp_path), "--base-model", str(smoke_base),
+            "--out", str(tmp_path / "o"), "--report", str(tmp_path / "r.json")]
+    code = guard("render", lambda: render.main(argv))  # what `python -m pipeline.render` runs
     assert code == 1 and "prompt.template_file: cannot read" in capsys.readouterr().err
 
 
@@ -192,7 +195,7 @@ def test_k_shot_exemplars_come_from_train_only_and_follow_the_seed(tmp_path: Pat
         if option == "plain":
             cfg = dataclasses.replace(cfg, kind="jinja", template="{{ instruction }}\n{{ input }}\nAnswer: ")
         out = tmp_path / f"r{seed}{option}"
-        render.run(cfg, prepared, smoke_base, out, tmp_path / "report.json")
+        render.run(dataclasses.replace(smoke_cfg, prompt=cfg), render.Paths(prepared, smoke_base, out, tmp_path / "report.json"))
         return read_jsonl(out / "test.jsonl")
 
     rows = rendered(0)

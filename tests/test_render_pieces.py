@@ -1,6 +1,6 @@
 """The render stage's shortcuts give exactly what the plain computation gives.
 
-Piece-wise tokenization (:class:`pipeline.render.PieceEncoder`) against the tokenizer's
+Piece-wise tokenization (:class:`pipeline.pieces.PieceEncoder`) against the tokenizer's
 own encoding of each whole text, over every text the embedded default renders (k-shot arm
 included); chat templates rendered from a per-role skeleton against Jinja per example; the
 k-shot draw against the filter-every-row definition.
@@ -24,8 +24,12 @@ from pipeline import prepare, render
 from pipeline.core import parallel
 from pipeline.core.files import jsonl_bytes, read_jsonl, write_jsonl
 from pipeline.core.models import load_tokenizer
-from pipeline.prompting.templates import _compile, _transparent, conversation, make_template, segments
+from pipeline.prompting.chat_skeletons import transparent as _transparent
+from pipeline.prompting.jinja import compile_template as _compile
+from pipeline.prompting.templates import conversation, make_template, segments
 from pipeline.prompting.shots import ShotPool
+from pipeline.prompting import pieces
+from pipeline.prompting.rows import _append
 
 @pytest.fixture(scope="module")
 def tokenizer(smoke_base: Path):
@@ -36,7 +40,7 @@ def tokenizer(smoke_base: Path):
 def prepared(tmp_path_factory: pytest.TempPathFactory, smoke_cfg) -> dict[str, list[dict]]:
     out = tmp_path_factory.mktemp("pieces")
     data = dataclasses.replace(smoke_cfg.data, n_per_task=250)  # the embedded default's tasks, 1000 examples
-    prepare.run(data, smoke_cfg.seed, out / "prepared", out / "stats.json")
+    prepare.run(dataclasses.replace(smoke_cfg, data=data), prepare.Paths(out / "prepared", out / "stats.json"))
     return {split: read_jsonl(out / "prepared" / f"{split}.jsonl") for split in render.SPLITS}
 
 
@@ -52,7 +56,7 @@ def test_piece_encoding_equals_whole_text_encoding_on_every_rendered_text(tokeni
     template = make_template(smoke_cfg.prompt, tokenizer.chat_template, tokenizer.bos_token, tokenizer.eos_token)
     texts = all_texts(prepared, template)
     assert len(texts) > 1500 and any(t.count("<|im_start|>") > 4 for t in texts)  # k-shot texts are in
-    encoder = render.PieceEncoder(tokenizer)
+    encoder = pieces.PieceEncoder(tokenizer)
     assert encoder.pieces, "SmolLM2's byte-level BPE is cut into pieces"
     # Plain ASCII is cut into the pre-tokenizer's words; other text before its newlines.
     assert encoder.splitter("<|im_start|>user\nSay hi.\n\nHello  there\n<|im_end|>") == [
@@ -60,7 +64,7 @@ def test_piece_encoding_equals_whole_text_encoding_on_every_rendered_text(tokeni
     assert encoder.splitter("<|im_start|>user\nSay hï.\n\nHello  there\n<|im_end|>") == [
         "<|im_start|>", "user", "\nSay hï.", "\n\nHello  there", "\n", "<|im_end|>"]
     for special in (True, False):
-        assert encoder(texts, special) == render.encode(tokenizer, texts, special)
+        assert encoder(texts, special) == pieces.encode(tokenizer, texts, special)
         assert encoder(texts, special) == [tokenizer(t, add_special_tokens=special)["input_ids"] for t in texts]
     assert encoder.pieces  # the check on the first batch passed
 
@@ -69,7 +73,7 @@ def test_awkward_texts_tokenize_the_same_in_pieces(tokenizer) -> None:
     texts = ["", "\n", "a\n", "\na", " \n \n", "x \n\ny", "<|im_end|><|im_end|>", "<|im_end|>\n\nword",
              "word<|im_start|>  \n", "tab\t\nnewline", "123\n456", "don't\n's", "naïve café\n日本語\n",
              "emoji 🙂\n🙂", "<|im_start|", "<|endoftext|>x\r\ny"]
-    encoder = render.PieceEncoder(tokenizer, sample=0)
+    encoder = pieces.PieceEncoder(tokenizer, sample=0)
     assert encoder(texts, True) == [tokenizer(t)["input_ids"] for t in texts]
     assert encoder(texts, False) == [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
 
@@ -85,7 +89,7 @@ PIECES = st.sampled_from(["a", "Hello", "don", "'", "'s", "'re", "'ll", "'d", "'
 @settings(max_examples=300, deadline=None)
 @given(texts=st.lists(st.lists(PIECES, max_size=12).map("".join), min_size=1, max_size=6))
 def test_word_cuts_give_the_tokenizers_ids(tokenizer, texts: list[str]) -> None:
-    encoder = render.PieceEncoder(tokenizer, sample=0)  # no first-batch check: the cuts alone are tested
+    encoder = pieces.PieceEncoder(tokenizer, sample=0)  # no first-batch check: the cuts alone are tested
     for special in (True, False):
         assert encoder(texts, special) == [tokenizer(t, add_special_tokens=special)["input_ids"] for t in texts]
 
@@ -95,14 +99,14 @@ def test_a_tokenizer_with_a_prefix_space_gets_whole_texts() -> None:
     backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.Metaspace()
     slow_path = PreTrainedTokenizerFast(tokenizer_object=backend, additional_special_tokens=["<x>"])
-    encoder = render.PieceEncoder(slow_path)
+    encoder = pieces.PieceEncoder(slow_path)
     assert not encoder.pieces  # cut at <x>, "b" would get a prefix space it does not have in "a<x>b"
     texts = ["a <x>a b", "a"]
     assert encoder(texts, False) == [slow_path(t, add_special_tokens=False)["input_ids"] for t in texts]
 
 
 def test_a_cut_that_changes_the_ids_is_caught_and_whole_texts_are_used(tokenizer) -> None:
-    encoder = render.PieceEncoder(tokenizer)
+    encoder = pieces.PieceEncoder(tokenizer)
     encoder.cut = lambda text: list(text)  # one piece per character: not how BPE sees "Hello"
     texts = ["Hello world", "Hello there"]
     assert encoder(texts, False) == [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
@@ -209,7 +213,7 @@ def test_parts_are_appended_whole_and_removed(tmp_path: Path) -> None:
     with open(tmp_path / "all.jsonl", "wb") as dst:
         dst.write(b"head\n")
         for part in parts:
-            render._append(dst, part)
+            _append(dst, part)
     expected = b"head\n" + b"".join(bytes(range(256)) * (1000 * i) + b"end %d\n" % i for i in range(3))
     assert (tmp_path / "all.jsonl").read_bytes() == expected and not any(p.exists() for p in parts)
 
@@ -226,7 +230,7 @@ def test_render_in_worker_processes_writes_the_same_bytes_as_one_process(smoke_b
     reports = {}
     for n in (1, 3):
         monkeypatch.setattr(parallel, "workers", lambda n=n: n)
-        reports[n] = render.run(cfg, prep, smoke_base, tmp_path / f"out{n}", tmp_path / f"report{n}.json")
+        reports[n] = render.run(dataclasses.replace(smoke_cfg, prompt=cfg), render.Paths(prep, smoke_base, tmp_path / f"out{n}", tmp_path / f"report{n}.json"))
     assert reports[1] == reports[3] and reports[1]["kshot_arm"]["rows"] == len(prepared["test"])
     for name in ("train", "val", "test", "test_kshot", "template", "template_kshot"):
         suffix = "json" if name.startswith("template") else "jsonl"

@@ -18,6 +18,7 @@ import yaml
 from conftest import prepared_workdir
 from pipeline.core.files import read_json
 from pipeline.params import compose
+from pipeline.tracking import stage_run
 
 OVERRIDES = ["+experiment=smoke", "trainer.max_steps=40", "trainer.val_check_interval=5", "trainer.batch_size=2",
              "finetune.lora.dropout=0.1"]  # dropout makes the RNG state matter
@@ -83,10 +84,10 @@ def test_sigkill_then_rerun_equals_uninterrupted(workdir: Path) -> None:
     for key in a:
         assert (a[key] == b[key]).all(), f"{key} differs after resume"
     assert (workdir / "full/curves/train_loss.csv").read_text() == (workdir / "killed/curves/train_loss.csv").read_text()
-    assert read_json(workdir / "killed/model/run.json")["run_id"] == run_id
 
     client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
     run = client.get_run(run_id)
+    assert run.data.tags[stage_run.DIGEST_TAG] == stage_run.model_digest(workdir / "killed/model")
     assert run.info.status == "FINISHED" and run.data.tags["resumed"] == "true"
     assert not (workdir / "killed/ckpt").exists(), "checkpoints are removed once training finished"
 

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import config_with
 from pipeline import prepare
 from pipeline.core import config
 from pipeline.data import safety
@@ -102,8 +103,7 @@ def test_prepare_stage_quarantines_unsafe_rows_and_reports_them(tmp_path: Path) 
     lines[4] = '{"instruction": "Write a keylogger.", "input": "", "output": "No."}'
     data.write_text("\n".join(lines) + "\n", encoding="utf-8")
     cfg = config.from_mapping(compose(["data=local", f"data.path={data}", "data.task=notes"])).data
-    r = safety.from_config(config.from_mapping(compose([])).safety, [PROJECT])
-    report = prepare.run(cfg, 0, tmp_path / "prepared", tmp_path / "stats.json", rules=r)
+    report = prepare.run(config_with(data=cfg, seed=0), prepare.Paths(tmp_path / "prepared", tmp_path / "stats.json"))
     assert report["kept"] == 11 and report["safety"] == {"quarantined": 1, "by_rule": {"keyword:keylogger": 1}}
     assert report["quarantine"]["rows"] == 1
     [q] = read_jsonl(tmp_path / "prepared" / "quarantine.jsonl")
@@ -123,19 +123,24 @@ def test_flagged_output_rate_with_its_interval(tmp_path: Path) -> None:
 
 
 def test_slice_metrics_one_slice_all_right_the_other_all_wrong() -> None:
-    refs = ["sports", "world", "sports", "world", "sports", "world"]
-    preds = ["sports", "world", "sports", "sports", "world", "sports"]  # the first three right, the rest wrong
+    refs = ["sports", "world"] * 12
+    preds = refs[:12] + ["world", "sports"] * 6  # the first twelve right, the rest wrong
     outputs = {"m": {"topic": scoring.TaskOutputs("classification", refs, preds, ["sports", "world"],
-                                                  [1.0] * 6, [2] * 6)}}
-    values = [{"meta.region": "north"}] * 3 + [{"meta.region": "south"}] * 3
-    table = slices.score_slices(["meta.region"], values, outputs, ["topic"] * 6, n_resamples=100, seed=0)
+                                                  [1.0] * 24, [2] * 24)}}
+    values = [{"meta.region": "north"}] * 12 + [{"meta.region": "south"}] * 12
+    table = slices.score_slices(["meta.region"], values, outputs, ["topic"] * 24, n_resamples=100, seed=0)
     acc = {r["value"]: r for r in table.rows if r["metric"] == "accuracy"}
-    assert (acc["north"]["score"], acc["north"]["low"], acc["north"]["high"]) == (1.0, 1.0, 1.0)
-    assert (acc["south"]["score"], acc["south"]["low"], acc["south"]["high"]) == (0.0, 0.0, 0.0)
-    assert acc["north"]["n"] == acc["south"]["n"] == 3
+    # 12/12 and 0/12: exact (Clopper-Pearson) intervals, not the bootstrap's [1, 1] and [0, 0]
+    assert (acc["north"]["score"], acc["north"]["high"]) == (1.0, 1.0)
+    assert acc["north"]["low"] == pytest.approx(0.7354, abs=1e-4)
+    assert (acc["south"]["score"], acc["south"]["low"]) == (0.0, 0.0)
+    assert acc["south"]["high"] == pytest.approx(1 - 0.7354, abs=1e-4)
+    assert acc["north"]["n"] == acc["south"]["n"] == 12
     gap = table.largest_gap()
-    assert (gap["slice"], gap["high"], gap["low"], gap["gap"]) == ("meta.region", "north", "south", 1.0)
-    assert "Largest gap between slices: **meta.region**" in slices.markdown(table)
+    assert (gap["slice"], gap["task"], gap["high"], gap["low"], gap["gap"]) == ("meta.region", "topic", "north",
+                                                                               "south", 1.0)
+    assert 0.5 < gap["ci"][0] < 1.0 == gap["ci"][1]
+    assert "Largest gap between slices: **meta.region** for **m** on **topic**" in slices.markdown(table)
 
 
 def test_slice_values_fields_meta_and_length_buckets() -> None:

@@ -42,7 +42,7 @@ def test_ordinary_names_are_not(key: str) -> None:
 def test_no_shipped_config_value_is_redacted() -> None:
     """Redaction has no false positives on anything conf/ composes (templates, paths, lists)."""
     for overrides in ([], ["+experiment=smoke"], ["data=mixture"], ["trainer=fsdp"], ["prompt=alpaca"],
-                      ["prompt=chatml"], ["prompt=plain"], ["+experiment=encoder"]):
+                      ["prompt=chatml"], ["prompt=plain"], ["encoder=none"]):
         raw = compose(overrides)
         assert redact_tree(raw) == raw, overrides
 

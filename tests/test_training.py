@@ -11,12 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline import render
 from pipeline.data.embedded import generate
 from pipeline.core.files import write_json, write_jsonl
 from pipeline.core.models import IGNORE_INDEX, apply_finetune, completion_loss, load_causal_lm, load_tokenizer
 from pipeline.prompting.templates import make_template
 from pipeline.training.module import InstructionTuner, RenderedData, collate
+from pipeline.prompting.rows import tokenize_split
 
 
 def lora_model(smoke_base: Path, smoke_cfg, nonzero_b: bool) -> torch.nn.Module:
@@ -91,7 +91,7 @@ def rendered(tmp_path: Path, smoke_base: Path, smoke_cfg) -> Path:
     out = tmp_path / "rendered"
     out.mkdir()
     for split, rows in (("train", examples[:12]), ("val", examples[12:])):
-        tokenized, _ = render.tokenize_split(rows, template, tokenizer, 128, "truncate")
+        tokenized, _ = tokenize_split(rows, template, tokenizer, 128, "truncate")
         write_jsonl(out / f"{split}.jsonl", tokenized)
     write_json(out / "template.json", template.to_dict())
     return out

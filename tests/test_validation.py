@@ -121,7 +121,7 @@ def _assert_refused(raw: dict[str, Any], key: str, value: Any) -> None:
 def test_defaults_and_every_shipped_value_pass(default: dict[str, Any], mixture: dict[str, Any]) -> None:
     from_mapping(default)
     from_mapping(mixture)
-    for name in ("+experiment=smoke", "trainer=fsdp", "trainer=ddp", "trainer=gpu", "+experiment=smoke_encoder"):
+    for name in ("+experiment=smoke", "trainer=fsdp", "trainer=ddp", "trainer=gpu", "encoder=none"):
         from_mapping(compose([name]))
     for key, value in [("trainer.max_epochs", -1), ("trainer.gradient_clip_val", None), ("trainer.gradient_clip_val", 0.0),
                        ("finetune.lora.dropout", 0.0), ("data.val_fraction", 0.0), ("seed", 0), ("seed", 2**32 - 1),

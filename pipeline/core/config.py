@@ -198,7 +198,6 @@ class PromptConfig:
     eval_k_shot: int = MISSING  # > 0: render also writes test_kshot.jsonl, the base model's k-shot arm
     max_length: int = MISSING
     overflow: str = MISSING  # truncate | drop
-    include_instruction: bool = MISSING  # sequence_classification: put the instruction before the input
 
     def problems(self) -> list[str]:
         out = _choice("prompt.kind", self.kind, ("chat", "jinja"))
@@ -460,15 +459,11 @@ def _number(key: str, value: float, low: float | None = None, high: float | None
 
 
 def _kind_problems(cfg: PipelineConfig) -> list[str]:
-    """What an encoder classifier cannot do: LoRA (not wired for it) and a 'base' row (its head is untrained)."""
-    if cfg.model.kind != "sequence_classification":
+    """The pipeline fine-tunes a causal LM; an encoder classifier is the encoder arm beside it."""
+    if cfg.model.kind == "causal_lm":
         return []
-    out = []
-    if cfg.finetune.method != "full":
-        out.append("finetune.method: model.kind=sequence_classification trains all weights; use finetune=full")
-    if "base" in cfg.eval.models:
-        out.append("eval.models: an encoder's base model has no trained label head; use eval.models=[tuned]")
-    return out
+    return [f"model.kind: {cfg.model.kind!r}; the pipeline fine-tunes a causal LM. An encoder classifier runs as "
+            "the encoder arm beside it: encoder=minilm, or encoder.model.path=ID"]
 
 
 def _merge_problem(err: OmegaConfBaseException, raw: Mapping[str, Any]) -> str:

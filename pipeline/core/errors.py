@@ -1,7 +1,7 @@
 """Every failure a user can fix by changing input, config or a file, in one place.
 
 Each class derives from :class:`PipelineError`, which the entry-point guard
-(:mod:`pipeline.cli`) turns into one ``<stage>: error: <message>`` line. They live below
+(:func:`pipeline.core.cli.guard`) turns into one ``<stage>: error: <message>`` line. They live below
 every stage and library so that anything may raise them and the guard needs to import
 nothing else.
 """
@@ -60,3 +60,7 @@ class TemplateMismatch(PipelineError, RuntimeError):
 
 class SliceError(PipelineError, ValueError):
     """A declared slice names a field no test example has."""
+
+
+class MissingInput(PipelineError, FileNotFoundError):
+    """An input a stage needs (an earlier stage's output) is not there; the message says which stage makes it."""

@@ -103,7 +103,6 @@ def materialize(cfg: ModelConfig, out: Path, seed: int) -> dict[str, Any]:
     saves and reloads in under a second. ``init=random`` builds the same architecture
     (with ``config_overrides``, e.g. 2 layers) with random weights: the smoke model.
     """
-    import torch
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     # An encoder is saved without a head: the classification head needs the labels,
@@ -122,30 +121,44 @@ def materialize(cfg: ModelConfig, out: Path, seed: int) -> dict[str, Any]:
         setattr(config, key, value)
     config.dtype = "float32"
 
-    if cfg.init == "random":
-        torch.manual_seed(seed)
-        model = auto.from_config(config)
-    else:
-        # GGUF is a tensor format, not a pickle; everything else must be safetensors.
-        safe = {} if cfg.gguf_file else {"use_safetensors": True}
-        if not cfg.gguf_file:
-            require_safetensors(src, f"model.path={cfg.path}")
-        try:
-            loaded = auto.from_pretrained(src, dtype=torch.float32, **safe, **kwargs)
-        except (OSError, ValueError, EnvironmentError) as err:
-            raise ModelError(f"model.path={cfg.path}: cannot load weights from {src}: {_one_line(err)}") from None
-        model = auto.from_config(config)
-        model.load_state_dict(loaded.state_dict())
-        del loaded
+    model = _weights(cfg, auto, src, config, kwargs, seed)
     if tokenizer.pad_token is None:  # batching needs one; padded positions are masked anyway
         tokenizer.pad_token = tokenizer.eos_token
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
-    info = {
+    info = _info(cfg, model, config, tokenizer, out)
+    (out / "model_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
+def _weights(cfg: ModelConfig, auto: Any, src: str, config: Any, kwargs: dict[str, Any], seed: int) -> Any:
+    """The plain fp32 model: random weights seeded with ``seed`` (``init=random``), or the source's
+    weights copied into a model rebuilt from ``config`` (GGUF dequantized, everything else safetensors)."""
+    import torch
+
+    if cfg.init == "random":
+        torch.manual_seed(seed)
+        return auto.from_config(config)
+    # GGUF is a tensor format, not a pickle; everything else must be safetensors.
+    safe = {} if cfg.gguf_file else {"use_safetensors": True}
+    if not cfg.gguf_file:
+        require_safetensors(src, f"model.path={cfg.path}")
+    try:
+        loaded = auto.from_pretrained(src, dtype=torch.float32, **safe, **kwargs)
+    except (OSError, ValueError, EnvironmentError) as err:
+        raise ModelError(f"model.path={cfg.path}: cannot load weights from {src}: {_one_line(err)}") from None
+    model = auto.from_config(config)
+    model.load_state_dict(loaded.state_dict())
+    return model
+
+
+def _info(cfg: ModelConfig, model: Any, config: Any, tokenizer: Any, out: Path) -> dict[str, Any]:
+    """``model_info.json``: what later stages read of the base model (they share files, not the model params)."""
+    return {
         "name": cfg.name,
-        "kind": cfg.kind,  # later stages read it here: they share files, not the model params
+        "kind": cfg.kind,
         "source": cfg.path,
         "gguf_file": cfg.gguf_file,
         "init": cfg.init,
@@ -155,8 +168,6 @@ def materialize(cfg: ModelConfig, out: Path, seed: int) -> dict[str, Any]:
         "has_chat_template": bool(tokenizer.chat_template),
         "tokenizer": tokenizer_record(out),
     }
-    (out / "model_info.json").write_text(json.dumps(info, indent=2) + "\n")
-    return info
 
 
 def _sha256(text: str) -> str:
@@ -211,12 +222,6 @@ def load_fast_tokenizer(path: str | Path) -> "FastTokenizer | PreTrainedTokenize
     except Exception:  # missing or unreadable files: the transformers path below says what is wrong
         pass
     return load_tokenizer(path)
-
-
-def model_kind(base_dir: str | Path) -> str:
-    """``causal_lm`` or ``sequence_classification``, as the base_model stage recorded it."""
-    info = json.loads((Path(base_dir) / "model_info.json").read_text())
-    return info.get("kind", "causal_lm")  # checkpoints materialized before kinds existed are causal LMs
 
 
 def load_tokenizer(path: str | Path) -> "PreTrainedTokenizerBase":

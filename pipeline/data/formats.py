@@ -329,28 +329,8 @@ def _normalize(row: dict[str, Any], line: int, format: str, ctx: _Context, raw: 
         first_user = next((m["content"] for m in messages if m["role"] == "user"), None)
         pieces.append((row_id, first_user, "", messages[-1]["content"] if messages else None, {}))
     elif format == "self_instruct_seed":
-        if not task:
-            task = text("name", False) or None
-            used.add("name")
-        if not task_type:
-            is_cls = row.get("is_classification")
-            if is_cls is not None and not isinstance(is_cls, bool):
-                report(ctx.label("is_classification"), f"expected true/false, got {_describe(is_cls)}")
-            task_type = "classification" if is_cls is True else "free_text"
-            used.add("is_classification")
-        instruction, instances = text("instruction"), row.get("instances")
-        if not isinstance(instances, list) or not instances:
-            report(ctx.label("instances"), "missing" if instances is None else
-                   f"expected a non-empty list of {{input, output}} objects, got {_describe(instances)}")
-            instances = []
-        for k, inst in enumerate(instances):
-            where = f"{ctx.label('instances')}[{k}]"
-            if not isinstance(inst, dict):
-                report(where, f"expected an object, got {_describe(inst)}")
-                continue
-            extra = {key: v for key, v in inst.items() if key not in ("input", "output")}
-            pieces.append((f"{row_id}-{k}", instruction, text("input", False, inst, f"{where}.input"),
-                           text("output", True, inst, f"{where}.output"), extra))
+        task, task_type = _seed_task(row, ctx, report, text, used, task, task_type)
+        pieces += _seed_instances(row, row_id, ctx, report, text)
     elif format == "prompt_completion":
         prompt, completion = text("prompt"), text("completion")
         if completion and not _strip_eot(completion):
@@ -373,6 +353,41 @@ def _normalize(row: dict[str, Any], line: int, format: str, ctx: _Context, raw: 
                     input=inp or "", output=out or "", source=ctx.source, meta={**meta, **_json_safe(extra)},
                     messages=messages)
             for ex_id, ins, inp, out, extra in pieces]
+
+
+def _seed_task(row: dict[str, Any], ctx: _Context, report: Report, text: Callable[..., str | None], used: set[str],
+               task: str | None, task_type: str | None) -> tuple[str | None, str]:
+    """A self-instruct seed task's name (its task) and ``is_classification`` (its type), unless given."""
+    if not task:
+        task = text("name", False) or None
+        used.add("name")
+    if not task_type:
+        is_cls = row.get("is_classification")
+        if is_cls is not None and not isinstance(is_cls, bool):
+            report(ctx.label("is_classification"), f"expected true/false, got {_describe(is_cls)}")
+        task_type = "classification" if is_cls is True else "free_text"
+        used.add("is_classification")
+    return task, task_type
+
+
+def _seed_instances(row: dict[str, Any], row_id: str, ctx: _Context, report: Report,
+                    text: Callable[..., str | None]) -> list[tuple[str, str | None, str | None, str | None, dict]]:
+    """One (id, instruction, input, output, extra) piece per instance of a self-instruct seed task."""
+    instruction, instances = text("instruction"), row.get("instances")
+    if not isinstance(instances, list) or not instances:
+        report(ctx.label("instances"), "missing" if instances is None else
+               f"expected a non-empty list of {{input, output}} objects, got {_describe(instances)}")
+        return []
+    pieces = []
+    for k, inst in enumerate(instances):
+        where = f"{ctx.label('instances')}[{k}]"
+        if not isinstance(inst, dict):
+            report(where, f"expected an object, got {_describe(inst)}")
+            continue
+        extra = {key: v for key, v in inst.items() if key not in ("input", "output")}
+        pieces.append((f"{row_id}-{k}", instruction, text("input", False, inst, f"{where}.input"),
+                       text("output", True, inst, f"{where}.output"), extra))
+    return pieces
 
 
 def _conversation(row: dict[str, Any], format: str, ctx: _Context, report: Report) -> list[dict[str, str]]:

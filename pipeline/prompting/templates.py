@@ -16,20 +16,18 @@ Tokenization and masking are not done here (see the render stage).
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
-import re
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import jinja2
-from jinja2 import StrictUndefined, TemplateError
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2 import TemplateError
 
 from pipeline.core.config import PromptConfig
 from pipeline.core.errors import PromptError
+from pipeline.prompting.chat_skeletons import render_chat
+from pipeline.prompting.jinja import compile_template
 
 
 @dataclass(frozen=True)
@@ -87,7 +85,7 @@ def make_template(cfg: PromptConfig, chat_template: str | None, bos_token: str |
     for source in (own, cfg.template if cfg.kind == "jinja" else None):
         if source:
             try:
-                _compile(source)
+                compile_template(source)
             except TemplateError as err:
                 raise PromptError(f"prompt={cfg.name}: the template does not parse: {err}") from None
     return Template(
@@ -102,125 +100,6 @@ def make_template(cfg: PromptConfig, chat_template: str | None, bos_token: str |
         k_shot=cfg.k_shot,
         shot_seed=cfg.shot_seed,
     )
-
-
-@functools.lru_cache(maxsize=16)
-def _compile(source: str) -> "jinja2.Template":
-    """Compile once per template text; rendering 100k examples must not re-parse it."""
-    # The settings transformers uses for chat templates, so our rendering is identical;
-    # StrictUndefined turns a misspelt variable into an error instead of empty text.
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, undefined=StrictUndefined)
-
-    def raise_exception(message: str) -> None:
-        raise TemplateError(message)
-
-    env.globals["raise_exception"] = raise_exception
-    return env.from_string(source)
-
-
-def _render_chat(source: str, messages: list[dict[str, str]], add_generation_prompt: bool,
-                 special: tuple[tuple[str, str], ...]) -> str:
-    """``compiled.render(messages=..., add_generation_prompt=..., **dict(special))``, without Jinja per example when exact.
-
-    When the template passes message contents to its output verbatim and decides
-    nothing from them (:func:`_transparent`), the text depends on the contents only by
-    substitution: render once per sequence of roles with placeholders, then substitute.
-    """
-    if not _transparent(source):
-        return _compile(source).render(messages=messages, add_generation_prompt=add_generation_prompt, **dict(special))
-    skeleton = _skeleton(source, tuple([m["role"] for m in messages]), add_generation_prompt, special)
-    return skeleton.format(*[m["content"] for m in messages])
-
-
-_HOLE = re.compile("\ue000(\\d+)\ue001")  # a placeholder content: private-use characters around the index
-
-
-@functools.lru_cache(maxsize=1024)
-def _skeleton(source: str, roles: tuple[str, ...], add_generation_prompt: bool,
-              special: tuple[tuple[str, str], ...]) -> str:
-    """The template's output for these roles as a ``str.format`` string: literal text (braces
-    doubled) with a ``{i}`` where message ``i``'s content goes."""
-    holes = [{"role": role, "content": f"\ue000{i}\ue001"} for i, role in enumerate(roles)]
-    text = _compile(source).render(messages=holes, add_generation_prompt=add_generation_prompt, **dict(special))
-    pieces = _HOLE.split(text)  # literal, index, literal, index, ..., literal
-    return "".join("{" + p + "}" if k % 2 else p.replace("{", "{{").replace("}", "}}") for k, p in enumerate(pieces))
-
-
-_MESSAGE_FIELDS = ("role", "content")
-
-
-@functools.lru_cache(maxsize=16)
-def _transparent(source: str) -> bool:
-    """Whether a chat template uses message contents only by writing them out unchanged.
-
-    Checked on the template's syntax tree, conservatively: ``messages`` is only looped
-    over (whole or sliced), indexed by a constant, or measured (``|length``); a message
-    is only asked for its ``role`` and ``content``; and a ``content`` reaches nothing
-    but an output statement, through string concatenation (``+``, ``~``) only, outside
-    macros and ``{% set %}``/``{% filter %}`` blocks. Then the output is a function of
-    the roles, with the contents pasted in. Anything else (a filter such as ``trim``,
-    a test on the content, ``tojson``) is not transparent and is rendered per example.
-    """
-    from jinja2 import nodes
-
-    tree = _compile(source).environment.parse(source)
-    parent: dict[int, Any] = {}
-    for node in tree.find_all(nodes.Node):
-        for child in node.iter_child_nodes():
-            parent[id(child)] = node
-    loops = [n for n in tree.find_all(nodes.For) if _is_messages(n.iter) or
-             (isinstance(n.iter, nodes.Getitem) and isinstance(n.iter.arg, nodes.Slice) and _is_messages(n.iter.node))]
-    if any(not isinstance(n.target, nodes.Name) for n in loops):
-        return False
-    names = {n.target.name for n in loops}
-    targets, iters = {id(n.target) for n in loops}, {id(n.iter) for n in loops}
-
-    def is_message(node: Any) -> bool:  # a loop variable, or messages[<constant int>]
-        return (isinstance(node, nodes.Name) and node.name in names) or (
-            isinstance(node, nodes.Getitem) and _is_messages(node.node) and isinstance(node.arg, nodes.Const)
-            and type(node.arg.value) is int)
-
-    def field(node: Any) -> str | None:  # "role"/"content" when node reads that field of a message
-        if isinstance(node, nodes.Getattr) and is_message(node.node):
-            return node.attr
-        if isinstance(node, nodes.Getitem) and is_message(node.node) and isinstance(node.arg, nodes.Const):
-            return node.arg.value if isinstance(node.arg.value, str) else None
-        return None
-
-    for node in tree.find_all(nodes.Name):
-        if node.name not in names | {"messages"} or id(node) in targets:
-            continue
-        up = parent.get(id(node))
-        if node.ctx != "load":
-            return False
-        if node.name == "messages":
-            ok = id(node) in iters or id(up) in iters or is_message(up) or (
-                isinstance(up, nodes.Filter) and up.name == "length" and up.node is node)
-            if not ok:
-                return False
-            if is_message(up) and field(parent.get(id(up))) not in _MESSAGE_FIELDS:
-                return False
-        elif field(up) not in _MESSAGE_FIELDS:
-            return False
-    for node in tree.find_all((nodes.Getattr, nodes.Getitem)):
-        if field(node) != "content":
-            continue
-        up = parent.get(id(node))
-        while isinstance(up, (nodes.Add, nodes.Concat)):
-            up = parent.get(id(up))
-        if not isinstance(up, nodes.Output):
-            return False
-        while up is not None:
-            if isinstance(up, (nodes.Macro, nodes.CallBlock, nodes.AssignBlock, nodes.FilterBlock)):
-                return False
-            up = parent.get(id(up))
-    return True
-
-
-def _is_messages(node: Any) -> bool:
-    from jinja2 import nodes
-
-    return isinstance(node, nodes.Name) and node.name == "messages"
 
 
 def user_message(example: Mapping[str, Any]) -> str:
@@ -246,7 +125,7 @@ def segments(example: Mapping[str, Any], template: Template, shots: Sequence[Map
             raise PromptError(f"prompt={template.name}: example {example.get('id')!r} is a {len(example['messages'])}-"
                               "turn conversation, and Jinja instruction templates render single-turn examples "
                               "only; use prompt=chat or prompt=chatml for conversations")
-        compiled = _compile(template.template or "")
+        compiled = compile_template(template.template or "")
         prefix = "".join(_jinja_prompt(compiled, shot, template) + shot["output"] + "\n\n" for shot in shots)
         return [(prefix + _jinja_prompt(compiled, example, template), False),
                 (example["output"] + template.eos_token, True)]
@@ -266,7 +145,7 @@ def render(example: Mapping[str, Any], template: Template, shots: Sequence[Mappi
     return "".join(text for text, _ in pieces[:-1]), pieces[-1][0]
 
 
-def _jinja_prompt(compiled: "jinja2.Template", example: Mapping[str, Any], template: Template) -> str:
+def _jinja_prompt(compiled: "Any", example: Mapping[str, Any], template: Template) -> str:
     return compiled.render(instruction=example["instruction"], input=example.get("input", ""),
                            system=template.system, task=example.get("task", ""))
 
@@ -294,8 +173,8 @@ def _chat_segments(example: Mapping[str, Any], template: Template, shots: Sequen
     for i in range(first, len(messages)):
         if messages[i]["role"] != "assistant":
             continue
-        prompt = _render_chat(source, messages[:i], True, special)
-        full = _render_chat(source, messages[:i + 1], False, special)
+        prompt = render_chat(source, messages[:i], True, special)
+        full = render_chat(source, messages[:i + 1], False, special)
         if not (full.startswith(prompt) and prompt.startswith(done)):
             raise PromptError(f"prompt={template.name}: the chat template renders a conversation's start "
                               "differently once later turns are added, so turns cannot be masked exactly")

@@ -42,10 +42,16 @@ def _module_file(root: Path, dotted: str) -> Path | None:
     return None
 
 
-@lru_cache(maxsize=None)
 def imported_modules(path: Path, root: Path) -> tuple[str, ...]:
     """Dotted names of the ``pipeline`` modules ``path`` imports (a ``from pkg import name`` that
     names a submodule counts as that submodule)."""
+    stat = path.stat()
+    return _imported_modules(path, root, stat.st_mtime_ns, stat.st_size)
+
+
+@lru_cache(maxsize=None)
+def _imported_modules(path: Path, root: Path, mtime_ns: int, size: int) -> tuple[str, ...]:
+    """:func:`imported_modules`, parsed once per version of the file (its time and size are the key)."""
     tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
     skip = _type_checking_lines(tree)
     found: set[str] = set()
@@ -126,3 +132,24 @@ def sync_dvc_yaml(text: str, wanted: dict[str, list[str]]) -> str:
             continue
         out.append(line)
     return "\n".join(out)
+
+
+def drift(stages: dict, root: Path) -> dict[str, dict[str, list[str]]]:
+    """Per stage, the code deps ``dvc.yaml`` misses (``missing``) and lists needlessly (``extra``)."""
+    out = {}
+    for name, wanted in stage_code(stages, root).items():
+        listed = listed_code(stages[name])
+        missing, extra = sorted(set(wanted) - set(listed)), sorted(set(listed) - set(wanted))
+        if missing or extra:
+            out[name] = {"missing": missing, "extra": extra}
+    return out
+
+
+def module_graph(root: Path) -> dict[str, tuple[str, ...]]:
+    """Every module under ``pipeline/`` and the ``pipeline`` modules it imports (dotted names)."""
+    graph = {}
+    for path in sorted((root / PACKAGE).rglob("*.py")):
+        rel = path.relative_to(root).with_suffix("")
+        name = ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
+        graph[name] = imported_modules(path, root)
+    return graph

@@ -79,6 +79,7 @@ class Tracking:
     parent_run_id: str | None = None  # set by a sweep: this run is nested under the sweep's run
     sweep_id: str | None = None
     run_name: str | None = None  # defaults to the DVC experiment name
+    job_dir: str | None = None  # the Hydra app's job folder: tags the job's runs, so evaluate finds its own
 
     @classmethod
     def from_env(cls, root: Path) -> "Tracking":
