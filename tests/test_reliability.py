@@ -64,6 +64,40 @@ def test_missing_base_model_file(smoke_dir: Path) -> None:
     assert not (smoke_dir / "out-missing").exists()
 
 
+def test_a_corrupt_adapter_fails_evaluate_in_one_line_and_marks_its_run_failed(smoke_dir: Path) -> None:
+    """Evaluate opens its MLflow run before anything that can fail: a failure ends it FAILED, not FINISHED."""
+    from mlflow.tracking import MlflowClient
+
+    proc = _stage(_train_args("base", "good"), smoke_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    adapter = smoke_dir / "good" / "adapter" / "adapter_model.safetensors"
+    adapter.write_bytes(adapter.read_bytes()[:1000])  # truncated, as by a full disk or an interrupted copy
+    proc = _stage(["pipeline.evaluate", "--rendered", "rendered", "--prepared", "prepared", "--base-model", "base",
+                   "--tuned", "good", "--out", "eval-corrupt"], smoke_dir)
+    _assert_one_clear_error(proc, "evaluate", "cannot load the LoRA adapter in good/adapter", "re-run the train stage")
+    client = MlflowClient(f"sqlite:///{smoke_dir / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("instruction-tuning")
+    [run] = client.search_runs([exp.experiment_id], "attributes.run_name LIKE 'evaluate-%'")
+    assert run.info.status == "FAILED"  # its digest matches no training run: evaluate opened its own, then failed
+    assert not (smoke_dir / "eval-corrupt").exists()
+
+
+def test_a_diverging_training_run_stops_in_one_line_and_marks_its_run_failed(smoke_dir: Path) -> None:
+    """A finite but absurd learning rate blows the loss up: the stage stops at that step (exit 1, one
+    line naming it) instead of training on to max_steps and exiting 0 with NaN weights."""
+    from mlflow.tracking import MlflowClient
+
+    (smoke_dir / "diverge.yaml").write_text(yaml.safe_dump(compose([*SMOKE, "trainer.lr=1e30"]), sort_keys=False))
+    proc = _stage([*_train_args("base", "out-nan")[:1], "--params", "diverge.yaml", *_train_args("base", "out-nan")[1:]],
+                  smoke_dir)
+    _assert_one_clear_error(proc, "train", "training loss is", "lower trainer.lr")
+    assert not (smoke_dir / "out-nan").exists()
+    client = MlflowClient(f"sqlite:///{smoke_dir / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("instruction-tuning")
+    [run] = client.search_runs([exp.experiment_id], "params.`trainer.lr` = '1e+30'")
+    assert run.info.status == "FAILED"
+
+
 def test_corrupt_base_model_file(smoke_dir: Path) -> None:
     broken = smoke_dir / "corrupt"
     broken.mkdir()

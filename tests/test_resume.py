@@ -100,8 +100,33 @@ def test_sigterm_checkpoints_and_marks_the_run_killed(workdir: Path) -> None:
     _wait_for(workdir / "term/ckpt/last.ckpt", proc)
     before = (workdir / "term/ckpt/last.ckpt").stat().st_mtime_ns
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=120) != 0, _log(workdir, "term")
+    assert proc.wait(timeout=120) == 143, _log(workdir, "term")  # 128 + SIGTERM: never 0, so DVC stops
     run_id = read_json(workdir / "term/ckpt/resume.json")["run_id"]
     assert MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}").get_run(run_id).info.status == "KILLED"
     assert (workdir / "term/ckpt/last.ckpt").stat().st_mtime_ns > before, "SIGTERM should write a fresh checkpoint"
     assert not (workdir / "term/model").exists()
+
+
+def test_train_encoder_sigterm_exits_143_and_marks_its_run_killed(workdir: Path) -> None:
+    """The encoder arm's stage stops like train: exit code 143 (not Lightning's 0) and its run KILLED."""
+    from mlflow.tracking import MlflowClient
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
+                                                      env.get("PYTHONPATH")]))
+    cmd = [sys.executable, "-m", "pipeline.train_encoder", "--params", "long.yaml", "--prepared", "prepared",
+           "--out", "enc-term/model", "--curves", "enc-term/curves"]
+    with open(workdir / "enc-term.log", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 120
+        while "trainable parameters" not in _log(workdir, "enc-term"):  # printed just before fit starts
+            assert proc.poll() is None and time.monotonic() < deadline, _log(workdir, "enc-term")
+            time.sleep(0.05)
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 143, _log(workdir, "enc-term")
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("instruction-tuning")
+    [run] = client.search_runs([exp.experiment_id], "tags.arm = 'encoder'")
+    assert run.info.status == "KILLED"
+    assert not (workdir / "enc-term/model").exists()

@@ -172,3 +172,19 @@ def test_redacted_yaml_is_what_a_stage_uploads() -> None:
     assert SECRET not in text and "p4ss" not in text
     back = yaml.safe_load(text)
     assert back["safety"]["classifier"]["api_key"] == REDACTED and back["trainer"] == raw["trainer"]
+
+
+def test_both_training_stages_save_their_config_redacted(tmp_path) -> None:
+    """train and train_encoder write config.yaml (also uploaded to MLflow) through fit.save."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pipeline.tracking.runs import REDACTED
+    from pipeline.training import fit
+
+    tiny = LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=1))
+    params = {"encoder": {"model": {"config_overrides": {"hubToken": "sk-live-1234567890abcdef"}}}, "seed": 0}
+    fit.save(tmp_path / "out", tiny, "model", params, {"summary.json": {"steps": 0}})
+    text = (tmp_path / "out" / "config.yaml").read_text()
+    assert "sk-live-1234567890abcdef" not in text and REDACTED in text
+    assert (tmp_path / "out" / "model" / "model.safetensors").is_file()

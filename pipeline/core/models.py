@@ -284,7 +284,12 @@ def load_finetuned(base_dir: str | Path, tuned_dir: str | Path) -> "PreTrainedMo
 
         # peft falls back to adapter_model.bin (a pickle) when the safetensors file is missing.
         require_safetensors(tuned / "adapter", "the LoRA adapter", "adapter_model.safetensors", strict=True)
-        model = PeftModel.from_pretrained(load_causal_lm(base_dir), str(tuned / "adapter"))
+        base = load_causal_lm(base_dir)
+        try:
+            model = PeftModel.from_pretrained(base, str(tuned / "adapter"))
+        except Exception as err:  # a truncated or foreign file: safetensors, json and peft each raise their own
+            raise ModelError(f"cannot load the LoRA adapter in {tuned / 'adapter'} ({type(err).__name__}: "
+                             f"{_one_line(err)}); re-run the train stage") from None
         return model.merge_and_unload()
     return load_causal_lm(tuned / "model")
 
