@@ -19,14 +19,15 @@ than rendering a small dataset.
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
 from pipeline.core import cli, config, parallel
-from pipeline.core.files import atomic_dir, read_jsonl, write_json
+from pipeline.core.files import atomic_dir, read_json, read_jsonl, write_json
 from pipeline.core.models import load_fast_tokenizer
-from pipeline.prompting.rows import Job, render_jobs
+from pipeline.prompting.rows import Job, render_jobs, tokenize_split
 from pipeline.prompting.shots import ShotPool
 from pipeline.prompting.templates import Template, make_template, read_template_file
 
@@ -61,22 +62,62 @@ def render(prompt_cfg: config.PromptConfig, paths: Paths) -> dict[str, Any]:
     template = make_template(prompt_cfg, tokenizer.chat_template, tokenizer.bos_token, tokenizer.eos_token)
     splits = {split: read_jsonl(paths.prepared / f"{split}.jsonl") for split in SPLITS}
     pool = ShotPool(splits["train"]) if template.k_shot or prompt_cfg.eval_k_shot else None
+    if prompt_cfg.max_length == "auto":
+        prompt_cfg = dataclasses.replace(prompt_cfg, max_length=auto_max_length(
+            splits["train"], template, tokenizer, pool, model_context(paths.base_model)))
     jobs = [Job(split, examples, template, prompt_cfg.max_length, split == "test")
             for split, examples in splits.items()]
     kshot = dataclasses.replace(template, k_shot=prompt_cfg.eval_k_shot)
     if prompt_cfg.eval_k_shot:
         jobs.append(kshot_job(splits["test"], kshot, prompt_cfg))
     with atomic_dir(paths.out) as tmp:
-        done = render_jobs(jobs, tokenizer, prompt_cfg.overflow, pool, tmp)
+        done = render_jobs(jobs, tokenizer, (prompt_cfg.overflow, prompt_cfg.truncate_side), pool, tmp)
         write_json(tmp / "template.json", template.to_dict())
         if prompt_cfg.eval_k_shot:
             write_json(tmp / "template_kshot.json", kshot.to_dict())
-    report = {"template": template.name, "template_hash": template.hash(),
+    report = {"template": template.name, "template_hash": template.hash(), "max_length": prompt_cfg.max_length,
               "splits": {split: done[split][0] for split in SPLITS}}
     if prompt_cfg.eval_k_shot:
         report["kshot_arm"] = done[KSHOT][0]
+    report["warnings"] = truncation_warnings({**report["splits"], **({KSHOT: done[KSHOT][0]} if prompt_cfg.eval_k_shot
+                                                                      else {})})
+    for line in report["warnings"]:
+        print(f"render: warning: {line}", flush=True)
     return _finish(report, paths.report, {split: done[split][1] for split in SPLITS}, paths.plot,
                    prompt_cfg.max_length)
+
+
+TRUNCATED_WARN = 0.05  # a task with more of its rows truncated than this gets a warning
+
+
+def truncation_warnings(reports: dict[str, dict[str, Any]]) -> list[str]:
+    """One line per split and task whose share of truncated rows is over :data:`TRUNCATED_WARN`."""
+    out = []
+    for split, r in reports.items():
+        for task, c in r.get("truncated_by_task", {}).items():
+            if c["rows"] and c["truncated"] / c["rows"] > TRUNCATED_WARN:
+                out.append(f"{split}: task {task}: {c['truncated']}/{c['rows']} rows "
+                           f"({c['truncated'] / c['rows']:.0%}) truncated; raise prompt.max_length "
+                           "(or auto), or set prompt.truncate_side=middle")
+    return out
+
+
+def model_context(base_model: Path) -> int | None:
+    """The base model's context length (``max_position_embeddings`` of its ``config.json``), if it says."""
+    path = base_model / "config.json"
+    return read_json(path).get("max_position_embeddings") if path.exists() else None
+
+
+def auto_max_length(train: list[dict[str, Any]], template: Template, tokenizer: Any, pool: ShotPool | None,
+                    context: int | None) -> int:
+    """``prompt.max_length: auto``: the 99th percentile (nearest rank) of the train split's rendered
+    token lengths, at most the model's ``context``, at least 8."""
+    cap = context or 1 << 30
+    rows, _ = tokenize_split(train, template, tokenizer, cap, "truncate", pool=pool if template.k_shot else None)
+    lengths = sorted(len(r["input_ids"]) for r in rows)
+    if not lengths:
+        return min(cap, 256)
+    return max(8, min(cap, lengths[max(0, math.ceil(0.99 * len(lengths)) - 1)]))
 
 
 def _finish(report: dict[str, Any], report_path: Path, lengths: dict[str, list[int]], plot_path: Path | None,

@@ -108,13 +108,22 @@ def test_jinja_templates_refuse_conversations_clearly(tmp_path: Path, tokenizer)
         segments(ex, template(tokenizer, "alpaca"))
 
 
-def test_truncation_keeps_the_last_answer_and_cuts_from_the_start(tmp_path: Path, tokenizer) -> None:
+def test_truncation_cuts_only_the_last_user_turn(tmp_path: Path, tokenizer) -> None:
     ex = load_file(_one(tmp_path, SHAREGPT))[0].to_dict()
     full, _ = tokenize_split([ex], template(tokenizer), tokenizer, max_length=512, overflow="truncate")
     n = len(full[0]["input_ids"])
-    cut, report = tokenize_split([ex], template(tokenizer), tokenizer, max_length=n - 10, overflow="truncate")
-    assert cut[0]["input_ids"] == full[0]["input_ids"][10:] and cut[0]["labels"] == full[0]["labels"][10:]
-    assert report["truncated"] == 1
+    cut, report = tokenize_split([ex], template(tokenizer), tokenizer, max_length=n - 2, overflow="truncate")
+    assert report["truncated"] == 1 and len(cut[0]["input_ids"]) <= n - 2
+    last_user = max(i for i, t in enumerate(ex["messages"]) if t["role"] == "user")
+    earlier = ex["messages"][:last_user]
+    # Every earlier turn (and the template around them) is untouched; the last answer is whole.
+    before = tokenize_split([{**ex, "messages": earlier + [{"role": "user", "content": "x"},
+                                                           ex["messages"][-1]]}],
+                            template(tokenizer), tokenizer, max_length=512, overflow="truncate")[0][0]["prompt"]
+    assert cut[0]["prompt"].startswith(before[:before.rindex("x")])
+    assert cut[0]["completion"] == full[0]["completion"]
+    answer = [t for t in full[0]["labels"][-len(full[0]["labels"]) // 4:] if t != -100]
+    assert [t for t in cut[0]["labels"][-len(full[0]["labels"]) // 4:] if t != -100][-len(answer):] == answer
 
 
 def test_bad_conversations_name_the_turn(tmp_path: Path) -> None:

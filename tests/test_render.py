@@ -70,18 +70,22 @@ def test_empty_split_reports_zeros(tokenizer, chat) -> None:
     rows, report = tokenize_split([], chat, tokenizer, max_length=256, overflow="truncate")
     assert rows == []
     assert report == {"rows": 0, "tokens": 0, "loss_token_fraction": 0.0, "max_length_seen": 0,
-                      "median_length": 0, "truncated": 0, "dropped": 0, "dropped_rows": []}
+                      "median_length": 0, "truncated": 0, "truncated_by_task": {}, "dropped": 0,
+                      "dropped_rows": []}
 
 
-def test_truncate_cuts_the_prompt_start_and_keeps_the_completion(tokenizer, chat) -> None:
+def test_truncate_cuts_the_input_and_keeps_template_instruction_and_completion(tokenizer, chat) -> None:
     prompt, completion = render_text(EXAMPLES[0], chat)
     p_ids, c_ids = ids(tokenizer, prompt), ids(tokenizer, completion, special=False)
-    max_length = len(p_ids) + len(c_ids) - 5
+    max_length = len(p_ids) + len(c_ids) - 2
     rows, report = tokenize_split(EXAMPLES[:1], chat, tokenizer, max_length=max_length, overflow="truncate")
     assert report["truncated"] == 1 and report["dropped"] == 0
-    assert rows[0]["input_ids"] == p_ids[5:] + c_ids
-    assert rows[0]["labels"] == [IGNORE_INDEX] * (len(p_ids) - 5) + c_ids
-    assert len(rows[0]["input_ids"]) == max_length
+    short = {**EXAMPLES[0], "input": "The food was"}  # "The food was great." less its last two tokens
+    s_prompt, s_completion = render_text(short, chat)
+    assert (rows[0]["prompt"], rows[0]["completion"]) == (s_prompt, completion)
+    assert rows[0]["input_ids"] == ids(tokenizer, s_prompt) + c_ids
+    assert rows[0]["labels"] == [IGNORE_INDEX] * len(ids(tokenizer, s_prompt)) + c_ids
+    assert len(rows[0]["input_ids"]) <= max_length
 
 
 def test_drop_removes_over_long_rows_and_says_why(tokenizer, chat) -> None:
@@ -95,11 +99,13 @@ def test_drop_removes_over_long_rows_and_says_why(tokenizer, chat) -> None:
 
 
 def test_completion_longer_than_max_length_is_dropped_even_when_truncating(tokenizer, chat) -> None:
-    long = example(9, output=" ".join(["word"] * 40))
-    rows, report = tokenize_split([EXAMPLES[0], long], chat, tokenizer, max_length=30, overflow="truncate")
+    long = example(9, output=" ".join(["word"] * 80))
+    prompt, completion = render_text(EXAMPLES[0], chat)
+    limit = len(ids(tokenizer, prompt)) + len(ids(tokenizer, completion, special=False)) - 2
+    rows, report = tokenize_split([EXAMPLES[0], long], chat, tokenizer, max_length=limit, overflow="truncate")
     assert [r["id"] for r in rows] == ["ex-0"]
-    assert report["dropped_rows"] == [{"id": "ex-9", "reason": "longer than max_length=30"}]
-    assert report["truncated"] == 1  # ex-0's ~50-token prompt is cut to fit
+    assert report["dropped_rows"] == [{"id": "ex-9", "reason": f"longer than max_length={limit}"}]
+    assert report["truncated"] == 1  # ex-0's input is cut to fit
 
 
 def test_run_writes_every_split_and_the_template(tmp_path: Path, smoke_base: Path, smoke_cfg) -> None:

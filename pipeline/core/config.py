@@ -196,18 +196,23 @@ class PromptConfig:
     k_shot: int = MISSING
     shot_seed: int = MISSING
     eval_k_shot: int = MISSING  # > 0: render also writes test_kshot.jsonl, the base model's k-shot arm
-    max_length: int = MISSING
+    max_length: Any = MISSING  # tokens, or "auto": the train split's 99th percentile, capped by the model's context
     overflow: str = MISSING  # truncate | drop
+    truncate_side: str = MISSING  # end | middle: where truncation cuts the user content
 
     def problems(self) -> list[str]:
         out = _choice("prompt.kind", self.kind, ("chat", "jinja"))
         out += _choice("prompt.overflow", self.overflow, ("truncate", "drop"))
+        out += _choice("prompt.truncate_side", self.truncate_side, ("end", "middle"))
         out += _choice("prompt.train_on", self.train_on, ("all_assistant", "last_assistant"))
         if self.kind == "jinja" and not (self.template or self.template_file):
             out.append("prompt.template: required when prompt.kind=jinja (or set prompt.template_file)")
         out += _int_at_least("prompt.k_shot", self.k_shot, 0)
         out += _int_at_least("prompt.eval_k_shot", self.eval_k_shot, 0)
-        out += _int_at_least("prompt.max_length", self.max_length, 8)
+        if self.max_length != "auto":
+            out += ([] if isinstance(self.max_length, int) and not isinstance(self.max_length, bool) else
+                    [f"prompt.max_length: must be an integer or auto (got {self.max_length!r})"]) or \
+                _int_at_least("prompt.max_length", self.max_length, 8)
         out += _seed("prompt.shot_seed", self.shot_seed)
         return out
 
