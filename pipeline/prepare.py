@@ -11,9 +11,8 @@ file:line: field and nothing written (``data.on_error: fail``), or goes to
 from __future__ import annotations
 
 import dataclasses
-import random
 import sys
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generator, Sequence
@@ -23,12 +22,13 @@ import numpy as np
 from pipeline.core import cli, config, parallel
 from pipeline.data import safety
 from pipeline.data import dedup, mixture
+# split is re-exported: benchmarks and tests call prepare.split
+from pipeline.data.splits import MIN_GROUPS, SPLITS, plan, split  # noqa: F401
 from pipeline.data.schema import Example, Problem, ProblemCollector
 from pipeline.core.files import atomic_dir, write_json, write_jsonl
-from pipeline.core.errors import SplitError
+from pipeline.core.errors import ConfigError, SplitError
 from pipeline.core.paths import search_roots
 
-SPLITS = ("train", "val", "test")
 # The reasons data.dedup checks give; each is always in the stats, found or not.
 CHECKS = ("exact_duplicate", "near_duplicate", "contamination_exact", "contamination_ngram")
 
@@ -73,27 +73,6 @@ def apply(action: str, rows: list[Example], flags: list[dict[str, Any]],
         return [e for e in rows if e.id not in gone]
     flagged += flags
     return rows
-
-
-def split(examples: list[Example], val_fraction: float, test_fraction: float, seed: int) -> dict[str, list[Example]]:
-    """Per-task shuffled split; depends only on (rows, fractions, seed).
-
-    Splitting within each task keeps every task in every split, and a local generator
-    seeded with the task name keeps one task's split independent of the others.
-    """
-    by_task: dict[str, list[Example]] = defaultdict(list)
-    for ex in examples:
-        by_task[ex.task].append(ex)
-    out: dict[str, list[Example]] = {s: [] for s in SPLITS}
-    for task in sorted(by_task):
-        rows = sorted(by_task[task], key=lambda e: e.id)
-        random.Random(f"{seed}:{task}").shuffle(rows)
-        n_test = max(1, round(len(rows) * test_fraction)) if len(rows) >= 3 else 0
-        n_val = max(1, round(len(rows) * val_fraction)) if len(rows) >= 3 and val_fraction > 0 else 0
-        out["test"] += rows[:n_test]
-        out["val"] += rows[n_test:n_test + n_val]
-        out["train"] += rows[n_test + n_val:]
-    return out
 
 
 def _percentiles(values: list[int]) -> dict[str, float]:
@@ -195,6 +174,9 @@ def run(cfg: config.PipelineConfig, paths: Paths) -> dict[str, Any]:
     hits, whatever ``on_error`` says, with the rules it hit); ``safety.json`` counts the
     latter per rule.
     """
+    missing = cfg.data.missing_files(Path.cwd())
+    if missing:  # before anything is read or built
+        raise ConfigError(missing, "the data config")
     rules = safety.from_config(cfg.safety, search_roots())
     problems = ProblemCollector(limit=cfg.data.max_problems, skip=cfg.data.on_error == "skip")
     examples, sources = load(cfg.data, cfg.seed, problems)
@@ -202,17 +184,20 @@ def run(cfg: config.PipelineConfig, paths: Paths) -> dict[str, Any]:
     dropped: list[dict[str, Any]] = []
     flagged: list[dict[str, Any]] = []
     kept, unsafe = deduplicate(examples, rules, cfg.data.dedup, dropped, flagged)
-    splits = split(kept, cfg.data.val_fraction, cfg.data.test_fraction, cfg.seed)
+    dd = cfg.data.dedup
+    made = plan(kept, cfg.data.val_fraction, cfg.data.test_fraction, cfg.seed, cfg.data.group_by, dd.template_df)
+    splits = made.splits
     if not splits["train"] or not splits["test"]:
         raise SplitError(
-            f"no task has >= 3 examples ({len({e.task for e in kept})} tasks, {len(kept)} examples), so nothing is "
-            "left for val/test; set data.task=NAME to treat the file as one task, or add examples")
-    dd = cfg.data.dedup
+            f"{len(kept)} examples make {made.stats['groups']} groups (data.group_by={cfg.data.group_by}), too few "
+            f"for a test set (at least {MIN_GROUPS}, none too large for its share); add examples, or group by less")
     if dd.contamination != "off":  # removed from train: val/test stay the fixed yardstick
-        found = dedup.contamination(splits["train"], splits["val"] + splits["test"], dd.ngram, dd.ngram_threshold)
+        found = dedup.contamination(splits["train"], splits["val"] + splits["test"], dd.ngram, dd.ngram_threshold,
+                                    dd.template_df)
         splits["train"] = apply(dd.contamination, splits["train"], found, dropped, flagged)
     quarantined = quarantine_rows(problems.problems) + unsafe
-    report = {**stats(len(examples), splits, dropped, flagged, quarantined, sources), "safety": safety_counts(unsafe)}
+    report = {**stats(len(examples), splits, dropped, flagged, quarantined, sources), "split": made.stats,
+              "safety": safety_counts(unsafe)}
     _write(paths, splits, dropped, flagged, quarantined, report)
     return report
 

@@ -72,7 +72,7 @@ def test_one_tasks_split_does_not_depend_on_another() -> None:
     assert ids(alone)["test"] == [e.id for e in together["test"] if e.task == "a"]
 
 
-def test_tiny_tasks_go_to_train_only() -> None:
+def test_tiny_tasks_go_to_train_only_when_even_pooled_they_cannot_split() -> None:
     splits = prepare.split([ex(0, "z"), ex(1, "z")], 0.1, 0.2, seed=0)
     assert ids(splits) == {"train": ["z-0", "z-1"], "val": [], "test": []}
 
@@ -170,11 +170,8 @@ def test_real_self_instruct_seed_tasks_as_one_task(tmp_path: Path, capsys) -> No
     assert len(read_jsonl(out / "test.jsonl")) == 35
 
 
-@needs_shared
-def test_real_seed_tasks_split_by_name_fails_cleanly(tmp_path: Path, capsys) -> None:
-    out, stats = tmp_path / "prepared", tmp_path / "stats.json"
-    code = guard("prepare", lambda: prepare.main(["--params", str(params_for(tmp_path, SEED_TASKS)), "--out", str(out),
-                                                  "--stats", str(stats)]))
+def test_too_few_rows_to_split_fail_cleanly(tmp_path: Path, capsys) -> None:
+    code, _, out, stats = run_main(tmp_path, b'{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": "d"}\n')
     assert code == 1
-    assert "data.task" in capsys.readouterr().err
+    assert "2 examples make 2 groups (data.group_by=auto)" in capsys.readouterr().err
     assert not out.exists() and not stats.exists()

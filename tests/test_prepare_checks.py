@@ -88,7 +88,9 @@ def rows_with_leak(tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize("action", ["remove", "report", "off"])
 def test_prepare_removes_reports_or_ignores_contamination(tmp_path: Path, action: str) -> None:
-    cfg = dataclasses.replace(data_cfg(f"data.dedup.contamination={action}"), path=str(rows_with_leak(tmp_path)),
+    # group_by=none: split row by row, so the copies can land on both sides (auto keeps them together)
+    cfg = dataclasses.replace(data_cfg(f"data.dedup.contamination={action}", "data.group_by=none"),
+                              path=str(rows_with_leak(tmp_path)),
                               task="explain")
     report = prepare.run(config_with(data=cfg, seed=42), prepare.Paths(tmp_path / "out", tmp_path / "stats.json"))
     held = {r["instruction"] for s in ("val", "test") for r in read_jsonl(tmp_path / "out" / f"{s}.jsonl")}

@@ -68,9 +68,10 @@ class DedupConfig:
     contamination: str = MISSING  # train rows overlapping val/test (exact or n-gram)
     ngram: int = MISSING
     ngram_threshold: float = MISSING  # fraction of a train row's n-grams seen in val/test
+    template_df: float = MISSING  # text in more than this share of a task's rows is its template: no evidence
 
     def problems(self) -> list[str]:
-        out = []
+        out = _number("data.dedup.template_df", self.template_df, low=0, high=1, low_open=True)
         for key in ("exact", "near", "contamination"):
             out += _choice(f"data.dedup.{key}", getattr(self, key), DEDUP_ACTIONS)
         # MinHash LSH needs at least two bands, which rules out thresholds near 1 (use exact for those).
@@ -139,9 +140,11 @@ class DataConfig:
     dedup: DedupConfig = MISSING
     max_problems: int = MISSING
     sources: list[SourceConfig] = MISSING  # mixture only
+    group_by: str = MISSING  # auto | none | a field (input, meta.<column>, ...) | re:<pattern>
 
     def problems(self) -> list[str]:
         out = _choice("data.source", self.source, ("embedded", "local", "hub", "mixture"))
+        out += _group_by_problems(self.group_by)
         out += _choice("data.on_error", self.on_error, ("fail", "skip"))
         out += _choice("data.format", self.format, DATA_FORMATS)
         if self.source == "embedded" and self.format in DATA_FORMATS and self.format != "auto":
@@ -178,11 +181,38 @@ class DataConfig:
             out.append("data.sources: give every source a weight, or none")
         return out
 
+    def missing_files(self, root: Path) -> list[str]:
+        """One problem per local data file that does not exist (a relative path is read from ``root``,
+        the working directory). Not part of :meth:`problems`: a config is valid wherever it is read,
+        and only the stage that reads the data needs the files."""
+        local = [("data.path", self.path)] if self.source == "local" else []
+        local += [(f"data.sources[{i}].path", s.path) for i, s in enumerate(self.sources or [])
+                  if s.source == "local"]
+        return [f"{key}: {path} not found (relative to {root})" for key, path in local
+                if path and not (root / path).exists()]
+
     def resolve(self, src: SourceConfig) -> "DataConfig":
         """This data config with one mixture source's keys in place of the inherited ones."""
         changes = {k: v for k, v in vars(src).items()
                    if v is not None and k not in ("name", "weight", "cap") and hasattr(self, k)}
         return replace(self, **changes, sources=[])
+
+
+GROUP_FIELDS = ("instruction", "input", "output")  # pipeline.data.splits.FIELDS (a test keeps them equal)
+
+
+def _group_by_problems(value: str) -> list[str]:
+    """``data.group_by``: auto, none, an example field, ``meta.<column>`` or ``re:<pattern>`` that compiles."""
+    if value.startswith("re:"):
+        try:
+            re.compile(value[3:])
+        except re.error as err:
+            return [f"data.group_by: {value!r} is not a valid regex ({err})"]
+        return [] if value[3:] else ["data.group_by: re: needs a pattern after it"]
+    if value in ("auto", "none", *GROUP_FIELDS) or (value.startswith("meta.") and value[5:]):
+        return []
+    return [f"data.group_by: {value!r} is not one of auto, none, {', '.join(GROUP_FIELDS)}, meta.<column>, "
+            "re:<pattern>"]
 
 
 @dataclass

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import unicodedata
+from collections import Counter
 from typing import Any, Iterable, Sequence
 
 from pipeline.core import parallel
@@ -117,17 +118,42 @@ def _windows(text: str, n: int) -> Iterable[tuple[str, ...]]:
     return zip(*[words[i:] for i in range(n)]) if n >= 1 else [()]
 
 
-def contamination(train: list[Example], held_out: list[Example], ngram: int, threshold: float) -> list[Flag]:
+# A text in fewer rows than this is never a task's template, whatever share of the task they are:
+# in a task of a few rows, two questions about one passage would otherwise make it a template.
+TEMPLATE_MIN_ROWS = 5
+
+
+def frequent(items: Sequence[set[Any]], tasks: Sequence[str], template_df: float) -> dict[str, set[Any]]:
+    """Per task, the items (lines, n-grams) that more than ``template_df`` of its rows hold, and at
+    least :data:`TEMPLATE_MIN_ROWS`: the task's template, shared by design (``items[i]`` is row ``i``'s)."""
+    counts: dict[str, Counter[Any]] = {}
+    for task, row in zip(tasks, items):
+        counts.setdefault(task, Counter()).update(row)
+    sizes = Counter(tasks)
+    return {task: {item for item, n in c.items() if n > template_df * sizes[task] and n >= TEMPLATE_MIN_ROWS}
+            for task, c in counts.items()}
+
+
+def contamination(train: list[Example], held_out: list[Example], ngram: int, threshold: float,
+                  template_df: float = 1.0) -> list[Flag]:
     """Train rows that leak a val/test row: the same prompt exactly, or at least ``threshold`` of
     the train row's word ``ngram``-grams occurring in some val/test row.
 
     N-grams come from the example-specific text (input and answer, or the instruction and
     answer when there is no input): an instruction shared by a whole task family would
-    otherwise make every row of that task look contaminated.
+    otherwise make every row of that task look contaminated. For the same reason a prompt or
+    n-gram that more than ``template_df`` of a task's rows hold (train and val/test together,
+    see :func:`frequent`) is the task's template and no evidence; a row with nothing else is not checked.
     """
+    every = train + held_out
+    tasks = [ex.task for ex in every]
+    template = frequent([{_prompt_key(ex)} for ex in every], tasks, template_df)
+    for task, grams in frequent([set(_windows(_specific_text(ex), ngram)) for ex in every], tasks,
+                                template_df).items():
+        template[task] |= grams
     # Train rows are checked in forked workers when there are many; each process builds the
     # val/test prompt index and n-gram set itself on first use, so the workers build them side by side.
-    return parallel.map_rows(_leaks, _LeakCheck(train, held_out, ngram, threshold), len(train))
+    return parallel.map_rows(_leaks, _LeakCheck(train, held_out, ngram, threshold, template), len(train))
 
 
 @dataclasses.dataclass
@@ -138,6 +164,7 @@ class _LeakCheck:
     held_out: list[Example]
     ngram: int
     threshold: float
+    template: dict[str, set[Any]]  # per task: its template prompt and n-grams, no evidence of a leak
 
     @functools.cached_property
     def prompts(self) -> dict[tuple[str, ...], str]:
@@ -155,11 +182,13 @@ def _leaks(check: _LeakCheck, task: tuple[int, int]) -> list[Flag]:
     prompts, held_grams, ngram, threshold = check.prompts, check.held_grams, check.ngram, check.threshold
     flags = []
     for ex in check.train[task[0]:task[1]]:
-        same = prompts.get(_prompt_key(ex))
+        template = check.template.get(ex.task, set())
+        key = _prompt_key(ex)
+        same = None if key in template else prompts.get(key)
         if same is not None:
             flags.append({"id": ex.id, "reason": "contamination_exact", "overlaps": same})
             continue
-        grams = set(_windows(_specific_text(ex), ngram))
+        grams = set(_windows(_specific_text(ex), ngram)) - template
         if grams:
             ratio = len(grams & held_grams) / len(grams)
             if ratio >= threshold:
