@@ -184,14 +184,17 @@ class TestSet:
     labels: dict[str, list[str]]  # label set of each classification task
     idx: dict[str, list[int]]  # each task's row positions
 
-    def outputs(self, preds: Sequence[Any], nll: Sequence[Any], tasks: Sequence[str]) -> dict[str, Any]:
-        """One arm's answers and reference NLLs (both by row position) as scoring's TaskOutputs per task."""
+    def outputs(self, preds: Sequence[Any], nll: Sequence[Any], tasks: Sequence[str],
+                loglik: Sequence[str | None] | None = None) -> dict[str, Any]:
+        """One arm's answers, reference NLLs and (causal LMs) loglik labels, all by row position, as
+        scoring's TaskOutputs per task."""
         from pipeline.evaluation import scoring
 
         return {t: scoring.TaskOutputs(self.task_types[t], [self.examples[self.rows[i]["id"]]["output"]
                                                             for i in self.idx[t]],
                                        [preds[i] for i in self.idx[t]], self.labels.get(t),
-                                       [nll[i][0] for i in self.idx[t]], [nll[i][1] for i in self.idx[t]])
+                                       [nll[i][0] for i in self.idx[t]], [nll[i][1] for i in self.idx[t]],
+                                       [loglik[i] for i in self.idx[t]] if loglik and t in self.labels else None)
                 for t in tasks}
 
 
@@ -269,9 +272,33 @@ def generate_arms(cfg: config.PipelineConfig, paths: Paths,
         predictions[name] = generate(model, tokenizer, [_prompt_ids(r) for r in rows], budgets, ev.batch_size,
                                      ev.stop_strings, desc=f"evaluate {name}", decode_batch_size=ev.decode_batch_size)
         nll = reference_nll(model, rows, tokenizer.pad_token_id, ev.batch_size)
+        by_loglik = loglik_labels(model, tokenizer, rows, test, ev.batch_size, name)
         del model
-        outputs[name] = test.outputs(predictions[name], nll, list(test.idx))
+        outputs[name] = test.outputs(predictions[name], nll, list(test.idx), by_loglik)
     return predictions, outputs
+
+
+def loglik_labels(model: Any, tokenizer: Any, rows: list[dict[str, Any]], test: "TestSet", batch_size: int,
+                  name: str) -> list[str | None]:
+    """Each classification row's most likely label (:mod:`pipeline.evaluation.loglik`); None elsewhere.
+    Its time goes to stdout: the cost beside generation."""
+    import time
+
+    from pipeline.evaluation import loglik
+
+    chosen = [i for i, r in enumerate(rows) if r["task"] in test.labels]
+    start = time.perf_counter()
+    picked = loglik.classify(model, tokenizer, [rows[i] for i in chosen],
+                             [test.examples[rows[i]["id"]]["output"] for i in chosen],
+                             [test.labels[rows[i]["task"]] for i in chosen], [_prompt_ids(rows[i]) for i in chosen],
+                             batch_size)
+    pairs = sum(len(test.labels[rows[i]["task"]]) for i in chosen)
+    print(f"evaluate {name}: loglik scoring of {len(chosen)} rows x labels ({pairs} prompt+label rows) "
+          f"took {time.perf_counter() - start:.2f}s", flush=True)
+    out: list[str | None] = [None] * len(rows)
+    for i, label in zip(chosen, picked):
+        out[i] = label
+    return out
 
 
 def add_encoder_arm(cfg: config.PipelineConfig, paths: Paths, test: TestSet, predictions: dict[str, list[Any]],
@@ -359,6 +386,8 @@ def _prediction_rows(rows: list[dict[str, Any]], references: dict[str, str], pre
             row[f"{name}_prediction"] = predictions[name][i]
             if ms.tasks[task].labels:  # classification: the label the answer was mapped to (or <unmatched>)
                 row[f"{name}_label"] = ms.tasks[task].labels[k]
+            if ms.tasks[task].labels_loglik:  # and the label it gives the most probability
+                row[f"{name}_label_loglik"] = ms.tasks[task].labels_loglik[k]
             row[f"{name}_scores"] = ms.tasks[task].per_example[k]
             if name in flags:
                 row[f"{name}_flags"] = flags[name][i]

@@ -47,7 +47,8 @@ def test_zero_shot_baseline_from_the_cli_without_a_tuned_model(tmp_path: Path, m
     rows = read_jsonl(out / "predictions.jsonl")
     assert len(rows) == len(read_jsonl(data / "rendered" / "test.jsonl"))
     topic = next(r for r in rows if r["task"] == "topic")
-    assert set(topic["base_scores"]) == {"correct", "unmatched"} and "base_label" in topic
+    assert set(topic["base_scores"]) == {"correct", "unmatched", "correct_loglik"} and "base_label" in topic
+    assert topic["base_label_loglik"] != "<unmatched>"  # loglik always picks one of the labels
     assert "tuned_prediction" not in topic
     for name in ("per_task.json", "confusion/topic_base.json", "plots/per_task.png", "plots/confusion_topic.png",
                  "report.md"):

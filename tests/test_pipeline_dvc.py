@@ -127,7 +127,8 @@ def test_metric_keys_per_model_and_task(smoke_repo: Path) -> None:
     assert set(metrics["encoder"]) == set(metrics["delta_tuned_vs_encoder"]) == {"topic"}  # classification only
     for model in ("base", "base_kshot", "tuned"):
         assert set(metrics[model]) == {"topic", "qa", "past_tense", "summary", "overall"}
-        assert {"accuracy", "macro_f1", "unmatched_rate", "perplexity"} <= set(metrics[model]["topic"])
+        assert {"accuracy", "macro_f1", "unmatched_rate", "perplexity", "accuracy_loglik",
+                "macro_f1_loglik"} <= set(metrics[model]["topic"])
         assert {"exact_match", "token_f1", "perplexity"} <= set(metrics[model]["qa"])
         assert {"rougeL", "rouge1", "rouge2", "bleu", "chrf"} <= set(metrics[model]["summary"])
     assert metrics["delta"]["topic"]["accuracy"] == pytest.approx(

@@ -40,10 +40,12 @@ def extract_label(prediction: str, labels: Sequence[str]) -> str:
     """Map a generated answer onto ``labels``, or return ``UNMATCHED``.
 
     The first non-empty line, stripped of whitespace, punctuation and quotes and
-    casefolded, is compared with the casefolded labels. Failing that, if exactly one
-    label occurs as a whole word anywhere in the prediction (case-insensitive), that
-    label is returned, so "The topic is Sports." gives "sports". Two or more labels
-    mentioned is ambiguous and gives ``UNMATCHED``: nothing is silently dropped.
+    casefolded, is compared with the casefolded labels. Failing that, the labels named
+    anywhere in the prediction as whole words (case-insensitive) are found; a label named
+    only inside a longer label's mention does not count ("very positive" names
+    "very positive", not also "positive"), so the longest label the answer names wins
+    and "The topic is Sports." gives "sports". Two or more labels named apart is
+    ambiguous and gives ``UNMATCHED``: nothing is silently dropped.
     """
     folded = {label.casefold(): label for label in labels}
     first_line = next((line for line in prediction.splitlines() if line.strip()), "")
@@ -52,12 +54,13 @@ def extract_label(prediction: str, labels: Sequence[str]) -> str:
         return folded[head]
     # Lookarounds rather than \b so labels that start or end with a non-word
     # character (e.g. "C++") still match as whole words.
-    hits = [
-        label
-        for label in labels
-        if label and re.search(rf"(?<!\w){re.escape(label)}(?!\w)", prediction, re.IGNORECASE)
-    ]
-    return hits[0] if len(hits) == 1 else UNMATCHED
+    spans = {label: [m.span() for m in re.finditer(rf"(?<!\w){re.escape(label)}(?!\w)", prediction, re.IGNORECASE)]
+             for label in labels if label}
+    spans = {label: found for label, found in spans.items() if found}
+    named = [label for label, found in spans.items()
+             if not all(any(a <= s0 and e0 <= b and (a, b) != (s0, e0) for other, longer in spans.items()
+                            if other != label for a, b in longer) for s0, e0 in found)]
+    return named[0] if len(named) == 1 else UNMATCHED
 
 
 def classification_scores(refs: Sequence[str], preds: Sequence[str], labels: Sequence[str]) -> dict:

@@ -31,9 +31,10 @@ from pipeline.evaluation import resampling as R
 # The score each task type is summarised by (bars, the overall mean); all are in [0, 1].
 PRIMARY = {"classification": "accuracy", "short_answer": "exact_match", "free_text": "rougeL"}
 # Per-example score -> the corpus metric that is its mean.
-_MEAN_OF = {"correct": "accuracy", "unmatched": "unmatched_rate"}
+_MEAN_OF = {"correct": "accuracy", "unmatched": "unmatched_rate", "correct_loglik": "accuracy_loglik"}
 # Corpus metric -> its per-example 0/1 score: exact intervals and exact paired tests.
-BINARY = {"accuracy": "correct", "unmatched_rate": "unmatched", "exact_match": "exact_match"}
+BINARY = {"accuracy": "correct", "unmatched_rate": "unmatched", "exact_match": "exact_match",
+          "accuracy_loglik": "correct_loglik"}
 # Per-example scores in [0, 1] whose mean is a metric (a degenerate bootstrap at 0 or 1 gets the exact bound).
 _BOUNDED = ("rouge1", "rouge2", "rougeL", "token_f1")
 # Below this many examples a cell (a task, a slice of a task) shows its count, not an interval or a p-value.
@@ -51,6 +52,7 @@ class TaskOutputs:
     labels: list[str] | None  # classification only
     nll: list[float]  # summed NLL of each reference completion
     tokens: list[int]  # its token count
+    loglik: list[str] | None = None  # classification, causal LMs: each row's most likely label (loglik.py)
 
 
 @dataclass
@@ -66,6 +68,8 @@ class TaskScores:
     confusion: dict[str, Any] | None = None
     per_class: dict[str, dict[str, Any]] | None = None
     task_type: str = ""
+    confusion_loglik: dict[str, Any] | None = None  # the confusion matrix of the loglik labels
+    labels_loglik: list[str] = field(default_factory=list)  # classification, causal LMs: the most likely label
 
 
 @dataclass
@@ -101,6 +105,9 @@ def score_task(out: TaskOutputs, idx: np.ndarray) -> TaskScores:
     per_example = [M.per_example_scores(out.task_type, r, p, out.labels) for r, p in zip(out.refs, out.preds)]
     corpus = M.corpus_scores(out.task_type, out.refs, out.preds, out.labels)
     values = {k: float(v) for k, v in corpus.items() if isinstance(v, (int, float))}
+    if out.loglik is not None and out.task_type == "classification":
+        for s, r, p in zip(per_example, out.refs, out.loglik):
+            s["correct_loglik"] = float(p == r)
     resampled = {_MEAN_OF.get(k, k): R.mean_of([s[k] for s in per_example], idx) for k in per_example[0]}
     perplexity = R.perplexity(out.nll, out.tokens)
     if perplexity is not None:  # no reference tokens (all empty): no perplexity, rather than NaN
@@ -112,6 +119,8 @@ def score_task(out: TaskOutputs, idx: np.ndarray) -> TaskScores:
             resampled[kind] = R.sacrebleu_of(kind, R.sacrebleu_stats(kind, out.refs, out.preds), idx)
     if out.task_type == "classification":
         _classification(out, corpus, idx, scores)
+        if out.loglik is not None:
+            _loglik(out, idx, scores)
     for k, stats in resampled.items():
         scores.intervals[k], scores.methods[k] = _interval(k, per_example, stats)
     return scores
@@ -144,6 +153,21 @@ def _classification(out: TaskOutputs, corpus: dict[str, Any], idx: np.ndarray, s
                 **{k: R.exact_interval(int(matrix[j, j]), int(totals[j])) for k, totals in exact.items()}}
         for j, label in enumerate(labels)
     }
+
+
+def _loglik(out: TaskOutputs, idx: np.ndarray, scores: TaskScores) -> None:
+    """Accuracy and macro-F1 of the loglik labels (resampled like the generated ones), and their matrix.
+    ``accuracy_loglik`` itself comes from the per-example ``correct_loglik`` (exact interval)."""
+    labels = list(out.labels or [])
+    corpus = M.classification_scores(out.refs, out.loglik or [], labels)
+    scores.values["accuracy_loglik"] = float(corpus["accuracy"])
+    scores.values["macro_f1_loglik"] = float(corpus["macro_f1"])
+    code = {label: i for i, label in enumerate(labels)} | {M.UNMATCHED: len(labels)}
+    matrices = R.confusion_of([code[r] for r in out.refs], [code[p] for p in out.loglik or []], len(labels) + 1, idx)
+    scores.resampled["macro_f1_loglik"] = R.macro_of(R.per_class_of(matrices, len(labels))["f1"], matrices,
+                                                     len(labels))
+    scores.confusion_loglik = corpus["confusion"]
+    scores.labels_loglik = list(out.loglik or [])
 
 
 def score_model(outputs: Mapping[str, TaskOutputs], indices: Mapping[str, np.ndarray]) -> ModelScores:
@@ -271,6 +295,8 @@ def intervals_json(scores: Mapping[str, ModelScores], deltas: Mapping[str, Any] 
         "intervals": intervals,
         "per_class": {m: {t: s.per_class for t, s in ms.tasks.items() if s.per_class} for m, ms in scores.items()},
         "confusion": {m: {t: s.confusion for t, s in ms.tasks.items() if s.confusion} for m, ms in scores.items()},
+        "confusion_loglik": {m: {t: s.confusion_loglik for t, s in ms.tasks.items() if s.confusion_loglik}
+                             for m, ms in scores.items()},
         "n": {t: len(s.per_example) for ms in scores.values() for t, s in ms.tasks.items()},
         "methods": {m: {t: s.methods for t, s in ms.tasks.items()} for m, ms in scores.items()},
         "min_n": MIN_N,
