@@ -175,7 +175,7 @@ def test_a_task_whose_rows_all_share_one_passage_is_pooled() -> None:
 
 @pytest.mark.skipif(not (SELF_INSTRUCT / "seed_tasks.jsonl").is_file(), reason="seed_tasks.jsonl not present")
 def test_seed_tasks_prepare_with_no_other_flag(tmp_path: Path) -> None:
-    report, parts = prepared(tmp_path, "data=local", f"data.path={SELF_INSTRUCT / 'seed_tasks.jsonl'}")
+    report, _ = prepared(tmp_path, "data=local", f"data.path={SELF_INSTRUCT / 'seed_tasks.jsonl'}")
     assert (report["loaded"], report["kept"]) == (175, 175)
     assert len(report["split"]["pooled_tasks"]) == 174 and report["split"]["pooled_rows"] == 175
     assert report["splits"] == {"train": 122, "val": 18, "test": 35}

@@ -211,8 +211,8 @@ def _group_by_problems(value: str) -> list[str]:
         return [] if value[3:] else ["data.group_by: re: needs a pattern after it"]
     if value in ("auto", "none", *GROUP_FIELDS) or (value.startswith("meta.") and value[5:]):
         return []
-    return [f"data.group_by: {value!r} is not one of auto, none, {', '.join(GROUP_FIELDS)}, meta.<column>, "
-            "re:<pattern>"]
+    allowed = f"auto, none, {', '.join(GROUP_FIELDS)}, meta.<column>, re:<pattern>"
+    return [f"data.group_by: {value!r} is not one of {allowed}"]
 
 
 @dataclass
