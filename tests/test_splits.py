@@ -139,9 +139,10 @@ def test_group_by_a_field_meta_column_or_regex() -> None:
         splits.split(rows, 0.1, 0.2, 0, "meta.nope")
 
 
-def test_auto_does_not_group_by_the_template_or_paraphrased_instructions() -> None:
-    # The embedded default: two instruction paraphrases per task, each in about half of the rows.
-    rows = embedded.generate(1234, 120)
+@pytest.mark.parametrize("n_per_task", [12, 120])  # +experiment=smoke's and the default's
+def test_auto_does_not_group_by_the_template_or_paraphrased_instructions(n_per_task: int) -> None:
+    # The embedded data: two instruction paraphrases per task, each in about half of the rows.
+    rows = embedded.generate(1234, n_per_task)
     assert side(splits.split(rows, 0.1, 0.2, 42, "auto", 0.3)) == side(splits.split(rows, 0.1, 0.2, 42, "none"))
     assert splits.plan(rows, 0.1, 0.2, 42, "auto", 0.3).stats["grouped_rows"] == 0
 
@@ -201,6 +202,13 @@ def test_a_real_leak_is_still_found_next_to_a_template() -> None:
     train.append(Example("leak", "t", "free_text", tpl, held[0].input, "Yes"))
     flags = dedup.contamination(train, held, ngram=8, threshold=0.5, template_df=0.3)
     assert [f["id"] for f in flags] == ["leak"]
+
+
+def test_a_prompt_shared_by_the_task_is_no_exact_leak() -> None:
+    held = [Example(f"h{i}", "t", "free_text", "Tell me a joke.", "", f"joke {i}") for i in range(3)]
+    train = [Example(f"r{i}", "t", "free_text", "Tell me a joke.", "", f"other joke {i}") for i in range(7)]
+    assert dedup.contamination(train, held, ngram=8, threshold=0.5, template_df=0.3) == []
+    assert len(dedup.contamination(train, held, ngram=8, threshold=0.5)) == 7  # template_df=1: no template
 
 
 @needs_shared

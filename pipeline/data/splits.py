@@ -5,9 +5,9 @@ several prompts, an article summarized twice. Were such rows split one by one, t
 would sit on both sides and evaluation would score recall, not reading. So rows are first
 grouped (``data.group_by``), and each group goes to one split, whole:
 
-- ``auto``: a row's context is its longest prompt line that is not the task's template
-  (see :func:`pipeline.data.dedup.frequent`); rows whose context is the same text, in any
-  task, form one group;
+- ``auto``: a row's context is its longest input line (prompt line, when the row has no
+  input) that is not the task's template (see :func:`pipeline.data.dedup.frequent`); rows
+  whose context is the same text, in any task, form one group;
 - a field name (``input``, ``instruction``, ``output`` or ``meta.<column>``): rows with the
   same non-empty value form one group;
 - ``re:<pattern>``: the pattern searched in the prompt; group 1 (or the whole match when the
@@ -118,12 +118,19 @@ def _key(value: Any) -> str | None:
 
 
 def _contexts(examples: list[Example], template_df: float) -> list[str | None]:
-    """Each row's longest non-template prompt line, when another row has the same one."""
-    lines = [{dedup.normalize(line) for line in dedup.prompt_text(ex).split("\n")} - {""} for ex in examples]
+    """Each row's longest non-template line of its input (of its prompt, when it has no input), when
+    another row has the same one."""
+    lines = [{dedup.normalize(line) for line in _context_text(ex).split("\n")} - {""} for ex in examples]
     template = dedup.frequent(lines, [ex.task for ex in examples], template_df)
     own = [max(sorted(ls - template[ex.task]), key=len, default=None) for ex, ls in zip(examples, lines)]
     shared = Counter(own)
     return [key if key is not None and shared[key] > 1 else None for key in own]
+
+
+def _context_text(ex: Example) -> str:
+    # The input is what a row is about; the instruction is the task's question (its paraphrases
+    # recur across rows by design). Without an input, the prompt holds both.
+    return ex.input if ex.messages is None and ex.input.strip() else dedup.prompt_text(ex)
 
 
 def _groups(examples: list[Example], keys: list[str | None]) -> list[list[Example]]:
