@@ -80,7 +80,7 @@ def render(prompt_cfg: config.PromptConfig, paths: Paths) -> dict[str, Any]:
     if prompt_cfg.eval_k_shot:
         report["kshot_arm"] = done[KSHOT][0]
     report["warnings"] = truncation_warnings({**report["splits"], **({KSHOT: done[KSHOT][0]} if prompt_cfg.eval_k_shot
-                                                                      else {})})
+                                                                      else {})}, prompt_cfg.truncate_side)
     for line in report["warnings"]:
         print(f"render: warning: {line}", flush=True)
     return _finish(report, paths.report, {split: done[split][1] for split in SPLITS}, paths.plot,
@@ -90,15 +90,15 @@ def render(prompt_cfg: config.PromptConfig, paths: Paths) -> dict[str, Any]:
 TRUNCATED_WARN = 0.05  # a task with more of its rows truncated than this gets a warning
 
 
-def truncation_warnings(reports: dict[str, dict[str, Any]]) -> list[str]:
+def truncation_warnings(reports: dict[str, dict[str, Any]], side: str = "end") -> list[str]:
     """One line per split and task whose share of truncated rows is over :data:`TRUNCATED_WARN`."""
+    hint = "raise prompt.max_length (or auto)" + (", or set prompt.truncate_side=middle" if side == "end" else "")
     out = []
     for split, r in reports.items():
         for task, c in r.get("truncated_by_task", {}).items():
             if c["rows"] and c["truncated"] / c["rows"] > TRUNCATED_WARN:
                 out.append(f"{split}: task {task}: {c['truncated']}/{c['rows']} rows "
-                           f"({c['truncated'] / c['rows']:.0%}) truncated; raise prompt.max_length "
-                           "(or auto), or set prompt.truncate_side=middle")
+                           f"({c['truncated'] / c['rows']:.0%}) truncated; {hint}")
     return out
 
 
