@@ -25,10 +25,7 @@ STARS = ["1 star", "2 stars", "3 stars", "4 stars", "5 stars"]
 
 class Bigram(torch.nn.Module):
     """logits(next | token) from a table: ``follows`` maps a token id to the id it strongly predicts.
-
-    Shaped like a transformers causal LM where the scorers look: ``base_model(...).last_hidden_state``,
-    ``get_output_embeddings()`` and ``model(input_ids=...).logits``.
-    """
+    Called as a transformers causal LM is by :func:`loglik.reference_loglik`: ``model(input_ids=...).logits``."""
 
     def __init__(self, vocab: int, follows: dict[int, int]):
         super().__init__()
@@ -43,12 +40,6 @@ class Bigram(torch.nn.Module):
                 self.embed.weight[token].zero_()
                 self.embed.weight[token, k] = 1.0
                 self.head.weight[follows[token], k] = 10.0
-
-    def base_model(self, input_ids: torch.Tensor, attention_mask=None, position_ids=None) -> SimpleNamespace:
-        return SimpleNamespace(last_hidden_state=self.embed(input_ids))
-
-    def get_output_embeddings(self) -> torch.nn.Module:
-        return self.head
 
     def forward(self, input_ids: torch.Tensor, attention_mask=None) -> SimpleNamespace:
         return SimpleNamespace(logits=self.head(self.embed(input_ids)))
@@ -87,10 +78,9 @@ def star_case(tokenizer) -> tuple[Bigram, list[int], list[list[int]]]:
 def test_star_rating_generation_is_unmatched_but_loglik_picks_the_right_label(tokenizer) -> None:
     model, prompt_ids, options = star_case(tokenizer)
     assert extract_label("★★★★☆", STARS) == UNMATCHED
-    scores = loglik.label_logliks(model, [prompt_ids], [options], tokenizer.pad_token_id, batch_size=2)
+    scores = [[loglik.reference_loglik(model, prompt_ids, option) for option in options]]
     assert loglik.argmax_labels(scores, [STARS]) == ["4 stars"]
-    for j, option in enumerate(options):  # the batched fast path equals the one-sequence definition
-        assert scores[0][j] == pytest.approx(loglik.reference_loglik(model, prompt_ids, option), abs=1e-4)
+    assert scores[0][3] > max(scores[0][:3] + scores[0][4:]) + 10  # far above every other label
     out = scoring.TaskOutputs("classification", ["4 stars"] * 12, ["★★★★☆"] * 12, STARS, [1.0] * 12, [1] * 12,
                               ["4 stars"] * 12)
     s = scoring.score_task(out, np.zeros((50, 12), dtype=int) + np.arange(12))
@@ -102,9 +92,11 @@ def test_star_rating_generation_is_unmatched_but_loglik_picks_the_right_label(to
 
 def test_batched_loglik_equals_the_reference_on_the_smoke_model(tokenizer, smoke_base: Path) -> None:
     model = load_causal_lm(smoke_base).eval()
-    prompts = [tokenizer(t)["input_ids"] for t in ("Topic?", "A much longer prompt about the world news today.")]
-    options = [loglik.label_ids(tokenizer, ["sports", "world", "sci tech"], "x", "x<|im_end|>")] * 2
-    batched = loglik.label_logliks(model, prompts, options, tokenizer.pad_token_id, batch_size=4)
+    texts = ("Topic?", "A much longer prompt about the world news today.", "Is it good?")
+    prompts = [tokenizer(t)["input_ids"] for t in texts]
+    topics = loglik.label_ids(tokenizer, ["sports", "world", "science and technology"], "x", "x<|im_end|>")
+    options = [topics, topics, loglik.label_ids(tokenizer, ["Yes", "No"], "x", "x<|im_end|>")]  # label sets differ
+    batched = loglik.label_logliks(model, prompts, options, tokenizer.pad_token_id, batch_size=2)
     for i, prompt in enumerate(prompts):
         for j, option in enumerate(options[i]):
             assert batched[i][j] == pytest.approx(loglik.reference_loglik(model, prompt, option), abs=1e-3)

@@ -8,10 +8,9 @@ the completion piece, so the reference label's ids are exactly the row's complet
 The argmax is the arm's label: a base model that answers ``★★★★☆`` still gets credit when
 it puts most probability on ``4 stars``.
 
-:func:`label_logliks` is the fast path: every (prompt, label) pair of a batch in one
-right-padded forward, the lm_head applied to the label positions only
-(:func:`pipeline.core.models.completion_loss`). :func:`reference_loglik` is its plain
-definition, one unpadded sequence and a full log-softmax; ``tests/test_loglik.py`` compares them.
+:func:`label_logliks` is the fast path: a batch of prompts run once into a KV cache, then every
+label of the batch in one more forward from the repeated cache. :func:`reference_loglik` is its
+plain definition, one unpadded sequence and a full log-softmax; ``tests/test_loglik.py`` compares them.
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ from typing import Any, Sequence
 
 import torch
 
-from pipeline.core.models import IGNORE_INDEX, completion_loss
+from pipeline.evaluation.batched_greedy import left_pad
 from pipeline.prompting.pieces import reference_encode
 
 
@@ -42,35 +41,52 @@ def reference_loglik(model: Any, prompt: Sequence[int], option: Sequence[int]) -
 
 def label_logliks(model: Any, prompts: Sequence[Sequence[int]], options: Sequence[Sequence[Sequence[int]]],
                   pad_id: int, batch_size: int) -> list[list[float]]:
-    """:func:`reference_loglik` of every option of every prompt (``options[i]`` are prompt ``i``'s labels),
-    ``batch_size`` prompt+label rows per forward, longest first so a batch pads little."""
-    pairs = [(i, j) for i, opts in enumerate(options) for j in range(len(opts))]
-    pairs.sort(key=lambda p: -(len(prompts[p[0]]) + len(options[p[0]][p[1]])))
-    out = [[0.0] * len(opts) for opts in options]
+    """:func:`reference_loglik` of every option of every prompt (``options[i]`` are prompt ``i``'s labels).
+
+    ``batch_size`` prompts at a time, longest first: each prompt is run once (left-padded, into a KV
+    cache), the cache is repeated once per label, and every label of the batch goes through one more
+    forward. So a row costs one prompt forward however many labels its task has.
+    """
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    out: list[list[float]] = [[] for _ in prompts]
     with torch.inference_mode():
-        for start in range(0, len(pairs), batch_size):
-            chunk = pairs[start:start + batch_size]
-            seqs = [(prompts[i], options[i][j]) for i, j in chunk]
-            ids, mask, labels = _right_pad(seqs, pad_id)
-            losses = completion_loss(model, ids, mask, labels, reduction="none")
-            for (i, j), part in zip(chunk, torch.split(losses, [len(c) for _, c in seqs])):
-                out[i][j] = -float(part.sum())
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            scores = _score_chunk(model, [prompts[i] for i in chunk], [options[i] for i in chunk], pad_id)
+            for i, row in zip(chunk, scores):
+                out[i] = row
     return out
 
 
-def _right_pad(seqs: Sequence[tuple[Sequence[int], Sequence[int]]],
-               pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Prompt+option rows, right-padded: ids, attention mask, and labels on the option's tokens only."""
-    width = max(len(p) + len(c) for p, c in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    labels = torch.full((len(seqs), width), IGNORE_INDEX, dtype=torch.long)
-    for row, (p, c) in enumerate(seqs):
-        n = len(p) + len(c)
-        ids[row, :n] = torch.tensor([*p, *c], dtype=torch.long)
-        mask[row, :n] = 1
-        labels[row, len(p):n] = torch.tensor(list(c), dtype=torch.long)
-    return ids, mask, labels
+def _score_chunk(model: Any, prompts: Sequence[Sequence[int]], options: Sequence[Sequence[Sequence[int]]],
+                 pad_id: int) -> list[list[float]]:
+    """Summed log-probs of each prompt's options: the prompts' forward, then the options' (see label_logliks)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    ids, mask = left_pad(prompts, pad_id)  # every prompt ends in the last column
+    first = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), cache=cache,
+                  use_cache=True, logits_to_keep=1).logits[:, -1]
+    owner = torch.tensor([k for k, opts in enumerate(options) for _ in opts])
+    cache.batch_select_indices(owner)
+    labels = [list(o) for opts in options for o in opts]
+    width = max(map(len, labels))
+    cont = torch.full((len(labels), width), pad_id, dtype=torch.long)
+    cont_mask = torch.zeros((len(labels), width), dtype=torch.long)
+    for row, label in enumerate(labels):  # right padding: a pad only follows a label, never precedes a token scored
+        cont[row, :len(label)] = torch.tensor(label, dtype=torch.long)
+        cont_mask[row, :len(label)] = 1
+    positions = mask.sum(dim=1)[owner, None] + torch.arange(width)[None]
+    logits = model(input_ids=cont, attention_mask=torch.cat([mask[owner], cont_mask], dim=1), position_ids=positions,
+                   cache=cache, use_cache=True).logits
+    # Token 0 of a label is predicted by the prompt's last position, token t by the label's token t-1.
+    logprobs = torch.cat([first[owner, None], logits[:, :-1]], dim=1).float().log_softmax(dim=-1)
+    sums = (logprobs.gather(2, cont[:, :, None])[:, :, 0] * cont_mask).sum(dim=1).tolist()
+    out, k = [], 0
+    for opts in options:
+        out.append(sums[k:k + len(opts)])
+        k += len(opts)
+    return out
 
 
 def argmax_labels(logliks: Sequence[Sequence[float]], labels: Sequence[Sequence[str]]) -> list[str]:
