@@ -21,6 +21,7 @@ code deps all come from ``dvc.yaml``: the two runners cannot drift apart.
 from __future__ import annotations
 
 import shlex
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -142,9 +143,27 @@ def job_context(hc: Any, cwd: Path) -> JobContext:
 
 
 def run_job(cfg: DictConfig) -> float | None:
-    """Hydra's task function: validate, run the stages, return the sweep metric's value."""
+    """Hydra's task function: validate, run the stages, return the sweep metric's value.
+
+    A failure a user can fix (bad config or data, a missing file) ends the job with one
+    ``pipeline: error: ...`` line and exit code 1, as the stages' own entry points do.
+    """
+    try:
+        return _job(cfg)
+    except Exception as err:  # noqa: BLE001 - sorted into known and unknown right below
+        message = cli.describe(err)
+        if message is None:
+            raise
+        print(f"pipeline: error: {message}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def _job(cfg: DictConfig) -> float | None:
     params: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
     pipeline_cfg = config.from_mapping(params, source="python -m pipeline")
+    missing = pipeline_cfg.data.missing_files(Path.cwd())  # before the first stage builds a model
+    if missing:
+        raise config.ConfigError(missing, "the data config")
     # Hydra 1.3 does not chdir into the job dir, so the cwd is where the user launched us.
     ctx = job_context(HydraConfig.get(), Path.cwd())
     metrics = run_pipeline(pipeline_cfg, ctx)

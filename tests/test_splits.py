@@ -244,6 +244,20 @@ def test_t0_experiment_without_the_shared_files_names_the_missing_path(tmp_path:
     assert len(info.value.problems) == 4 and not (tmp_path / "out").exists()
 
 
+def test_the_app_names_missing_data_files_before_any_stage_runs(tmp_path: Path) -> None:
+    """`python -m pipeline +experiment=t0` where ../shared is absent: one error line, no model built."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "+experiment=t0", f"hydra.run.dir={tmp_path / 'job'}"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "data.sources[0].path: ../shared/data/self-instruct/t0/" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "outputs" / "cache").exists()  # base_model never started
+
+
 # --- config -----------------------------------------------------------------------
 
 
