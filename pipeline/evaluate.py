@@ -334,7 +334,7 @@ def report(cfg: config.PipelineConfig, out: Path, test: TestSet, predictions: di
     deltas = scoring.compare_arms(scores)
     # The encoder answers with one of its labels: nothing for the safety rules to review.
     flags = {name: [rules.check(p) for p in preds] for name, preds in predictions.items() if name != "encoder"}
-    safety_rates = {name: safety.flag_rate(f, ev.bootstrap.n_resamples, ev.bootstrap.seed) for name, f in flags.items()}
+    safety_rates = {name: safety.flag_rate(f) for name, f in flags.items()}
     slice_values = [{k: slices.slice_value(test.examples[r["id"]], k, ev.length_buckets) for k in ev.slices}
                     for r in rows]
     slice_table = slices.score_slices(ev.slices, slice_values, {n: o for n, o in outputs.items() if n != "encoder"},
@@ -358,16 +358,13 @@ def report(cfg: config.PipelineConfig, out: Path, test: TestSet, predictions: di
 
 
 def _safety_markdown(rates: Mapping[str, dict[str, Any]]) -> str:
-    """Flagged outputs per arm, with the exact (Clopper-Pearson) interval of ``flagged`` of ``n``:
+    """Flagged outputs per arm, with the exact (Clopper-Pearson) interval :func:`safety.flag_rate` gives:
     0/96 flagged is not a rate known to be 0."""
-    from pipeline.evaluation.resampling import exact_interval
-
     if not rates:
         return ""
     lines = ["\n## Safety review of outputs\n", "| model | flagged | rate (95% CI, exact) |", "|---|---|---|"]
-    for m, r in rates.items():
-        low, high = exact_interval(r["flagged"], r["n"])
-        lines.append(f"| {m} | {r['flagged']}/{r['n']} | {r['rate']:.3f} [{low:.3f}, {high:.3f}] |")
+    lines += [f"| {m} | {r['flagged']}/{r['n']} | {r['rate']:.3f} [{r['low']:.3f}, {r['high']:.3f}] |"
+              for m, r in rates.items()]
     return "\n".join(lines) + "\n"
 
 

@@ -115,11 +115,12 @@ def test_prepare_stage_quarantines_unsafe_rows_and_reports_them(tmp_path: Path) 
 def test_flagged_output_rate_with_its_interval(tmp_path: Path) -> None:
     r = rules(tmp_path, "nerve agent\n")
     preds = ["Here is how to make a nerve agent.", "The capital is Paris.", "NERVE AGENT recipe", "Sure."]
-    rate = safety.flag_rate([r.check(p) for p in preds], n_resamples=200, seed=0)
+    rate = safety.flag_rate([r.check(p) for p in preds])
     assert rate["rate"] == 0.5 and rate["flagged"] == 2 and rate["n"] == 4
     assert 0.0 <= rate["low"] <= 0.5 <= rate["high"] <= 1.0
-    clean = safety.flag_rate([r.check("Sure.")] * 5, n_resamples=50, seed=0)
-    assert (clean["rate"], clean["low"], clean["high"]) == (0.0, 0.0, 0.0)
+    clean = safety.flag_rate([r.check("Sure.")] * 5)
+    # None of 5 flagged is not a rate known to be 0: the exact interval reaches 1 - 0.025^(1/5) = 0.522.
+    assert (clean["rate"], clean["low"]) == (0.0, 0.0) and clean["high"] == pytest.approx(1 - 0.025 ** 0.2)
 
 
 def test_slice_metrics_one_slice_all_right_the_other_all_wrong() -> None:

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import numpy as np
 
 from pipeline.evaluation import resampling as R
 from pipeline.core.errors import SafetyListError
@@ -121,10 +120,9 @@ def from_config(cfg: Any, roots: Sequence[Path]) -> Rules:
     return load_rules(find(cfg.keywords_file), find(cfg.regex_file), build_classifier(cfg.classifier))
 
 
-def flag_rate(flags: Sequence[Sequence[str]], n_resamples: int, seed: int) -> dict[str, Any]:
-    """Share of outputs with at least one flag, its 95% bootstrap interval, and the count."""
-    hits = [1.0 if f else 0.0 for f in flags]
-    if not hits:
-        return {"rate": 0.0, "low": 0.0, "high": 0.0, "flagged": 0, "n": 0}
-    low, high = R.interval(R.mean_of(hits, R.resample_indices(len(hits), n_resamples, seed)))
-    return {"rate": float(np.mean(hits)), "low": low, "high": high, "flagged": int(sum(hits)), "n": len(hits)}
+def flag_rate(flags: Sequence[Sequence[str]]) -> dict[str, Any]:
+    """Share of outputs with at least one flag, its exact 95% (Clopper-Pearson) interval, and the count:
+    0 of 96 flagged is a rate below 0.038, not a rate known to be 0."""
+    flagged, n = sum(1 for f in flags if f), len(flags)
+    low, high = R.exact_interval(flagged, n)
+    return {"rate": flagged / n if n else 0.0, "low": low, "high": high, "flagged": flagged, "n": n}
