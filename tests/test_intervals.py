@@ -185,7 +185,9 @@ def test_evaluate_writes_null_for_nan_and_an_exact_safety_interval(tmp_path) -> 
     evaluate._write(tmp_path, {"m": {"t": {"perplexity": float("nan")}}}, {"x": [float("inf")]}, [{"s": float("nan")}])
     assert json.loads((tmp_path / "metrics.json").read_text()) == {"m": {"t": {"perplexity": None}}}
     assert "NaN" not in (tmp_path / "intervals.json").read_text() + (tmp_path / "predictions.jsonl").read_text()
-    text = evaluate._safety_markdown({"tuned": {"rate": 0.0, "low": 0.0, "high": 0.0, "flagged": 0, "n": 96}})
+    from pipeline.data import safety
+
+    text = evaluate._safety_markdown({"tuned": safety.flag_rate([[]] * 96)})  # 96 answers, none flagged
     assert "| tuned | 0/96 | 0.000 [0.000, 0.038] |" in text  # not [0.000, 0.000]
 
 
