@@ -2,7 +2,7 @@
 
 ``python -m pipeline -m trainer.lr=1e-4,3e-4 finetune.lora.r=8,16`` is a multirun: a
 grid with Hydra's basic sweeper, or whatever ``hydra/sweeper=`` and ``hydra/launcher=``
-select (``optuna_eval``, ``joblib``, ``submitit_slurm``; see the README). Each job writes
+select (``optuna_eval``, ``joblib``, ``submitit_slurm``; see docs/experiments.md). Each job writes
 training and evaluation outputs to its own Hydra job directory (``outputs/<date>/<time>/``
 or ``multirun/<date>/<time>/<job>/``); the outputs of ``base_model``, ``prepare`` and
 ``render`` are content-addressed under ``outputs/cache/`` and shared by every job with the
@@ -114,6 +114,8 @@ def run_pipeline(cfg: config.PipelineConfig, ctx: JobContext) -> dict[str, Any]:
     write_json(ctx.job_dir / "stages.json", {name: str(path) for name, path in homes.items()})
     homes.update(train=ctx.job_dir, evaluate=ctx.job_dir)
     summary = train.run(cfg, table.paths("train", homes), ctx.tracking)
+    if not summary:  # a DDP rank other than 0 (Lightning relaunches the app per device): rank 0 evaluates
+        return {}
     _tag_job(ctx, summary["run_id"])
     return evaluate.run(cfg, table.paths("evaluate", homes), ctx.tracking)
 
@@ -167,7 +169,7 @@ def _job(cfg: DictConfig) -> float | None:
     # Hydra 1.3 does not chdir into the job dir, so the cwd is where the user launched us.
     ctx = job_context(HydraConfig.get(), Path.cwd())
     metrics = run_pipeline(pipeline_cfg, ctx)
-    if ctx.objective is None:
+    if ctx.objective is None or not metrics:
         return None
     if not ctx.sweeping and ctx.objective.metric not in eval_metrics(metrics):
         return None  # e.g. eval.models=[base] in a single run: nothing to optimize, nothing wrong

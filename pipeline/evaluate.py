@@ -5,8 +5,8 @@ template the tuned model was trained with differs from the one that rendered the
 prompts. ``eval.models: [base]`` is a zero-shot baseline that needs no trained model
 (``--tuned`` may then be left out) and gets its own MLflow run. Writes to ``--out``:
 ``metrics.json`` (DVC metrics: per task and overall, for each model and the tuned-minus-base
-delta), ``intervals.json`` (95% bootstrap intervals of every metric, paired deltas with
-p-values, per-class scores, confusion matrices), ``predictions.jsonl``, ``report.md``,
+delta), ``intervals.json`` (95% intervals of every metric, exact for 0/1 metrics and
+bootstrap otherwise, paired deltas with p-values, per-class scores, confusion matrices), ``predictions.jsonl``, ``report.md``,
 PNG plots in ``plots/`` and DVC plot data (``per_task.json``, ``confusion/<task>_<model>.json``);
 logs the same into MLflow. The ``encoder`` arm (``--encoder``, trained by train_encoder beside
 the causal LM) answers with its argmax labels, scored by the same code on the same test rows
@@ -206,6 +206,7 @@ def run(cfg: config.PipelineConfig, paths: Paths, tracking: Tracking | None) -> 
     run for a zero-shot baseline; the run is open while evaluation works, and ends FAILED or
     KILLED if it does not finish.
     """
+    stage_run.sigterm_outside(lambda: False)  # SIGTERM ends the reopened run KILLED and exits 143
     rules = safety.from_config(cfg.safety, search_roots())
     template_hash = check_inputs(cfg, paths)
     test = load_test_set(cfg, paths)
@@ -488,7 +489,7 @@ def _log_mlflow(tracking: Tracking, run_id: str, metrics: dict, pred_rows: list,
 def _log_prepare_safety(prepared: Path) -> None:
     """What prepare's safety filter quarantined, in the run that evaluates the model trained on the rest.
 
-    (Train, not this stage, opens the run; logging here keeps the filter visible in MLflow.)
+    (Logged into the run evaluate writes to, usually train's: the filter stays visible beside the scores.)
     """
     import mlflow
 

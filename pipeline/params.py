@@ -64,7 +64,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{line}: run `python -m pipeline.params`", file=sys.stderr)
         return 1 if stale else 0
     out.write_text(dump(params), encoding="utf-8")
-    args.dvc_yaml.write_text(derived, encoding="utf-8")
+    if args.out == "params.yaml":  # composing elsewhere (--out X) leaves the pipeline alone
+        args.dvc_yaml.write_text(derived, encoding="utf-8")
     return 0
 
 

@@ -149,10 +149,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     params, paths = cli.parse(__doc__, Paths, argv)
     report = run(config.load(params), paths)
     for split, r in report["splits"].items():
-        share = f"{r['loss_token_fraction']:.1%} loss-bearing" if "loss_token_fraction" in r else \
-            f"skipped (not classification): {r['skipped'] or 'none'}"
-        print(f"render: {split}: {r['rows']} rows, {r['tokens']} tokens, "
-              f"{share}, {r['truncated']} truncated, {r['dropped']} dropped")
+        print(f"render: {split}: {r['rows']} rows, {r['tokens']} tokens, {r['loss_token_fraction']:.1%} "
+              f"loss-bearing, {r['truncated']} truncated, {r['dropped']} dropped")
     return 0
 
 

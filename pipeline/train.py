@@ -27,6 +27,10 @@ from pipeline.tracking.runs import Tracking
 from pipeline.training import fit
 
 
+# The params sections dvc.yaml's train stage tracks: what config.yaml beside the weights records.
+OWN_SECTIONS = ("finetune", "trainer", "seed", "tracking")
+
+
 @dataclass(frozen=True)
 class Paths:
     rendered: Path = cli.field("render stage output directory")
@@ -40,8 +44,10 @@ def fingerprint(params: dict[str, Any], rendered: Path, base_model: Path) -> str
     """What a checkpoint must match to be resumed: training config, data and base weights."""
     relevant = json.dumps({k: params.get(k) for k in ("finetune", "trainer", "seed")}, sort_keys=True)
     data = hash_files([rendered / "train.jsonl", rendered / "val.jsonl"])
-    # A missing base file is reported by the model load that follows, as a one-line error in an open run.
-    weights = hash_files([f for f in (base_model / "config.json", base_model / "model.safetensors") if f.exists()])
+    # Every weight shard counts; a missing file is reported by the model load that follows, as a
+    # one-line error in an open run.
+    weights = hash_files([f for f in [base_model / "config.json", *sorted(base_model.glob("*.safetensors*"))]
+                          if f.exists()])
     return hashlib.sha256(f"{relevant}|{data}|{weights}".encode()).hexdigest()
 
 
@@ -111,7 +117,8 @@ def run(cfg: config.PipelineConfig, paths: Paths, tracking: Tracking) -> dict[st
 
     fit.quiet_lightning()
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # the one place global RNGs are seeded
-    params = config.to_dict(cfg)
+    params = config.to_dict(cfg)  # logged to MLflow whole; saved with the weights: the sections train reads
+    own = {k: params[k] for k in OWN_SECTIONS}
     template = read_json(paths.rendered / "template.json")
     fitting = [False]
     stage_run.sigterm_outside(lambda: fitting[0])
@@ -133,13 +140,13 @@ def run(cfg: config.PipelineConfig, paths: Paths, tracking: Tracking) -> dict[st
             mlf.locked_write(tracking.uri, lambda: client.set_terminated(run_id, status))
 
     with stage_run.closing(terminate):  # opened before anything that can fail: the model, the data, the fit
-        tokenizer, model = build(cfg, paths.base_model)
-        result = _fit(cfg, paths, model, tokenizer, tracking, run_id, resume is not None, fitting)
+        tokenizer, model, counts = build(cfg, paths.base_model)
+        result = _fit(cfg, paths, model, tokenizer, tracking, run_id, resume is not None, fitting, counts)
         if result is None:  # a DDP rank other than 0: rank 0 saves and logs
             return {}
         summary, weights = result
         _name_base(model, cfg)
-        fit.save(paths.out, model, _weights(cfg), params, {"template.json": template, "summary.json": summary},
+        fit.save(paths.out, model, _weights(cfg), own, {"template.json": template, "summary.json": summary},
                  tokenizer=tokenizer if cfg.finetune.method != "lora" else None, state_dict=weights)
         _log(client, tracking.uri, run_id, paths, cfg)  # type: ignore[arg-type]
     shutil.rmtree(paths.checkpoints, ignore_errors=True)  # finished: nothing left to resume
@@ -165,8 +172,9 @@ def _weights(cfg: config.PipelineConfig) -> str:
     return "adapter" if cfg.finetune.method == "lora" else "model"
 
 
-def build(cfg: config.PipelineConfig, base_model: Path) -> tuple[Any, Any]:
-    """The tokenizer, and the base model with its LoRA adapter (or all weights) trainable."""
+def build(cfg: config.PipelineConfig, base_model: Path) -> tuple[Any, Any, tuple[int, int]]:
+    """The tokenizer, the base model with its LoRA adapter (or all weights) trainable, and its
+    (trainable, total) parameter counts, taken before a strategy can shard them."""
     from pipeline.core.models import apply_finetune, check_tokenizer, load_causal_lm, load_tokenizer
     from pipeline.training.module import prepare_for_batching
 
@@ -177,11 +185,12 @@ def build(cfg: config.PipelineConfig, base_model: Path) -> tuple[Any, Any]:
     prepare_for_batching(model, cfg.trainer)
     n_trainable, total = fit.trainable(model)
     print(f"train: {cfg.finetune.method}, {n_trainable:,} trainable of {total:,} parameters", flush=True)
-    return tokenizer, model
+    return tokenizer, model, (n_trainable, total)
 
 
 def _fit(cfg: config.PipelineConfig, paths: Paths, model: Any, tokenizer: Any, tracking: Tracking,
-         run_id: str | None, resume: bool, fitting: list[bool]) -> tuple[dict[str, Any], Any] | None:
+         run_id: str | None, resume: bool, fitting: list[bool],
+         counts: tuple[int, int]) -> tuple[dict[str, Any], Any] | None:
     """Fit (resuming from ``last.ckpt`` when ``resume``); return the summary and, under FSDP, the
     gathered weights, or None on a rank other than 0."""
     from lightning.pytorch.callbacks import ModelCheckpoint
@@ -210,7 +219,7 @@ def _fit(cfg: config.PipelineConfig, paths: Paths, model: Any, tokenizer: Any, t
     if not trainer.is_global_zero:
         return None
     curve.write()  # also when a resumed run had nothing left to do
-    n_trainable, total = fit.trainable(model)
+    n_trainable, total = counts
     print(f"train: fit in {seconds:.0f}s", flush=True)
     state = {k.removeprefix("model."): v for k, v in weights.items()} if weights is not None else None
     return fit.summary(trainer, curve, method=cfg.finetune.method, trainable_parameters=n_trainable,

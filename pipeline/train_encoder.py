@@ -56,7 +56,7 @@ def run(cfg: config.PipelineConfig, paths: Paths, tracking: Tracking | None) -> 
         return skip(paths.out, paths.curves, "encoder.enabled is false (encoder=none)")
     labels = encoder.label_map(splits)
     if not labels["labels"]:
-        return skip(paths.out, paths.curves, f"{paths.prepared / 'train.jsonl'} has no classification task")
+        return skip(paths.out, paths.curves, "the prepared train split has no classification task")
 
     import lightning as L
     from mlflow.tracking import MlflowClient

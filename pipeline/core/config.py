@@ -433,6 +433,9 @@ class EncoderConfig:
             out.append("encoder.finetune.method: the encoder arm trains all weights; use full")
         if self.trainer.batching == "packed":
             out.append("encoder.trainer.batching: packed rows are for causal LMs; use dynamic or length_grouped")
+        if isinstance(self.trainer.devices, int) and self.trainer.devices > 1:
+            out.append(f"encoder.trainer.devices: {self.trainer.devices}; the encoder arm (a small model) trains on "
+                       "one device, whatever the causal LM uses")
         out += _int_at_least("encoder.max_length", self.max_length, 8)
         return out
 

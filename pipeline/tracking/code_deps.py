@@ -113,12 +113,12 @@ def sync_dvc_yaml(text: str, wanted: dict[str, list[str]]) -> str:
     """``dvc.yaml``'s text with each stage's ``pipeline/`` deps replaced by ``wanted[stage]``.
 
     A textual edit, so that comments and the order of everything else survive: the code
-    lines of each stage's ``deps:`` list are removed and the derived ones written where
-    the first of them stood (or at the top of the list).
+    lines of each stage's ``deps:`` list (with any comment on them) are removed and the
+    derived ones written at the top of the list.
     """
     lines, out, stage, in_deps = text.split("\n"), [], None, False
     for line in lines:
-        top = re.match(r"^  (\w+):\s*$", line)
+        top = re.match(r"^  ([\w.-]+):\s*$", line)
         if top:
             stage, in_deps = top.group(1), False
         if stage in wanted and re.match(r"^    deps:\s*$", line):

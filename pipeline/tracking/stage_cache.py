@@ -1,7 +1,7 @@
 """Content-addressed outputs of the stages every job of a sweep shares.
 
 A sweep over ``trainer.lr`` should tokenize once. The Hydra app (:mod:`pipeline.app`)
-keeps the outputs of ``base_model``, ``prepare`` and ``render`` under
+keeps the outputs of ``base_model``, ``prepare``, ``render`` and ``train_encoder`` under
 ``<cache>/<stage>/<key>/``, where the key hashes exactly what DVC would track for that
 stage: its params sections, its code and the keys of the stages it reads from. Those
 lists are read from ``dvc.yaml`` (the one place they are written), so the cache and

@@ -76,6 +76,12 @@ def find_model_run(client: Any, experiment: str, digest: str, job_dir: str | Non
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return None
-    runs = client.search_runs([exp.experiment_id], f"tags.`{DIGEST_TAG}` = '{digest}'",
-                              order_by=["attributes.start_time DESC"], max_results=200)
-    return next((r.info.run_id for r in runs if r.data.tags.get(JOB_TAG) == job_dir), None)
+    query = f"tags.`{DIGEST_TAG}` = '{digest}'" + (f" and tags.`{JOB_TAG}` = '{job_dir}'" if job_dir else "")
+    token = None
+    while True:  # DVC's run is the newest without a job tag, however many app jobs made the same bytes
+        page = client.search_runs([exp.experiment_id], query, order_by=["attributes.start_time DESC"],
+                                  max_results=200, page_token=token)
+        found = next((r.info.run_id for r in page if r.data.tags.get(JOB_TAG) == job_dir), None)
+        if found is not None or not page.token:
+            return found
+        token = page.token

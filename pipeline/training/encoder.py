@@ -1,4 +1,4 @@
-"""Sequence classification with an encoder (``model.kind=sequence_classification``).
+"""Sequence classification with an encoder: the encoder arm (``encoder.model``, kind ``sequence_classification``).
 
 What the encoder path needs besides the shared stages: the text an encoder reads, the
 label map (taken from the train split), tokenized rows, the model with its label head,
@@ -22,7 +22,6 @@ if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel
 
-KIND = "sequence_classification"
 LABELS_FILE = "labels.json"
 # What train_encoder writes instead of a model when the arm is off or the data has no
 # classification task: {"reason": ...}; evaluate then skips the encoder arm.
