@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 
-from pipeline.evaluation import resampling as R
 from pipeline.core.errors import SafetyListError
 
 Classifier = Callable[[str], "str | None"]
@@ -123,6 +122,8 @@ def from_config(cfg: Any, roots: Sequence[Path]) -> Rules:
 def flag_rate(flags: Sequence[Sequence[str]]) -> dict[str, Any]:
     """Share of outputs with at least one flag, its exact 95% (Clopper-Pearson) interval, and the count:
     0 of 96 flagged is a rate below 0.038, not a rate known to be 0."""
+    from pipeline.evaluation.resampling import exact_interval  # scipy: only evaluate needs it, not prepare
+
     flagged, n = sum(1 for f in flags if f), len(flags)
-    low, high = R.exact_interval(flagged, n)
+    low, high = exact_interval(flagged, n)
     return {"rate": flagged / n if n else 0.0, "low": low, "high": high, "flagged": flagged, "n": n}
