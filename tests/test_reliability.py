@@ -64,6 +64,7 @@ def test_missing_base_model_file(smoke_dir: Path) -> None:
     assert not (smoke_dir / "out-missing").exists()
 
 
+@pytest.mark.slow  # a training subprocess and its MLflow store, end to end
 def test_a_corrupt_adapter_fails_evaluate_in_one_line_and_marks_its_run_failed(smoke_dir: Path) -> None:
     """Evaluate opens its MLflow run before anything that can fail: a failure ends it FAILED, not FINISHED."""
     from mlflow.tracking import MlflowClient
@@ -82,6 +83,7 @@ def test_a_corrupt_adapter_fails_evaluate_in_one_line_and_marks_its_run_failed(s
     assert not (smoke_dir / "eval-corrupt").exists()
 
 
+@pytest.mark.slow  # a training subprocess and its MLflow store, end to end
 def test_a_diverging_training_run_stops_in_one_line_and_marks_its_run_failed(smoke_dir: Path) -> None:
     """A finite but absurd learning rate blows the loss up: the stage stops at that step (exit 1, one
     line naming it) instead of training on to max_steps and exiting 0 with NaN weights."""

@@ -107,6 +107,7 @@ def test_sigterm_checkpoints_and_marks_the_run_killed(workdir: Path) -> None:
     assert not (workdir / "term/model").exists()
 
 
+@pytest.mark.slow  # a training subprocess and its MLflow store, end to end
 def test_train_encoder_sigterm_exits_143_and_marks_its_run_killed(workdir: Path) -> None:
     """The encoder arm's stage stops like train: exit code 143 (not Lightning's 0) and its run KILLED."""
     from mlflow.tracking import MlflowClient
