@@ -68,3 +68,19 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         report.outcome = "failed"
         report.longrepr = f"CI=true and a slow test skipped (install what it needs in .ci/run): {reason}"
+
+
+@pytest.fixture(scope="session")
+def tokenizer(smoke_base: Path):
+    """The smoke model's tokenizer (SmolLM2's real one), as transformers loads it."""
+    from pipeline.core.models import load_tokenizer
+
+    return load_tokenizer(smoke_base)
+
+
+@pytest.fixture(scope="session")
+def chat(tokenizer, smoke_cfg: PipelineConfig):
+    """The smoke config's chat template over that tokenizer."""
+    from pipeline.prompting.templates import make_template
+
+    return make_template(smoke_cfg.prompt, tokenizer.chat_template, tokenizer.bos_token, tokenizer.eos_token)

@@ -13,7 +13,7 @@ import pytest
 from conftest import SHARED
 from pipeline.data.formats import load_file
 from pipeline.data.schema import DataError
-from pipeline.core.models import IGNORE_INDEX, load_tokenizer
+from pipeline.core.models import IGNORE_INDEX
 from pipeline.params import compose
 from pipeline.core.config import from_mapping
 from pipeline.prompting.templates import PromptError, make_template, segments
@@ -29,11 +29,6 @@ SHAREGPT = {"id": "c1", "conversations": [{"from": {"user": "human", "assistant"
                                           for r, t in TURNS]}
 OPENAI = {"id": "c2", "messages": [{"role": "system", "content": "Be terse."}] +
           [{"role": r, "content": t} for r, t in TURNS[:4]]}
-
-
-@pytest.fixture(scope="module")
-def tokenizer(smoke_base: Path):
-    return load_tokenizer(smoke_base)
 
 
 def template(tokenizer, option: str = "chat", **changes):

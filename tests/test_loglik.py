@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from pipeline.core.files import read_jsonl
-from pipeline.core.models import IGNORE_INDEX, load_causal_lm, load_tokenizer
+from pipeline.core.models import IGNORE_INDEX, load_causal_lm
 from pipeline.evaluation import loglik, scoring
 from pipeline.evaluation.metrics import UNMATCHED, extract_label
 
@@ -43,11 +43,6 @@ class Bigram(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask=None) -> SimpleNamespace:
         return SimpleNamespace(logits=self.head(self.embed(input_ids)))
-
-
-@pytest.fixture(scope="module")
-def tokenizer(smoke_base: Path):
-    return load_tokenizer(smoke_base)
 
 
 def test_extraction_takes_the_longest_label_the_answer_names() -> None:

@@ -10,8 +10,8 @@ import pytest
 
 from pipeline import render
 from pipeline.core.files import read_json, read_jsonl, write_jsonl
-from pipeline.core.models import IGNORE_INDEX, load_tokenizer
-from pipeline.prompting.templates import Template, make_template
+from pipeline.core.models import IGNORE_INDEX
+from pipeline.prompting.templates import Template
 from pipeline.prompting.templates import render as render_text
 from pipeline.prompting.rows import tokenize_split
 
@@ -22,16 +22,6 @@ def example(i: int, output: str = "positive", input: str = "The food was great."
 
 
 EXAMPLES = [example(0), example(1, "negative", "Cold soup, rude staff."), example(2, "It is fine.", "")]
-
-
-@pytest.fixture(scope="module")
-def tokenizer(smoke_base: Path):
-    return load_tokenizer(smoke_base)
-
-
-@pytest.fixture(scope="module")
-def chat(tokenizer, smoke_cfg) -> Template:
-    return make_template(smoke_cfg.prompt, tokenizer.chat_template, tokenizer.bos_token, tokenizer.eos_token)
 
 
 def ids(tokenizer, text: str, special: bool = True) -> list[int]:

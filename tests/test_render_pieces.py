@@ -32,11 +32,6 @@ from pipeline.prompting import pieces
 from pipeline.prompting.rows import _append
 
 @pytest.fixture(scope="module")
-def tokenizer(smoke_base: Path):
-    return load_tokenizer(smoke_base)
-
-
-@pytest.fixture(scope="module")
 def prepared(tmp_path_factory: pytest.TempPathFactory, smoke_cfg) -> dict[str, list[dict]]:
     out = tmp_path_factory.mktemp("pieces")
     data = dataclasses.replace(smoke_cfg.data, n_per_task=250)  # the embedded default's tasks, 1000 examples

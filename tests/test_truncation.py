@@ -32,16 +32,6 @@ def example(i: int, input: str = WORDS, output: str = "positive", task: str = "s
             "instruction": "Classify the sentiment of the review.", "input": input, "output": output}
 
 
-@pytest.fixture(scope="module")
-def tokenizer(smoke_base: Path):
-    return load_tokenizer(smoke_base)
-
-
-@pytest.fixture(scope="module")
-def chat(tokenizer, smoke_cfg) -> Template:
-    return make_template(smoke_cfg.prompt, tokenizer.chat_template, tokenizer.bos_token, tokenizer.eos_token)
-
-
 def reference_row(tokenizer, ex: dict, template: Template, shots=()) -> tuple[list[int], str]:
     """Ids of the whole rendered text through the tokenizer's own call, and the prompt text."""
     parts = segments(ex, template, shots)
