@@ -20,6 +20,7 @@ code deps all come from ``dvc.yaml``: the two runners cannot drift apart.
 
 from __future__ import annotations
 
+import importlib
 import shlex
 import sys
 from dataclasses import dataclass
@@ -41,8 +42,6 @@ from pipeline.tracking.code_deps import stage_entry
 from pipeline.tracking.sweeps import Objective, Parent, eval_metrics, objective_value, read_parent
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-STAGES = {"base_model": base_model, "prepare": prepare, "render": render, "train_encoder": train_encoder,
-          "train": train, "evaluate": evaluate}
 SHARED_STAGES = ("base_model", "prepare", "render", "train_encoder")  # built once per inputs, in this order
 
 
@@ -65,18 +64,19 @@ class StageTable:
 
     args: dict[str, list[str]]  # stage -> its cmd's arguments after ``python -m pipeline.<stage>``
     owner: dict[str, str]  # path -> the stage that writes it (a path in its cmd, not among its deps)
+    entry: dict[str, str]  # stage -> the module its cmd runs (``pipeline.<stage>``)
 
     @classmethod
     def read(cls, dvc_yaml: Path) -> "StageTable":
         stages = yaml.safe_load(dvc_yaml.read_text(encoding="utf-8"))["stages"]
-        args, owner = {}, {}
+        args, owner, entries = {}, {}, {}
         for name, st in stages.items():
             words = shlex.split(" ".join(str(st["cmd"]).split()))
-            entry = stage_entry(" ".join(words))
-            args[name] = words[words.index(entry) + 1:] if entry in words else []
+            entries[name] = stage_entry(" ".join(words))
+            args[name] = words[words.index(entries[name]) + 1:] if entries[name] in words else []
             deps = {d if isinstance(d, str) else next(iter(d)) for d in st.get("deps", [])}
             owner.update({w: name for w in args[name][1::2] if w not in deps})
-        return cls(args, owner)
+        return cls(args, owner, entries)
 
     def paths(self, stage: str, homes: dict[str, Path]) -> Any:
         """``stage``'s ``Paths``, parsed from its ``dvc.yaml`` arguments with every path placed in the
@@ -84,7 +84,7 @@ class StageTable:
         words = list(self.args[stage])
         for i in range(1, len(words), 2):
             words[i] = str(homes[self.owner[words[i]]] / words[i])
-        return cli.parse(None, STAGES[stage].Paths, words)[1]
+        return cli.parse(None, importlib.import_module(self.entry[stage]).Paths, words)[1]
 
 
 def shared_stages(cfg: config.PipelineConfig, table: StageTable, cache: Path, repo_root: Path) -> dict[str, Path]:
