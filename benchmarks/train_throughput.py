@@ -8,6 +8,7 @@ against an fp32 matmul peak measured in the same run. Ratios are against TRL's d
 and packed modes measured in the same run.
 
     python benchmarks/train_throughput.py                       # SmolLM2-135M, LoRA and full
+    python benchmarks/train_throughput.py --data t0             # real rows: the T0 files at 512 tokens
     python benchmarks/train_throughput.py --smoke --model DIR   # seconds, on a tiny model
 
 TRL is the ``bench`` extra (``pip install --no-deps trl``: it must not touch torch).
@@ -29,7 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-OURS = ("dynamic", "length_grouped", "packed")
+OURS = ("default", "dynamic", "length_grouped", "packed")
 CASES = (*[f"ours_{m}" for m in OURS], "trl_default", "trl_packed", "naive_hf")
 
 
@@ -69,6 +70,7 @@ class Meter:
     def __init__(self, warmup: int):
         self.warmup, self.steps, self.start, self.stop = warmup, 0, 0.0, 0.0
         self.real = self.loss = self.slots = self.docs = 0  # ints or 0-d tensors
+        self.plan: dict | None = None  # our cases: the resolved batching plan
 
     def batch(self, batch: dict) -> None:
         self.steps += 1
@@ -115,22 +117,33 @@ def _model(model_dir: str, method: str):  # type: ignore[no-untyped-def]
 
 
 def run_ours(mode: str, args, rendered: Path) -> Meter:  # type: ignore[no-untyped-def]
+    """Our Lightning loop; ``mode`` "default" takes trainer.batching, pack_length and
+    gradient_checkpointing from the project's config (auto: what a user gets), any other mode
+    is forced, with --gradient-checkpointing."""
+    import dataclasses
+
     import lightning as L
 
-    from pipeline.core.config import TrainerConfig
+    from pipeline.core.config import from_mapping
+    from pipeline.core.files import read_jsonl
+    from pipeline.params import compose
     from pipeline.training.module import InstructionTuner, RenderedData, prepare_for_batching
 
     model = _model(args.model, args.method)
     # --micro-batches N: the same tokens per optimizer step in N micro-batches (gradient accumulation).
     n = args.micro_batches
-    cfg = TrainerConfig(accelerator=args.accelerator, devices=1, precision=args.precision,
-                        batch_size=max(1, args.batch_size // n), accumulate_grad_batches=n,
-                        max_steps=args.warmup + args.steps + bool(args.profile), max_epochs=1000, lr=1e-4,
-                        weight_decay=0.0, warmup_ratio=0.0, gradient_clip_val=None, val_check_interval=1000,
-                        log_every_n_steps=1000, num_workers=0, batching=mode,
-                        pack_length=max(1, args.pack_length // n), compile=args.compile)
-    prepare_for_batching(model, cfg)
+    forced = {} if mode == "default" else {
+        "batching": mode, "pack_length": max(1, args.pack_length // n),
+        "gradient_checkpointing": {"true": True, "false": False}.get(args.gradient_checkpointing, "auto")}
+    cfg = dataclasses.replace(
+        from_mapping(compose([]), source="conf/").trainer, accelerator=args.accelerator, precision=args.precision,
+        batch_size=max(1, args.batch_size // n), accumulate_grad_batches=n,
+        max_steps=args.warmup + args.steps + bool(args.profile), lr=1e-4, warmup_ratio=0.0, gradient_clip_val=None,
+        val_check_interval=1000, log_every_n_steps=1000, num_workers=0, compile=args.compile, **forced)
+    lengths = [len(r["input_ids"]) for r in read_jsonl(rendered / "train.jsonl")]
+    plan = prepare_for_batching(model, cfg, lengths)
     meter = Meter(args.warmup * n)
+    meter.plan = plan.to_dict() | {"activation_mb": plan.activation_mb}
     timed_end = (args.warmup + args.steps) * n  # micro-batches; one more step follows under --profile
     profiler = None
 
@@ -157,7 +170,7 @@ def run_ours(mode: str, args, rendered: Path) -> Meter:  # type: ignore[no-untyp
                         max_steps=cfg.max_steps, accumulate_grad_batches=cfg.accumulate_grad_batches, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         num_sanity_val_steps=0, limit_val_batches=0, callbacks=[Count()])
-    data = RenderedData(rendered, cfg.batch_size, 0, seed=0, batching=mode, pack_length=cfg.pack_length)
+    data = RenderedData(rendered, cfg.batch_size, 0, seed=0, batching=plan.batching, pack_length=plan.pack_length)
     trainer.fit(InstructionTuner(model, cfg), datamodule=data)
     return meter
 
@@ -233,6 +246,8 @@ def measure(args) -> dict:  # type: ignore[no-untyped-def]
     else:
         meter = run_naive(args, rows)
     out = meter.result()
+    if meter.plan is not None:
+        out["plan"] = meter.plan
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if torch.cuda.is_available():
         out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
@@ -244,7 +259,7 @@ def in_child(args, case: str, method: str) -> dict | None:  # type: ignore[no-un
     cmd = [sys.executable, __file__, "--case", case, "--method", method, "--model", args.model,
            "--rendered", str(args.rendered), "--batch-size", str(args.batch_size), "--warmup", str(args.warmup),
            "--steps", str(args.steps), "--pack-length", str(args.pack_length),
-           "--micro-batches", str(args.micro_batches),
+           "--micro-batches", str(args.micro_batches), "--gradient-checkpointing", args.gradient_checkpointing,
            "--accelerator", args.accelerator, "--precision", args.precision] + (["--compile"] if args.compile else [])
     if args.profile:
         cmd += ["--profile", str(args.profile)]
@@ -257,7 +272,10 @@ def in_child(args, case: str, method: str) -> dict | None:  # type: ignore[no-un
 
 
 def prepare_rows(args, tmp: Path) -> Path:  # type: ignore[no-untyped-def]
-    """The rendered rows as the train stage reads them: --rendered, or (smoke) the embedded examples."""
+    """The rendered rows as the train stage reads them: --rendered, (--data t0) the shared T0 files
+    through the real prepare and render stages at --max-length tokens, or (smoke) the embedded examples."""
+    if args.data == "t0":
+        return render_t0(args, tmp)
     if not args.smoke:
         return Path(args.rendered)
     from pipeline.core.config import from_mapping
@@ -277,6 +295,31 @@ def prepare_rows(args, tmp: Path) -> Path:  # type: ignore[no-untyped-def]
     write_jsonl(tmp / "val.jsonl", [])
     write_json(tmp / "template.json", template.to_dict())
     return tmp
+
+
+def render_t0(args, tmp: Path) -> Path:  # type: ignore[no-untyped-def]
+    """``+experiment=t0`` (the four T0 files beside the checkout) prepared and rendered by the stages
+    themselves, at ``prompt.max_length=--max-length``: the rows a user of that experiment trains on."""
+    import os
+
+    from pipeline import prepare, render
+    from pipeline.core.config import from_mapping
+    from pipeline.params import compose
+
+    overrides = ["+experiment=t0", f"prompt.max_length={args.max_length}"]
+    cfg = from_mapping(compose(overrides), source=" ".join(overrides))
+    os.chdir(ROOT)  # the experiment's data paths are relative to the checkout
+    prepare.run(cfg, prepare.Paths(out=tmp / "prepared", stats=tmp / "stats.json", plot=None))
+    render.run(cfg, render.Paths(prepared=tmp / "prepared", base_model=Path(args.model), out=tmp / "rendered",
+                                 report=tmp / "render.json", plot=None))
+    return tmp / "rendered"
+
+
+def _plan(plan: dict) -> str:
+    """The resolved batching plan in a few words."""
+    rows = f"packed {plan['pack_length']}-token rows" if plan["batching"] == "packed" else plan["batching"]
+    return (f"{rows}, ~{plan['activation_mb']:.0f} MB activations, checkpointing "
+            f"{'on' if plan['gradient_checkpointing'] else 'off'}")
 
 
 def _median(xs: list[float]) -> float:
@@ -310,6 +353,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=str(ROOT / "models" / "base"), help="checkpoint dir (safetensors + tokenizer)")
     p.add_argument("--rendered", default=str(ROOT / "data" / "rendered"), help="render stage output (train.jsonl)")
+    p.add_argument("--data", choices=("rendered", "t0"), default="rendered",
+                   help="t0: render the shared T0 files (+experiment=t0) at --max-length tokens and train on them")
+    p.add_argument("--max-length", type=int, default=512, help="--data t0: prompt.max_length")
     p.add_argument("--methods", default="lora,full")
     p.add_argument("--cases", default=",".join(CASES))
     p.add_argument("--batch-size", type=int, default=8)
@@ -320,6 +366,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--micro-batches", type=int, default=1,
                    help="our cases: each optimizer step's rows (or packed tokens) in this many micro-batches, "
                         "gradients accumulated: the same tokens per step, less activation memory")
+    p.add_argument("--gradient-checkpointing", choices=("false", "true", "auto"), default="false",
+                   help="our forced-mode cases (ours_default takes the config's, auto)")
     p.add_argument("--accelerator", default="cpu", help="our cases only (benchmarks/gpu_check.sh: gpu)")
     p.add_argument("--precision", default="32-true", help="our cases only (gpu_check.sh: bf16-mixed)")
     p.add_argument("--profile", metavar="DIR",
@@ -380,7 +428,8 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{method:4} {case:20} round {k + 1}: loss-bearing {r['loss_tok_s']:8.1f} tok/s  real "
                           f"{r['real_tok_s']:8.1f} tok/s  waste {r['waste_pct']:5.1f}%  peak RSS "
                           f"{r['peak_rss_mb']:6.0f} MB  MFU {r['mfu_pct']:5.1f}% of {round_peak:.0f} GFLOP/s"
-                          + (f"  peak GPU {r['peak_gpu_mb']:6.0f} MB" if "peak_gpu_mb" in r else ""), flush=True)
+                          + (f"  peak GPU {r['peak_gpu_mb']:6.0f} MB" if "peak_gpu_mb" in r else "")
+                          + (f"  [{_plan(r['plan'])}]" if "plan" in r else ""), flush=True)
                 rounds.append(results)
             summarize(method, cases, rounds)
     return 0

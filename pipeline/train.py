@@ -140,8 +140,8 @@ def run(cfg: config.PipelineConfig, paths: Paths, tracking: Tracking) -> dict[st
             mlf.locked_write(tracking.uri, lambda: client.set_terminated(run_id, status))
 
     with stage_run.closing(terminate):  # opened before anything that can fail: the model, the data, the fit
-        tokenizer, model, counts = build(cfg, paths.base_model)
-        result = _fit(cfg, paths, model, tokenizer, tracking, run_id, resume is not None, fitting, counts)
+        tokenizer, model, counts, plan = build(cfg, paths.base_model, paths.rendered)
+        result = _fit(cfg, paths, model, tokenizer, tracking, run_id, resume is not None, fitting, counts, plan)
         if result is None:  # a DDP rank other than 0: rank 0 saves and logs
             return {}
         summary, weights = result
@@ -172,9 +172,11 @@ def _weights(cfg: config.PipelineConfig) -> str:
     return "adapter" if cfg.finetune.method == "lora" else "model"
 
 
-def build(cfg: config.PipelineConfig, base_model: Path) -> tuple[Any, Any, tuple[int, int]]:
-    """The tokenizer, the base model with its LoRA adapter (or all weights) trainable, and its
-    (trainable, total) parameter counts, taken before a strategy can shard them."""
+def build(cfg: config.PipelineConfig, base_model: Path, rendered: Path) -> tuple[Any, Any, tuple[int, int], Any]:
+    """The tokenizer, the base model with its LoRA adapter (or all weights) trainable, its
+    (trainable, total) parameter counts, taken before a strategy can shard them, and the batching
+    plan for the train rows (:mod:`pipeline.training.plan`)."""
+    from pipeline.core.files import read_jsonl
     from pipeline.core.models import apply_finetune, check_tokenizer, load_causal_lm, load_tokenizer
     from pipeline.training.module import prepare_for_batching
 
@@ -182,15 +184,18 @@ def build(cfg: config.PipelineConfig, base_model: Path) -> tuple[Any, Any, tuple
     base = load_causal_lm(base_model)
     check_tokenizer(tokenizer, base, base_model)
     model = apply_finetune(base, cfg.finetune)
-    prepare_for_batching(model, cfg.trainer)
+    plan = prepare_for_batching(model, cfg.trainer, [len(r["input_ids"]) for r in read_jsonl(rendered / "train.jsonl")])
     n_trainable, total = fit.trainable(model)
-    print(f"train: {cfg.finetune.method}, {n_trainable:,} trainable of {total:,} parameters", flush=True)
-    return tokenizer, model, (n_trainable, total)
+    print(f"train: {cfg.finetune.method}, {n_trainable:,} trainable of {total:,} parameters; {plan.batching} batches"
+          + (f" of one {plan.pack_length}-token row" if plan.batching == "packed" else "")
+          + f" ({plan.why}), largest {plan.micro_batch_tokens} tokens, ~{plan.activation_mb:.0f} MB of activations"
+          + (", recomputed in the backward pass" if plan.gradient_checkpointing else ""), flush=True)
+    return tokenizer, model, (n_trainable, total), plan
 
 
 def _fit(cfg: config.PipelineConfig, paths: Paths, model: Any, tokenizer: Any, tracking: Tracking,
-         run_id: str | None, resume: bool, fitting: list[bool],
-         counts: tuple[int, int]) -> tuple[dict[str, Any], Any] | None:
+         run_id: str | None, resume: bool, fitting: list[bool], counts: tuple[int, int],
+         plan: Any) -> tuple[dict[str, Any], Any] | None:
     """Fit (resuming from ``last.ckpt`` when ``resume``); return the summary and, under FSDP, the
     gathered weights, or None on a rank other than 0."""
     from lightning.pytorch.callbacks import ModelCheckpoint
@@ -206,7 +211,7 @@ def _fit(cfg: config.PipelineConfig, paths: Paths, model: Any, tokenizer: Any, t
                                  save_on_train_epoch_end=False)]
     trainer = fit.build_trainer(t, curve, ckpt, cfg.tracking.experiment, tracking.uri, run_id, callbacks)
     data = RenderedData(paths.rendered, t.batch_size, tokenizer.pad_token_id, cfg.seed, t.num_workers, collate,
-                        t.batching, t.pack_length)
+                        plan.batching, plan.pack_length)
     start = time.perf_counter()
     fitting[0] = True
     # Only checkpoints this stage wrote itself are loaded, and with weights_only=True.
@@ -223,7 +228,7 @@ def _fit(cfg: config.PipelineConfig, paths: Paths, model: Any, tokenizer: Any, t
     print(f"train: fit in {seconds:.0f}s", flush=True)
     state = {k.removeprefix("model."): v for k, v in weights.items()} if weights is not None else None
     return fit.summary(trainer, curve, method=cfg.finetune.method, trainable_parameters=n_trainable,
-                       parameters=total), state
+                       parameters=total, batching=plan.to_dict()), state
 
 
 def _log(client: Any, uri: str, run_id: str, paths: Paths, cfg: config.PipelineConfig) -> None:

@@ -59,8 +59,11 @@ def test_train_throughput_smoke(smoke_base: Path, capsys) -> None:
     assert bench.main(["--smoke", "--model", str(smoke_base)]) == 0
     out = capsys.readouterr().out
     cases = dict(re.findall(r"^lora (\w+) +round 1: loss-bearing +([\d.]+) tok/s", out, flags=re.M))
-    assert set(cases) == {"ours_dynamic", "ours_length_grouped", "ours_packed", "trl_default", "trl_packed",
-                          "naive_hf"}
+    assert set(cases) == {"ours_default", "ours_dynamic", "ours_length_grouped", "ours_packed", "trl_default",
+                          "trl_packed", "naive_hf"}
+    # What a user gets (trainer.batching=auto): packed rows, the probe having found packing exact.
+    assert re.search(r"^lora ours_default .*\[packed \d+-token rows, ~\d+ MB activations, checkpointing o(n|ff)\]",
+                     out, flags=re.M)
     assert all(float(v) > 0 for v in cases.values())
     waste = dict(re.findall(r"^lora (\w+) .* waste +([\d.]+)%", out, flags=re.M))
     assert float(waste["ours_packed"]) < 2.0

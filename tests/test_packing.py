@@ -171,7 +171,8 @@ def test_packed_training_runs_and_reads_each_row_once_per_epoch(tmp_path: Path, 
     L.seed_everything(0, verbose=False)
     cfg = dataclasses.replace(smoke_cfg.trainer, batching="packed", pack_length=256, max_steps=2)
     model = apply_finetune(load_causal_lm(smoke_base), smoke_cfg.finetune)
-    prepare_for_batching(model, cfg)
+    plan = prepare_for_batching(model, cfg, [len(r["input_ids"]) for r in rows[:12]])
+    assert (plan.batching, plan.pack_length) == ("packed", 256)
     data = RenderedData(out, cfg.batch_size, 0, seed=0, batching="packed", pack_length=256)
     data.setup()
     seen = [i for b in data.train_dataloader().batch_sampler for i in b]

@@ -298,6 +298,7 @@ class StrategyConfig:
 
 
 STRATEGIES = ("auto", "ddp", "fsdp")
+BATCHING = ("auto", "dynamic", "length_grouped", "packed")
 
 
 @dataclass
@@ -317,19 +318,28 @@ class TrainerConfig:
     val_check_interval: int = MISSING
     log_every_n_steps: int = MISSING
     num_workers: int = MISSING
-    # Throughput (issue 6): how rows become batches, and whether to torch.compile the model.
-    batching: str = MISSING  # dynamic | length_grouped | packed
-    pack_length: int = MISSING  # token budget of one packed row (packed: one row per batch)
+    # Throughput: how rows become batches, and whether to torch.compile the model.
+    batching: str = MISSING  # auto | dynamic | length_grouped | packed (auto: packed where it is exact)
+    pack_length: Any = MISSING  # token budget of one packed row, or auto: batch_size x mean train row length
     compile: bool = MISSING
+    # Memory: recompute each decoder layer's activations in the backward pass (true), never
+    # (false), or when a micro-batch's activations would pass activation_budget_mb (auto).
+    gradient_checkpointing: Any = MISSING
+    activation_budget_mb: int = MISSING
 
     def problems(self) -> list[str]:
         out = []
-        if self.batching not in ("dynamic", "length_grouped", "packed"):
-            out.append(f"trainer.batching: {self.batching!r} is not one of dynamic, length_grouped, packed")
+        out += _choice("trainer.batching", self.batching, BATCHING)
+        if not (isinstance(self.gradient_checkpointing, bool) or self.gradient_checkpointing == "auto"):
+            out.append(f"trainer.gradient_checkpointing: {self.gradient_checkpointing!r} is not one of true, false, "
+                       "auto")
         out += _choice("trainer.accelerator", self.accelerator, ACCELERATORS)
         out += _choice("trainer.precision", self.precision, PRECISIONS)
+        if self.pack_length != "auto":
+            out += _int_or_auto("trainer.pack_length", self.pack_length) or \
+                _int_at_least("trainer.pack_length", self.pack_length, 1)
         for name in ("batch_size", "accumulate_grad_batches", "max_steps", "val_check_interval", "devices",
-                     "pack_length", "log_every_n_steps"):
+                     "log_every_n_steps", "activation_budget_mb"):
             out += _int_at_least(f"trainer.{name}", getattr(self, name), 1)
         if self.max_epochs != -1:  # -1: no epoch limit (max_steps decides), as in Lightning
             out += _int_at_least("trainer.max_epochs", self.max_epochs, 1, " (or -1 for no limit)")
@@ -464,6 +474,11 @@ class PipelineConfig:
 
 def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> list[str]:
     return [] if value in allowed else [f"{key}: {value!r} is not one of {', '.join(allowed)}"]
+
+
+def _int_or_auto(key: str, value: Any) -> list[str]:
+    ok = isinstance(value, int) and not isinstance(value, bool)
+    return [] if ok else [f"{key}: must be an integer or auto (got {value!r})"]
 
 
 def _int_at_least(key: str, value: int, low: int, note: str = "") -> list[str]:

@@ -10,7 +10,7 @@ import csv
 import random
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import lightning as L
 import numpy as np
@@ -22,6 +22,9 @@ from pipeline.core.errors import PipelineError
 from pipeline.core.files import read_jsonl
 from pipeline.core.models import IGNORE_INDEX, completion_loss
 from pipeline.training.packing import collate_packed, epoch_batches
+
+if TYPE_CHECKING:
+    from pipeline.training.plan import BatchPlan
 
 
 def collate(rows: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -347,17 +350,20 @@ def trainer_settings(t: TrainerConfig) -> dict[str, Any]:
     )
 
 
-def prepare_for_batching(model: torch.nn.Module, cfg: TrainerConfig) -> None:
-    """Packed rows need the per-document attention; ``trainer.compile`` compiles the decoder.
+def prepare_for_batching(model: torch.nn.Module, cfg: TrainerConfig, lengths: Sequence[int],
+                         loss: Callable[..., torch.Tensor] = token_loss) -> "BatchPlan":
+    """Resolve the batching plan for rows of ``lengths`` (packed attention installed when it packs),
+    turn on activation checkpointing if the plan says so, compile the decoder if ``trainer.compile``.
 
     On a GPU with flash-attn installed, packed rows could use transformers'
     ``flash_attention_2`` varlen path instead (it reads the same ``position_ids``); on CPU
     per-document SDPA is the one correct path that does not build an L x L mask.
     """
-    from pipeline.training.packing import use_packed_attention
+    from pipeline.training import plan as batch_plan
 
-    if cfg.batching == "packed":
-        use_packed_attention(model)
+    chosen = batch_plan.resolve(model, cfg, lengths, loss)
+    batch_plan.apply_checkpointing(model, chosen.gradient_checkpointing)
     if cfg.compile:
         core = model.get_base_model() if hasattr(model, "get_base_model") else model
         core.model.compile()  # type: ignore[union-attr, operator]
+    return chosen

@@ -15,7 +15,7 @@ import torch
 
 from pipeline.core.models import IGNORE_INDEX
 
-BATCHING_MODES = ("dynamic", "length_grouped", "packed")
+BATCHING_MODES = ("dynamic", "length_grouped", "packed")  # what trainer.batching=auto resolves to: plan.py
 PACKED_ATTENTION = "sdpa_packed"  # name registered with transformers' AttentionInterface
 
 
@@ -190,8 +190,9 @@ def packed_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
     return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
 
 
-def use_packed_attention(model: torch.nn.Module) -> None:
-    """Switch ``model`` (a transformers model, possibly under peft) to :func:`packed_sdpa`.
+def use_packed_attention(model: torch.nn.Module) -> str:
+    """Switch ``model`` (a transformers model, possibly under peft) to :func:`packed_sdpa`; return the
+    attention implementation it had (for :func:`restore_attention`).
 
     Masks are built exactly as for ``sdpa`` (padded batches need them).
     """
@@ -201,4 +202,12 @@ def use_packed_attention(model: torch.nn.Module) -> None:
     AttentionInterface.register(PACKED_ATTENTION, packed_sdpa)
     ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_ATTENTION, sdpa_mask)
     core = model.get_base_model() if hasattr(model, "get_base_model") else model
+    previous: str = core.config._attn_implementation  # type: ignore[union-attr, assignment]
     core.config._attn_implementation = PACKED_ATTENTION  # type: ignore[union-attr]
+    return previous
+
+
+def restore_attention(model: torch.nn.Module, previous: str) -> None:
+    """Undo :func:`use_packed_attention`."""
+    core = model.get_base_model() if hasattr(model, "get_base_model") else model
+    core.config._attn_implementation = previous  # type: ignore[union-attr]

@@ -1,0 +1,136 @@
+"""The batching plan of a training run: ``auto`` settings resolved against the model and the rows.
+
+``trainer.batching=auto`` packs rows wherever a probe finds packing exact for this model (the
+packed forward of two documents equals their separate forwards) and the run has one process;
+otherwise rows are padded per batch. ``trainer.pack_length=auto`` gives a packed row as many
+tokens as a batch of ``batch_size`` average rows. ``trainer.gradient_checkpointing=auto``
+recomputes activations in the backward pass when the largest micro-batch's saved activations,
+measured per token on the model itself, would pass ``trainer.activation_budget_mb``.
+
+The plan never changes what is learned (packing is exact, recomputation gives the same
+values), only speed and memory, so it may depend on the model and the rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
+
+import torch
+
+from pipeline.core.config import TrainerConfig
+from pipeline.core.models import IGNORE_INDEX
+
+PROBE_LENGTHS = (5, 7)  # two short documents: enough to see one attend to the other
+PROBE_TOLERANCE = 1e-4  # max |packed - separate| logit difference, relative to the logits' scale (fp32)
+ACTIVATION_PROBE_TOKENS = 64
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    batching: str  # dynamic | length_grouped | packed
+    pack_length: int  # tokens per packed row (0 unless packed)
+    micro_batch_tokens: int  # the largest micro-batch: a packed row, or batch_size x the longest row
+    activation_mb: float  # its saved activations without checkpointing, measured per token
+    gradient_checkpointing: bool
+    why: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """What ``summary.json`` records: not the activation estimate, which is a measurement of this
+        process (a DVC output must hold only what the config and data reproduce)."""
+        return {k: v for k, v in asdict(self).items() if k != "activation_mb"}
+
+
+def one_process(t: TrainerConfig) -> bool:
+    return t.devices == 1 and t.strategy.name == "auto"
+
+
+def _core(model: torch.nn.Module) -> torch.nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def packing_exact(model: torch.nn.Module) -> bool:
+    """Whether the packed forward of two documents (positions restarting, no mask) equals their
+    separate forwards, as the packed rows will be run (packed attention already installed)."""
+    vocab = _core(model).get_input_embeddings().weight.shape[0]
+    ids = (torch.arange(sum(PROBE_LENGTHS)) * 7 + 11) % vocab
+    positions = torch.cat([torch.arange(n) for n in PROBE_LENGTHS])
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            packed = model(input_ids=ids[None].to(device), position_ids=positions[None].to(device)).logits[0]
+            separate = torch.cat([model(input_ids=part[None].to(device)).logits[0]
+                                  for part in ids.split(list(PROBE_LENGTHS))])
+    except (RuntimeError, TypeError, ValueError):  # a model that cannot take position_ids this way
+        return False
+    finally:
+        model.train(was_training)
+    scale = max(1.0, float(separate.abs().max()))
+    return bool((packed - separate).abs().max() <= PROBE_TOLERANCE * scale)
+
+
+def activation_bytes_per_token(model: torch.nn.Module, loss: Any, tokens: int = ACTIVATION_PROBE_TOKENS) -> float:
+    """Bytes autograd keeps for the backward pass per token of one sequence of ``tokens``, counted
+    with saved-tensor hooks on a forward of ``loss`` (each storage once); no backward runs."""
+    vocab = _core(model).get_input_embeddings().weight.shape[0]
+    device = next(model.parameters()).device
+    ids = ((torch.arange(tokens) * 13 + 5) % vocab)[None].to(device)
+    labels = ids.clone()
+    labels[:, : tokens * 3 // 4] = IGNORE_INDEX  # a quarter of the positions bear loss (their logits are kept)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.device.type != "meta":
+            storage = t.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    was_training = model.training
+    model.train()
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss(model, batch)
+    finally:
+        model.train(was_training)
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    return sum(n for ptr, n in seen.items() if ptr not in weights) / tokens
+
+
+def pack_length(setting: Any, batch_size: int, lengths: Sequence[int]) -> int:
+    """``setting`` tokens, or (auto) ``batch_size`` x the mean row length, at least the longest row."""
+    if setting != "auto":
+        return int(setting)
+    return max(max(lengths), round(batch_size * sum(lengths) / len(lengths)))
+
+
+def resolve(model: torch.nn.Module, t: TrainerConfig, lengths: Sequence[int], loss: Any) -> BatchPlan:
+    """The plan for ``model`` on rows of ``lengths``; installs packed attention when it packs."""
+    from pipeline.training.packing import restore_attention, use_packed_attention
+
+    batching, why = t.batching, f"trainer.batching={t.batching}"
+    if batching in ("packed", "auto"):
+        previous = use_packed_attention(model)
+        if batching == "auto":
+            if not one_process(t):
+                batching, why = "dynamic", "auto: several processes (packing runs in one)"
+            elif not packing_exact(model):
+                batching, why = "dynamic", "auto: the packing probe found document boundaries not honoured"
+            else:
+                batching, why = "packed", "auto: the packing probe found packing exact"
+            if batching != "packed":
+                restore_attention(model, previous)
+    length = pack_length(t.pack_length, t.batch_size, lengths) if batching == "packed" else 0
+    tokens = max(length, max(lengths)) if batching == "packed" else t.batch_size * max(lengths)
+    mb = activation_bytes_per_token(model, loss) * tokens / 2**20
+    checkpointing = bool(t.gradient_checkpointing) if t.gradient_checkpointing != "auto" else \
+        mb > t.activation_budget_mb
+    return BatchPlan(batching, length, tokens, round(mb, 1), checkpointing, why)
+
+
+def apply_checkpointing(model: torch.nn.Module, on: bool) -> None:
+    """transformers' per-layer activation checkpointing (non-reentrant: frozen inputs are fine)."""
+    if on:
+        _core(model).activation_checkpointing_enable({"use_reentrant": False})
