@@ -133,15 +133,17 @@ def run_ours(mode: str, args, rendered: Path) -> Meter:  # type: ignore[no-untyp
     # --micro-batches N: the same tokens per optimizer step in N micro-batches (gradient accumulation).
     n = args.micro_batches
     forced = {} if mode == "default" else {
-        "batching": mode, "pack_length": max(1, args.pack_length // n),
+        "batching": mode, "pack_length": max(1, args.pack_length // n), "micro_batches": n,
         "gradient_checkpointing": {"true": True, "false": False}.get(args.gradient_checkpointing, "auto")}
     cfg = dataclasses.replace(
         from_mapping(compose([]), source="conf/").trainer, accelerator=args.accelerator, precision=args.precision,
-        batch_size=max(1, args.batch_size // n), accumulate_grad_batches=n,
-        max_steps=args.warmup + args.steps + bool(args.profile), lr=1e-4, warmup_ratio=0.0, gradient_clip_val=None,
-        val_check_interval=1000, log_every_n_steps=1000, num_workers=0, compile=args.compile, **forced)
+        batch_size=args.batch_size, max_steps=args.warmup + args.steps + bool(args.profile), lr=1e-4,
+        warmup_ratio=0.0, gradient_clip_val=None, val_check_interval=1000, log_every_n_steps=1000, num_workers=0,
+        compile=args.compile, **forced)
     lengths = [len(r["input_ids"]) for r in read_jsonl(rendered / "train.jsonl")]
     plan = prepare_for_batching(model, cfg, lengths)
+    cfg = plan.trainer(cfg)  # rows per micro-batch, micro-batches accumulated
+    n = cfg.accumulate_grad_batches
     meter = Meter(args.warmup * n)
     meter.plan = plan.to_dict() | {"activation_mb": plan.activation_mb}
     timed_end = (args.warmup + args.steps) * n  # micro-batches; one more step follows under --profile
@@ -170,7 +172,7 @@ def run_ours(mode: str, args, rendered: Path) -> Meter:  # type: ignore[no-untyp
                         max_steps=cfg.max_steps, accumulate_grad_batches=cfg.accumulate_grad_batches, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         num_sanity_val_steps=0, limit_val_batches=0, callbacks=[Count()])
-    data = RenderedData(rendered, cfg.batch_size, 0, seed=0, batching=plan.batching, pack_length=plan.pack_length)
+    data = RenderedData(rendered, cfg.batch_size, 0, seed=0, batching=cfg.batching, pack_length=cfg.pack_length)
     trainer.fit(InstructionTuner(model, cfg), datamodule=data)
     return meter
 
@@ -318,8 +320,8 @@ def render_t0(args, tmp: Path) -> Path:  # type: ignore[no-untyped-def]
 def _plan(plan: dict) -> str:
     """The resolved batching plan in a few words."""
     rows = f"packed {plan['pack_length']}-token rows" if plan["batching"] == "packed" else plan["batching"]
-    return (f"{rows}, ~{plan['activation_mb']:.0f} MB activations, checkpointing "
-            f"{'on' if plan['gradient_checkpointing'] else 'off'}")
+    return (f"{rows}, {plan['micro_batches']} per step, ~{plan['activation_mb']:.0f} MB activations each, "
+            f"checkpointing {'on' if plan['gradient_checkpointing'] else 'off'}")
 
 
 def _median(xs: list[float]) -> float:

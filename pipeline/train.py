@@ -187,7 +187,8 @@ def build(cfg: config.PipelineConfig, base_model: Path, rendered: Path) -> tuple
     plan = prepare_for_batching(model, cfg.trainer, [len(r["input_ids"]) for r in read_jsonl(rendered / "train.jsonl")])
     n_trainable, total = fit.trainable(model)
     print(f"train: {cfg.finetune.method}, {n_trainable:,} trainable of {total:,} parameters; {plan.batching} batches"
-          + (f" of one {plan.pack_length}-token row" if plan.batching == "packed" else "")
+          + (f" of one {plan.pack_length}-token row" if plan.batching == "packed" else f" of {plan.batch_size} rows")
+          + (f", {plan.micro_batches} per optimizer step" if plan.micro_batches > 1 else "")
           + f" ({plan.why}), largest {plan.micro_batch_tokens} tokens, ~{plan.activation_mb:.0f} MB of activations"
           + (", recomputed in the backward pass" if plan.gradient_checkpointing else ""), flush=True)
     return tokenizer, model, (n_trainable, total), plan
@@ -202,7 +203,7 @@ def _fit(cfg: config.PipelineConfig, paths: Paths, model: Any, tokenizer: Any, t
 
     from pipeline.training.module import CheckpointOnSigterm, LossCurve, RenderedData, RngState, collate, token_loss
 
-    t, ckpt = cfg.trainer, paths.checkpoints
+    t, ckpt = plan.trainer(cfg.trainer), paths.checkpoints  # rows per micro-batch, micro-batches accumulated
     curve = LossCurve(paths.curves)
     callbacks = [RngState(), CheckpointOnSigterm(ckpt / "last.ckpt"),
                  # Saved after each validation run, so the checkpoint holds its val loss too;
@@ -211,7 +212,7 @@ def _fit(cfg: config.PipelineConfig, paths: Paths, model: Any, tokenizer: Any, t
                                  save_on_train_epoch_end=False)]
     trainer = fit.build_trainer(t, curve, ckpt, cfg.tracking.experiment, tracking.uri, run_id, callbacks)
     data = RenderedData(paths.rendered, t.batch_size, tokenizer.pad_token_id, cfg.seed, t.num_workers, collate,
-                        plan.batching, plan.pack_length)
+                        t.batching, t.pack_length)
     start = time.perf_counter()
     fitting[0] = True
     # Only checkpoints this stage wrote itself are loaded, and with weights_only=True.

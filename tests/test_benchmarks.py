@@ -62,7 +62,7 @@ def test_train_throughput_smoke(smoke_base: Path, capsys) -> None:
     assert set(cases) == {"ours_default", "ours_dynamic", "ours_length_grouped", "ours_packed", "trl_default",
                           "trl_packed", "naive_hf"}
     # What a user gets (trainer.batching=auto): packed rows, the probe having found packing exact.
-    assert re.search(r"^lora ours_default .*\[packed \d+-token rows, ~\d+ MB activations, checkpointing o(n|ff)\]",
+    assert re.search(r"^lora ours_default .*\[packed \d+-token rows, \d+ per step, ~\d+ MB activations each, checkpointing o(n|ff)\]",
                      out, flags=re.M)
     assert all(float(v) > 0 for v in cases.values())
     waste = dict(re.findall(r"^lora (\w+) .* waste +([\d.]+)%", out, flags=re.M))

@@ -30,13 +30,36 @@ def test_auto_packs_a_model_whose_packing_is_exact(model, smoke_cfg) -> None:
     assert chosen.batching == "packed" and "exact" in chosen.why
     assert model.get_base_model().config._attn_implementation == packing.PACKED_ATTENTION
     # pack_length auto: batch_size (4 in the smoke config) x the mean row (25), as many tokens as a batch
-    assert chosen.pack_length == 100 == chosen.micro_batch_tokens
+    assert chosen.pack_length == 100 == chosen.micro_batch_tokens and chosen.micro_batches == 1
 
 
 def test_pack_length_auto_is_never_shorter_than_the_longest_row() -> None:
     assert plan.pack_length("auto", 2, [10, 10, 100]) == 100
     assert plan.pack_length("auto", 8, [10, 20]) == 120
     assert plan.pack_length(64, 8, [10, 20]) == 64
+    assert plan.pack_length("auto", 8, [10, 20], micro_batches=2) == 60
+
+
+def test_micro_batches_auto_splits_a_step_until_a_pass_fits_the_budget(model, smoke_cfg) -> None:
+    """A step of 8 x 300 tokens against a budget of about 1000 tokens' activations: three packed
+    passes of 800, no recomputation; the Trainer accumulates them into one optimizer step."""
+    per_token = plan.activation_bytes_per_token(model, token_loss)
+    budget = max(1, round(per_token * 1000 / 2**20))
+    cfg = _auto(smoke_cfg, batch_size=8, activation_budget_mb=budget)
+    chosen = plan.resolve(model, cfg, [300] * 16, token_loss)
+    assert (chosen.micro_batches, chosen.pack_length, chosen.gradient_checkpointing) == (3, 800, False)
+    assert chosen.activation_mb <= budget
+    run = chosen.trainer(cfg)
+    assert (run.accumulate_grad_batches, run.pack_length, run.batching) == (3, 800, "packed")
+    # Padded batches split by rows: 8 rows of 300 -> 3 rows per pass (900 tokens), 3 passes.
+    padded = plan.resolve(model, dataclasses.replace(cfg, batching="dynamic"), [300] * 16, token_loss)
+    assert (padded.micro_batches, padded.batch_size, padded.micro_batch_tokens) == (3, 3, 900)
+    # Past the shortest useful pass, the rest is recomputation's job.
+    tight = plan.resolve(model, dataclasses.replace(cfg, activation_budget_mb=1), [300] * 16, token_loss)
+    assert tight.micro_batch_tokens >= plan.MIN_MICRO_TOKENS and tight.gradient_checkpointing
+    fixed = plan.resolve(model, dataclasses.replace(cfg, micro_batches=1, gradient_checkpointing=False),
+                         [300] * 16, token_loss)
+    assert (fixed.micro_batches, fixed.pack_length, fixed.gradient_checkpointing) == (1, 2400, False)
 
 
 def test_auto_pads_when_the_probe_sees_documents_attend_to_each_other(model, smoke_cfg, monkeypatch) -> None:
@@ -76,11 +99,9 @@ def test_checkpointing_auto_follows_the_measured_activations(model, smoke_cfg) -
     lengths = [50] * 8
     tokens = plan.pack_length("auto", smoke_cfg.trainer.batch_size, lengths)
     mb = per_token * tokens / 2**20
-    low = plan.resolve(model, _auto(smoke_cfg, gradient_checkpointing="auto", activation_budget_mb=1), lengths,
-                       token_loss)
+    low = plan.resolve(model, _auto(smoke_cfg, micro_batches=1, activation_budget_mb=1), lengths, token_loss)
     assert low.activation_mb == pytest.approx(mb, abs=0.1) and low.gradient_checkpointing == (mb > 1)
-    high = plan.resolve(model, _auto(smoke_cfg, gradient_checkpointing="auto", activation_budget_mb=10**6),
-                        lengths, token_loss)
+    high = plan.resolve(model, _auto(smoke_cfg, micro_batches=1, activation_budget_mb=10**6), lengths, token_loss)
     assert not high.gradient_checkpointing
     forced = plan.resolve(model, _auto(smoke_cfg, gradient_checkpointing=True, activation_budget_mb=10**6),
                           lengths, token_loss)

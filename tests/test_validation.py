@@ -42,6 +42,7 @@ TRAINER = {
     "warmup_ratio": UNIT_OPEN, "gradient_clip_val": [-1.0, INF, NAN, "x"], "val_check_interval": POSITIVE_INT,
     "log_every_n_steps": POSITIVE_INT, "num_workers": NONNEG_INT, "batching": ENUM, "pack_length": POSITIVE_INT,
     "gradient_checkpointing": ["maybe", None, 1, [True], "AUTO"], "activation_budget_mb": POSITIVE_INT,
+    "micro_batches": POSITIVE_INT,
     "compile": ["maybe", None, [True]], "strategy.name": ENUM + ["deepspeed"], "strategy.sharding": ENUM,
 }
 BAD: dict[str, list[Any]] = {

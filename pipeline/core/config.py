@@ -322,8 +322,11 @@ class TrainerConfig:
     batching: str = MISSING  # auto | dynamic | length_grouped | packed (auto: packed where it is exact)
     pack_length: Any = MISSING  # token budget of one packed row, or auto: batch_size x mean train row length
     compile: bool = MISSING
-    # Memory: recompute each decoder layer's activations in the backward pass (true), never
-    # (false), or when a micro-batch's activations would pass activation_budget_mb (auto).
+    # Memory (see pipeline/training/plan.py): each optimizer step's rows in this many forward passes,
+    # gradients accumulated (auto: as few as keep a pass's measured activations within
+    # activation_budget_mb); then recompute activations in the backward pass (true), never (false), or
+    # when a pass still passes the budget (auto).
+    micro_batches: Any = MISSING
     gradient_checkpointing: Any = MISSING
     activation_budget_mb: int = MISSING
 
@@ -335,9 +338,10 @@ class TrainerConfig:
                        "auto")
         out += _choice("trainer.accelerator", self.accelerator, ACCELERATORS)
         out += _choice("trainer.precision", self.precision, PRECISIONS)
-        if self.pack_length != "auto":
-            out += _int_or_auto("trainer.pack_length", self.pack_length) or \
-                _int_at_least("trainer.pack_length", self.pack_length, 1)
+        for name in ("pack_length", "micro_batches"):
+            value = getattr(self, name)
+            if value != "auto":
+                out += _int_or_auto(f"trainer.{name}", value) or _int_at_least(f"trainer.{name}", value, 1)
         for name in ("batch_size", "accumulate_grad_batches", "max_steps", "val_check_interval", "devices",
                      "log_every_n_steps", "activation_budget_mb"):
             out += _int_at_least(f"trainer.{name}", getattr(self, name), 1)

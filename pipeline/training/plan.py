@@ -2,10 +2,13 @@
 
 ``trainer.batching=auto`` packs rows wherever a probe finds packing exact for this model (the
 packed forward of two documents equals their separate forwards) and the run has one process;
-otherwise rows are padded per batch. ``trainer.pack_length=auto`` gives a packed row as many
-tokens as a batch of ``batch_size`` average rows. ``trainer.gradient_checkpointing=auto``
-recomputes activations in the backward pass when the largest micro-batch's saved activations,
-measured per token on the model itself, would pass ``trainer.activation_budget_mb``.
+otherwise rows are padded per batch. ``trainer.pack_length=auto`` gives an optimizer step as many
+tokens as a batch of ``batch_size`` average rows. Memory follows the tokens of one forward pass,
+so ``trainer.micro_batches=auto`` splits a step into as few passes (gradients accumulated) as
+keep one pass's saved activations, measured per token on the model itself, within
+``trainer.activation_budget_mb``: on CPU this was measured as fast as one pass, where
+recomputation costs about a third more compute. ``trainer.gradient_checkpointing=auto``
+recomputes activations in the backward pass only if a pass still exceeds the budget.
 
 The plan never changes what is learned (packing is exact, recomputation gives the same
 values), only speed and memory, so it may depend on the model and the rows.
@@ -13,7 +16,7 @@ values), only speed and memory, so it may depend on the model and the rows.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Sequence
 
 import torch
@@ -24,13 +27,16 @@ from pipeline.core.models import IGNORE_INDEX
 PROBE_LENGTHS = (5, 7)  # two short documents: enough to see one attend to the other
 PROBE_TOLERANCE = 1e-4  # max |packed - separate| logit difference, relative to the logits' scale (fp32)
 ACTIVATION_PROBE_TOKENS = 64
+MIN_MICRO_TOKENS = 256  # a packed micro-batch no shorter than this (CPU GEMMs stay efficient above it)
 
 
 @dataclass(frozen=True)
 class BatchPlan:
     batching: str  # dynamic | length_grouped | packed
-    pack_length: int  # tokens per packed row (0 unless packed)
-    micro_batch_tokens: int  # the largest micro-batch: a packed row, or batch_size x the longest row
+    pack_length: int  # tokens per packed row, one row a micro-batch (0 unless packed)
+    batch_size: int  # rows per micro-batch (dynamic, length_grouped)
+    micro_batches: int  # forward passes per optimizer step, gradients accumulated
+    micro_batch_tokens: int  # the largest: a packed row, or rows x the longest row
     activation_mb: float  # its saved activations without checkpointing, measured per token
     gradient_checkpointing: bool
     why: str
@@ -39,6 +45,11 @@ class BatchPlan:
         """What ``summary.json`` records: not the activation estimate, which is a measurement of this
         process (a DVC output must hold only what the config and data reproduce)."""
         return {k: v for k, v in asdict(self).items() if k != "activation_mb"}
+
+    def trainer(self, t: TrainerConfig) -> TrainerConfig:
+        """``t`` as the Trainer runs it: rows per micro-batch, micro-batches accumulated."""
+        return replace(t, batch_size=self.batch_size, batching=self.batching, pack_length=self.pack_length or t.pack_length,
+                       accumulate_grad_batches=t.accumulate_grad_batches * self.micro_batches)
 
 
 def one_process(t: TrainerConfig) -> bool:
@@ -99,35 +110,69 @@ def activation_bytes_per_token(model: torch.nn.Module, loss: Any, tokens: int = 
     return sum(n for ptr, n in seen.items() if ptr not in weights) / tokens
 
 
-def pack_length(setting: Any, batch_size: int, lengths: Sequence[int]) -> int:
-    """``setting`` tokens, or (auto) ``batch_size`` x the mean row length, at least the longest row."""
+def pack_length(setting: Any, batch_size: int, lengths: Sequence[int], micro_batches: int = 1) -> int:
+    """``setting`` tokens, or (auto) ``batch_size`` x the mean row length over ``micro_batches``
+    rows, at least the longest row."""
     if setting != "auto":
         return int(setting)
-    return max(max(lengths), round(batch_size * sum(lengths) / len(lengths)))
+    return max(max(lengths), round(batch_size * sum(lengths) / len(lengths) / micro_batches))
+
+
+def _batching(model: torch.nn.Module, t: TrainerConfig) -> tuple[str, str]:
+    """The batching mode and why; installs packed attention when it packs."""
+    from pipeline.training.packing import restore_attention, use_packed_attention
+
+    if t.batching not in ("packed", "auto"):
+        return t.batching, f"trainer.batching={t.batching}"
+    previous = use_packed_attention(model)
+    if t.batching == "packed":
+        return "packed", "trainer.batching=packed"
+    if not one_process(t):
+        batching, why = "dynamic", "auto: several processes (packing runs in one)"
+    elif not packing_exact(model):
+        batching, why = "dynamic", "auto: the packing probe found document boundaries not honoured"
+    else:
+        return "packed", "auto: the packing probe found packing exact"
+    restore_attention(model, previous)
+    return batching, why
+
+
+def _shape(batching: str, t: TrainerConfig, lengths: Sequence[int], k: int) -> tuple[int, int, int]:
+    """(pack length, rows per micro-batch, tokens of the largest micro-batch) with ``k`` micro-batches."""
+    if batching == "packed":
+        length = pack_length(t.pack_length, t.batch_size, lengths, k)
+        return length, t.batch_size, max(length, max(lengths))
+    rows = -(-t.batch_size // k)
+    return 0, rows, rows * max(lengths)
+
+
+def _micro_batches(batching: str, t: TrainerConfig, lengths: Sequence[int], per_token: float) -> int:
+    """``trainer.micro_batches``, or (auto) the fewest that bring a pass within the budget, while a
+    split still shrinks the pass (and a packed pass keeps MIN_MICRO_TOKENS: shorter ones waste the CPU's GEMMs)."""
+    if t.micro_batches != "auto":
+        return int(t.micro_batches)
+    if batching == "packed" and t.pack_length != "auto":
+        return 1  # the user chose the row length
+    k = 1
+    while per_token * _shape(batching, t, lengths, k)[2] / 2**20 > t.activation_budget_mb:
+        now, nxt = _shape(batching, t, lengths, k)[2], _shape(batching, t, lengths, k + 1)[2]
+        if nxt >= now or (batching == "packed" and nxt < MIN_MICRO_TOKENS):
+            break
+        k += 1
+    return k
 
 
 def resolve(model: torch.nn.Module, t: TrainerConfig, lengths: Sequence[int], loss: Any) -> BatchPlan:
     """The plan for ``model`` on rows of ``lengths``; installs packed attention when it packs."""
-    from pipeline.training.packing import restore_attention, use_packed_attention
-
-    batching, why = t.batching, f"trainer.batching={t.batching}"
-    if batching in ("packed", "auto"):
-        previous = use_packed_attention(model)
-        if batching == "auto":
-            if not one_process(t):
-                batching, why = "dynamic", "auto: several processes (packing runs in one)"
-            elif not packing_exact(model):
-                batching, why = "dynamic", "auto: the packing probe found document boundaries not honoured"
-            else:
-                batching, why = "packed", "auto: the packing probe found packing exact"
-            if batching != "packed":
-                restore_attention(model, previous)
-    length = pack_length(t.pack_length, t.batch_size, lengths) if batching == "packed" else 0
-    tokens = max(length, max(lengths)) if batching == "packed" else t.batch_size * max(lengths)
-    mb = activation_bytes_per_token(model, loss) * tokens / 2**20
+    batching, why = _batching(model, t)
+    per_token = activation_bytes_per_token(model, loss)
+    k = _micro_batches(batching, t, lengths, per_token)
+    length, rows, tokens = _shape(batching, t, lengths, k)
+    mb = per_token * tokens / 2**20
     checkpointing = bool(t.gradient_checkpointing) if t.gradient_checkpointing != "auto" else \
         mb > t.activation_budget_mb
-    return BatchPlan(batching, length, tokens, round(mb, 1), checkpointing, why)
+    return BatchPlan(batching, length if batching == "packed" else 0, rows, k, tokens, round(mb, 1), checkpointing,
+                     why)
 
 
 def apply_checkpointing(model: torch.nn.Module, on: bool) -> None:
