@@ -40,12 +40,13 @@ PY
 # against an explicit block-causal mask, values and gradients, before timing it.
 ${PYTHON:-python} -m pytest -q -p no:cacheprovider tests/test_packing.py -k block_causal \
   || echo "packed attention check FAILED (or pytest/hypothesis missing): do not trust the packed figures"
-# Our Lightning loop only (TRL's comparison is the CPU benchmark's job), each batching mode.
+# Our Lightning loop only (TRL's comparison is the CPU benchmark's job): the defaults (auto), then
+# each batching mode forced.
 # --profile: one more step per case, profiled (GPU time per operator next to the CPU time that
 # launched it), written under $OUT/profiles (the device tool brings $OUT back).
 for B in ${BATCHES//,/ }; do
   ${PYTHON:-python} benchmarks/train_throughput.py --model "$MODEL" --rendered "$RENDERED" \
-    --cases ours_dynamic,ours_length_grouped,ours_packed --methods lora,full --batch-size "$B" --warmup 3 --steps 10 \
+    --cases ours_default,ours_dynamic,ours_length_grouped,ours_packed --methods lora,full --batch-size "$B" --warmup 3 --steps 10 \
     --accelerator gpu --precision bf16-mixed --peak-flops "$(cat /tmp/gpu_peak_flops)" \
     --profile "${OUT:-/tmp/gpu_check}/profiles/batch$B"
 done

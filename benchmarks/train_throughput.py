@@ -136,7 +136,8 @@ def run_ours(mode: str, args, rendered: Path) -> Meter:  # type: ignore[no-untyp
         "batching": mode, "pack_length": max(1, args.pack_length // n), "micro_batches": n,
         "gradient_checkpointing": {"true": True, "false": False}.get(args.gradient_checkpointing, "auto")}
     cfg = dataclasses.replace(
-        from_mapping(compose([]), source="conf/").trainer, accelerator=args.accelerator, precision=args.precision,
+        from_mapping(compose(["trainer=gpu"] if args.accelerator == "gpu" else []), source="conf/").trainer,
+        accelerator=args.accelerator, precision=args.precision,
         batch_size=args.batch_size, max_steps=args.warmup + args.steps + bool(args.profile), lr=1e-4,
         warmup_ratio=0.0, gradient_clip_val=None, val_check_interval=1000, log_every_n_steps=1000, num_workers=0,
         compile=args.compile, **forced)
