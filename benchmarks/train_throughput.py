@@ -140,7 +140,8 @@ def run_ours(mode: str, args, rendered: Path) -> Meter:  # type: ignore[no-untyp
         accelerator=args.accelerator, precision=args.precision,
         batch_size=args.batch_size, max_steps=args.warmup + args.steps + bool(args.profile), lr=1e-4,
         warmup_ratio=0.0, gradient_clip_val=None, val_check_interval=1000, log_every_n_steps=1000, num_workers=0,
-        compile=args.compile, **forced)
+        compile=args.compile, **forced,
+        **({"activation_budget_mb": args.activation_budget_mb} if args.activation_budget_mb else {}))
     lengths = [len(r["input_ids"]) for r in read_jsonl(rendered / "train.jsonl")]
     plan = prepare_for_batching(model, cfg, lengths)
     cfg = plan.trainer(cfg)  # rows per micro-batch, micro-batches accumulated
@@ -263,6 +264,7 @@ def in_child(args, case: str, method: str) -> dict | None:  # type: ignore[no-un
            "--rendered", str(args.rendered), "--batch-size", str(args.batch_size), "--warmup", str(args.warmup),
            "--steps", str(args.steps), "--pack-length", str(args.pack_length),
            "--micro-batches", str(args.micro_batches), "--gradient-checkpointing", args.gradient_checkpointing,
+           *(["--activation-budget-mb", str(args.activation_budget_mb)] if args.activation_budget_mb else []),
            "--accelerator", args.accelerator, "--precision", args.precision] + (["--compile"] if args.compile else [])
     if args.profile:
         cmd += ["--profile", str(args.profile)]
@@ -369,6 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--micro-batches", type=int, default=1,
                    help="our cases: each optimizer step's rows (or packed tokens) in this many micro-batches, "
                         "gradients accumulated: the same tokens per step, less activation memory")
+    p.add_argument("--activation-budget-mb", type=int, help="our cases: trainer.activation_budget_mb (default: the config's)")
     p.add_argument("--gradient-checkpointing", choices=("false", "true", "auto"), default="false",
                    help="our forced-mode cases (ours_default takes the config's, auto)")
     p.add_argument("--accelerator", default="cpu", help="our cases only (benchmarks/gpu_check.sh: gpu)")
