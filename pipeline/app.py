@@ -33,7 +33,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import base_model, evaluate, prepare, render, train, train_encoder
+from pipeline import base_model, evaluate, export, prepare, render, train, train_encoder
 from pipeline.core import cli, config
 from pipeline.core.files import write_json
 from pipeline.tracking import runs as mlf
@@ -108,16 +108,18 @@ def shared_stages(cfg: config.PipelineConfig, table: StageTable, cache: Path, re
 
 
 def run_pipeline(cfg: config.PipelineConfig, ctx: JobContext) -> dict[str, Any]:
-    """All six stages for one job, each through its module's ``run``; returns evaluate's metrics."""
+    """All seven stages for one job, each through its module's ``run``; returns evaluate's metrics."""
     table = StageTable.read(ctx.repo_root / "dvc.yaml")
     homes = shared_stages(cfg, table, ctx.cache, ctx.repo_root)
     write_json(ctx.job_dir / "stages.json", {name: str(path) for name, path in homes.items()})
-    homes.update(train=ctx.job_dir, evaluate=ctx.job_dir)
+    homes.update(train=ctx.job_dir, evaluate=ctx.job_dir, export=ctx.job_dir)
     summary = train.run(cfg, table.paths("train", homes), ctx.tracking)
     if not summary:  # a DDP rank other than 0 (Lightning relaunches the app per device): rank 0 evaluates
         return {}
     _tag_job(ctx, summary["run_id"])
-    return evaluate.run(cfg, table.paths("evaluate", homes), ctx.tracking)
+    metrics = evaluate.run(cfg, table.paths("evaluate", homes), ctx.tracking)
+    export.run(cfg, table.paths("export", homes))  # in the job's folder, as train's model is
+    return metrics
 
 
 def _tag_job(ctx: JobContext, run_id: str) -> None:

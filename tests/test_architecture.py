@@ -14,9 +14,9 @@ import yaml
 from pipeline.tracking.code_deps import closure, drift, module_graph, stage_code, sync_dvc_yaml
 
 REPO = Path(__file__).resolve().parents[1]
-ENTRY_POINTS = {"pipeline.app", "pipeline.__main__", "pipeline.compare", "pipeline.params"}
+ENTRY_POINTS = {"pipeline.app", "pipeline.__main__", "pipeline.compare", "pipeline.params", "pipeline.promote"}
 STAGES = {"pipeline.base_model", "pipeline.prepare", "pipeline.render", "pipeline.train", "pipeline.train_encoder",
-          "pipeline.evaluate"}
+          "pipeline.evaluate", "pipeline.export"}
 MAX_FUNCTION_LINES = 60
 
 

@@ -78,7 +78,7 @@ def test_both_runners_write_the_same_bytes_with_the_filter_the_review_and_the_te
 
     lock = yaml.safe_load((smoke_repo / "dvc.lock").read_text())["stages"]
     homes = {name: Path(p) for name, p in json.loads((app_job / "stages.json").read_text()).items()}
-    homes.update(train=app_job, evaluate=app_job)
+    homes.update(train=app_job, evaluate=app_job, export=app_job)
     assert set(homes) == set(lock), "both runners run the same stages"
     for stage, entry in lock.items():
         for out in entry.get("outs", []):
@@ -112,6 +112,9 @@ def test_every_stage_writes_its_outputs(smoke_repo: Path) -> None:
         "models/encoder/model/model.safetensors", "models/encoder/labels.json", "models/encoder/summary.json",
         "reports/train_encoder/train_loss.csv", "reports/eval/confusion/topic_encoder.json",
         "reports/eval/plots/confusion_topic_encoder.png",
+        # the merged export, checked against the adapter's logits
+        "models/export/model.safetensors", "models/export/tokenizer.json", "models/export/generation_config.json",
+        "reports/export/check.json",
     ]
     missing = [p for p in expected if not (smoke_repo / p).is_file()]
     assert not missing, missing

@@ -455,6 +455,23 @@ class EncoderConfig:
 
 
 @dataclass
+class ExportConfig:
+    """The export stage's merged checkpoint and the registry name promote uses."""
+
+    enabled: bool = MISSING
+    registered_model: Optional[str] = MISSING  # null: tracking.experiment
+    check_rows: int = MISSING  # test rows the merged-vs-adapter logits check runs on
+    atol: float = MISSING  # largest allowed |merged - adapter| logit (fp32)
+
+    def problems(self) -> list[str]:
+        out = _int_at_least("export.check_rows", self.check_rows, 1)
+        out += _number("export.atol", self.atol, low=0, low_open=True)
+        if self.registered_model is not None:
+            out += _nonempty("export.registered_model", self.registered_model)
+        return out
+
+
+@dataclass
 class TrackingConfig:
     experiment: str = MISSING
 
@@ -474,6 +491,7 @@ class PipelineConfig:
     safety: SafetyConfig = MISSING
     seed: int = MISSING
     tracking: TrackingConfig = MISSING
+    export: ExportConfig = MISSING
 
 
 def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> list[str]:
@@ -565,7 +583,7 @@ def from_mapping(raw: Mapping[str, Any], source: str = "config") -> PipelineConf
         raise ConfigError(problems, source)
     cfg: PipelineConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     for section in (cfg.model, cfg.data, cfg.prompt, cfg.finetune, cfg.trainer, cfg.eval, cfg.encoder,
-                    cfg.safety, cfg.tracking):
+                    cfg.safety, cfg.tracking, cfg.export):
         problems += section.problems()
     problems += _seed("seed", cfg.seed)
     problems += _kind_problems(cfg)
@@ -626,7 +644,7 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 __all__ = [
-    "BootstrapConfig", "ConfigError", "DataConfig", "DedupConfig", "EncoderConfig", "SourceConfig", "EvalConfig", "FinetuneConfig", "LoraConfig",
+    "BootstrapConfig", "ConfigError", "DataConfig", "DedupConfig", "EncoderConfig", "ExportConfig", "SourceConfig", "EvalConfig", "FinetuneConfig", "LoraConfig",
     "ModelConfig", "PipelineConfig", "PromptConfig", "SafetyConfig", "TrackingConfig", "TrainerConfig",
     "check_job_dir", "flatten", "from_mapping", "load", "read", "to_dict",
 ]
