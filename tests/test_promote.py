@@ -46,14 +46,14 @@ def _evaluation(correct: list[int], reference: str = "yes") -> tuple[list[dict],
 
 
 def make_run(uri: str, tmp: Path, digest: str, correct: list[int], job_dir: Path | None = None,
-             reference: str = "yes") -> str:
-    """A finished training run as train and evaluate leave it."""
+             reference: str = "yes", **extra_tags: str) -> str:
+    """A finished training run as train and evaluate leave it (with the overall score as its metric)."""
     from mlflow.tracking import MlflowClient
 
     from pipeline.tracking import runs as mlf
 
     tags = {"git.commit": "abc123", "git.dirty": "false", "data.hash": "d" * 16, "template.hash": "t" * 16,
-            DIGEST_TAG: digest, **({"hydra.job_dir": str(job_dir)} if job_dir else {})}
+            DIGEST_TAG: digest, **({"hydra.job_dir": str(job_dir)} if job_dir else {}), **extra_tags}
     run_id = mlf.start_run(uri, "instruction-tuning", tmp / "mlartifacts", {"seed": 42}, tags)
     rows, intervals = _evaluation(correct, reference)
     folder = tmp / f"eval-{run_id}"
@@ -62,6 +62,7 @@ def make_run(uri: str, tmp: Path, digest: str, correct: list[int], job_dir: Path
     (folder / "intervals.json").write_text(json.dumps(intervals))
     client = MlflowClient(uri)
     client.log_artifacts(run_id, str(folder), artifact_path="eval")
+    client.log_metric(run_id, "eval.tuned.overall.score", sum(correct) / len(correct))
     client.set_terminated(run_id, "FINISHED")
     return run_id
 
@@ -142,3 +143,24 @@ def test_an_export_of_another_model_is_refused(tmp_path: Path, smoke_cfg: Pipeli
     cfg = dataclasses.replace(smoke_cfg, export=dataclasses.replace(smoke_cfg.export, registered_model="other"))
     with pytest.raises(PipelineError, match="does not exist"):  # the default: the workspace's export, none here
         promote.run(cfg, promote.Selection(), uri, tmp_path)
+
+
+def test_a_sweeps_best_child_and_a_dvc_experiment_by_name(tmp_path: Path, smoke_cfg: PipelineConfig,
+                                                          exported: tuple[Path, str]) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking import runs as mlf
+
+    folder, digest = exported
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parent = mlf.start_run(uri, "instruction-tuning", tmp_path / "mlartifacts",
+                           {"sweep.metric": "eval.tuned.overall.score", "sweep.direction": "maximize"}, {})
+    children = [make_run(uri, tmp_path, digest, [1] * k + [0] * (N - k), **{mlf.PARENT_TAG: parent})
+                for k in (10, 30, 20)]
+    out = promote.run(smoke_cfg, promote.Selection(sweep=parent, export=folder), uri, tmp_path)
+    assert MlflowClient(uri).get_model_version("instruction-tuning", out["version"]).run_id == children[1]
+    named = make_run(uri, tmp_path, digest, [1] * N, **{"dvc.exp_name": "lucky-fawn"})
+    out = promote.run(smoke_cfg, promote.Selection(exp="lucky-fawn", export=folder), uri, tmp_path)
+    assert MlflowClient(uri).get_model_version("instruction-tuning", out["version"]).run_id == named
+    with pytest.raises(PipelineError, match="not a sweep's parent"):
+        promote.run(smoke_cfg, promote.Selection(sweep=named, export=folder), uri, tmp_path)
