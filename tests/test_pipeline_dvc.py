@@ -196,6 +196,35 @@ def test_mlflow_run_has_params_tags_metrics_artifacts(smoke_repo: Path) -> None:
     assert "eval/predictions.json" in eval_files and "eval/metrics.json" in eval_files
 
 
+def test_promote_registers_the_experiments_export(smoke_repo: Path) -> None:
+    """After `dvc exp run`, `python -m pipeline.promote` registers models/export (merged by the export
+    stage, which logged nothing: the store held no merged weights before) with its lineage, and the
+    registered version generates."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking import stage_run
+
+    merged = (smoke_repo / "models/export/model.safetensors").read_bytes()
+    logged = list((smoke_repo / "mlartifacts").rglob("*.safetensors"))  # the adapters, the encoder arm
+    assert logged and not [p for p in logged if p.read_bytes() == merged], "dvc repro logged the merged model"
+    _sh([sys.executable, "-m", "pipeline.promote"], smoke_repo)
+    uri = f"sqlite:///{smoke_repo / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    version = client.get_model_version_by_alias("instruction-tuning", "champion")
+    run = client.get_run(version.run_id)
+    assert run.data.tags[stage_run.DIGEST_TAG] == stage_run.model_digest(smoke_repo / "models/finetuned")
+    assert run.data.tags.get("dvc.exp_name")
+    for key in ("git.commit", "data.hash", "template.hash"):
+        assert version.tags[key] == run.data.tags[key], key
+    delta = json.loads((smoke_repo / "reports/eval/intervals.json").read_text())["intervals"]["delta"]["overall"]
+    assert float(version.tags["eval.tuned_minus_base.low"]) == pytest.approx(delta["score"]["low"])
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pyfunc.load_model(f"models:/instruction-tuning/{version.version}")
+    [reply] = model.predict({"messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 4})
+    assert isinstance(reply["choices"][0]["message"]["content"], str)
+
+
 def test_dvc_plots_show_renders_eval_plots(smoke_repo: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "dvc", "plots", "show", "--json"], cwd=smoke_repo, env=_env(),
                           capture_output=True, text=True, check=True)
@@ -225,7 +254,7 @@ def test_eval_change_does_not_retrain(smoke_repo: Path) -> None:
     out = _sh([sys.executable, "-m", "dvc", "exp", "run", *[a for o in OVERRIDES for a in ("-S", o)],
                "-S", "eval.batch_size=4"], smoke_repo)
     assert "Running stage 'evaluate'" in out
-    for stage in ("base_model", "prepare", "render", "train", "train_encoder"):
+    for stage in ("base_model", "prepare", "render", "train", "train_encoder", "export"):
         assert f"Running stage '{stage}'" not in out
     proc = subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json"], cwd=smoke_repo, env=_env(),
                           capture_output=True, text=True, check=True)
