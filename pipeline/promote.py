@@ -100,11 +100,14 @@ def verdict(uri: str, cfg: config.PipelineConfig, cand: registry.Evaluation, cur
 
 
 def run(cfg: config.PipelineConfig, sel: Selection, uri: str, repo_root: Path) -> dict[str, Any]:
-    """Pick, check, compare, register, crown; return what was done."""
+    """Pick, check, compare, register (once per run), crown; return what was done."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
     cand = candidate_run(client, uri, cfg, sel, repo_root)
+    if cand.info.status != "FINISHED":
+        raise PipelineError(f"promote: run {cand.info.run_id} is {cand.info.status}; only a finished run "
+                            "(trained and evaluated) can be promoted")
     folder = registry.export_dir(cand, repo_root, sel.export)
     name = sel.name or cfg.export.registered_model or cfg.tracking.experiment
     current = registry.champion(client, name)
@@ -112,24 +115,37 @@ def run(cfg: config.PipelineConfig, sel: Selection, uri: str, repo_root: Path) -
         print(f"promote: run {cand.info.run_id} is already {name}@{registry.CHAMPION} (version {current.version})")
         return {"version": str(current.version), "registered": False}
     evaluated = registry.evaluation(uri, cand.info.run_id)
-    gain = verdict(uri, cfg, evaluated, current)
-    if gain is not None and not gain["low"] > 0:
-        why = (f"the candidate (run {cand.info.run_id}) is not better than {name}@{registry.CHAMPION} (version "
-               f"{current.version}, run {current.run_id}) beyond the paired 95% interval: "
-               f"{gain['delta']:+.4f} [{gain['low']:+.4f}, {gain['high']:+.4f}]")
-        if not sel.force:
-            raise registry.PromotionRefused(f"promote: {why}; --force registers it anyway")
-        print(f"promote: --force: {why}", flush=True)
+    gain = _judge(uri, cfg, evaluated, current, cand.info.run_id, name, sel.force)
     tags = registry.lineage(cand, registry.headline(evaluated.intervals))
     tags.update({f"promote.vs_champion.{k}": str(gain[k]) for k in ("delta", "low", "high", "p_value", "n")} if gain
                 else {})
-    tags["promote.forced"] = str(bool(sel.force and gain is not None and not gain["low"] > 0)).lower()
-    model_config = {"do_sample": False, "max_new_tokens": max(cfg.eval.max_new_tokens.values())}
-    version = registry.register(uri, cand, folder, name, tags, model_config, EXAMPLE)
-    registry.crown(uri, name, str(version.version))
-    print(f"promote: {folder} -> models:/{name}/{version.version} = {name}@{registry.CHAMPION} "
+    tags["promote.forced"] = str(bool(gain is not None and not gain["low"] > 0)).lower()
+    existing = registry.version_of(client, name, cand.info.run_id)
+    if existing is not None:  # registered before (then dethroned): the alias goes back, no second copy
+        registry.tag_version(uri, name, str(existing.version), tags)
+        version, registered = str(existing.version), False
+    else:
+        model_config = {"do_sample": False, "max_new_tokens": max(cfg.eval.max_new_tokens.values())}
+        version = str(registry.register(uri, cand, folder, name, tags, model_config, EXAMPLE).version)
+        registered = True
+    registry.crown(uri, name, version)
+    print(f"promote: {folder} -> models:/{name}/{version} = {name}@{registry.CHAMPION} "
           f"(run {cand.info.run_id})", flush=True)
-    return {"version": str(version.version), "registered": True, "gain_vs_champion": gain}
+    return {"version": version, "registered": registered, "gain_vs_champion": gain}
+
+
+def _judge(uri: str, cfg: config.PipelineConfig, evaluated: registry.Evaluation, current: Any, run_id: str,
+           name: str, force: bool) -> dict[str, Any] | None:
+    """The paired gain over the champion; refused (unless ``force``) when its interval is not above zero."""
+    gain = verdict(uri, cfg, evaluated, current)
+    if gain is not None and not gain["low"] > 0:
+        why = (f"the candidate (run {run_id}) is not better than {name}@{registry.CHAMPION} (version "
+               f"{current.version}, run {current.run_id}) beyond the paired 95% interval: "
+               f"{gain['delta']:+.4f} [{gain['low']:+.4f}, {gain['high']:+.4f}]")
+        if not force:
+            raise registry.PromotionRefused(f"promote: {why}; --force registers it anyway")
+        print(f"promote: --force: {why}", flush=True)
+    return gain
 
 
 def main(argv: Sequence[str] | None = None) -> int:

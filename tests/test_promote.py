@@ -110,6 +110,11 @@ def test_promote_registers_compares_and_refuses(tmp_path: Path, monkeypatch, smo
     assert str(client.get_model_version_by_alias("instruction-tuning", registry.CHAMPION).version) == "3"
     assert float(_tags(uri, "3")["promote.vs_champion.low"]) > 0
 
+    # The dethroned version 1's run forced back: the alias returns to version 1, no second copy.
+    back = promote.run(smoke_cfg, promote.Selection(run_id=first, force=True), uri, tmp_path)
+    assert back["version"] == "1" and not back["registered"]
+    assert len(client.search_model_versions("name='instruction-tuning'")) == 3
+
     # Another test split (other references): cannot be paired, refused even with --force.
     other = make_run(uri, tmp_path, digest, [1] * N, job_dir=job, reference="no")
     with pytest.raises(registry.PromotionRefused, match="different test examples"):

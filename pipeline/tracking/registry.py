@@ -179,10 +179,29 @@ def register(uri: str, run: Any, folder: Path, name: str, tags: Mapping[str, str
                                              model_config=dict(model_config), input_example=dict(example),
                                              registered_model_name=name, await_registration_for=300,
                                              pip_requirements=requirements())
+    tag_version(uri, name, str(info.registered_model_version), tags)
+    return MlflowClient(uri).get_model_version(name, str(info.registered_model_version))
+
+
+def tag_version(uri: str, name: str, version: str, tags: Mapping[str, str]) -> None:
+    """Set ``tags`` on a model version."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking import runs as mlf
+
     client = MlflowClient(uri)
-    version = info.registered_model_version
-    mlf.locked_write(uri, lambda: [client.set_model_version_tag(name, str(version), k, v) for k, v in tags.items()])
-    return client.get_model_version(name, str(version))
+    mlf.locked_write(uri, lambda: [client.set_model_version_tag(name, version, k, v) for k, v in tags.items()])
+
+
+def version_of(client: Any, name: str, run_id: str) -> Any | None:
+    """The version of ``name`` registered from ``run_id`` (the newest, if several), or None."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        found = client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
+    except MlflowException:  # no such registered model yet
+        return None
+    return max(found, key=lambda v: int(v.version)) if found else None
 
 
 def crown(uri: str, name: str, version: str) -> None:
