@@ -116,7 +116,11 @@ def run(cfg: config.PipelineConfig, sel: Selection, uri: str, repo_root: Path) -
         return {"version": str(current.version), "registered": False}
     evaluated = registry.evaluation(uri, cand.info.run_id)
     gain = _judge(uri, cfg, evaluated, current, cand.info.run_id, name, sel.force)
-    tags = registry.lineage(cand, registry.headline(evaluated.intervals))
+    headline = registry.headline(evaluated.intervals)
+    if headline is None:
+        print("promote: warning: eval/intervals.json has no tuned - base overall difference; the version gets "
+              "no eval.tuned_minus_base tags", file=sys.stderr, flush=True)
+    tags = registry.lineage(cand, headline)
     tags.update({f"promote.vs_champion.{k}": str(gain[k]) for k in ("delta", "low", "high", "p_value", "n")} if gain
                 else {})
     tags["promote.forced"] = str(bool(gain is not None and not gain["low"] > 0)).lower()
