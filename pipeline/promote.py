@@ -129,8 +129,8 @@ def run(cfg: config.PipelineConfig, sel: Selection, uri: str, repo_root: Path) -
         registry.tag_version(uri, name, str(existing.version), tags)
         version, registered = str(existing.version), False
     else:
-        model_config = {"do_sample": False, "max_new_tokens": max(cfg.eval.max_new_tokens.values())}
-        version = str(registry.register(uri, cand, folder, name, tags, model_config, EXAMPLE).version)
+        generation = {"do_sample": False, "max_new_tokens": max(cfg.eval.max_new_tokens.values())}
+        version = str(registry.register(uri, cand, folder, name, tags, generation, EXAMPLE).version)
         registered = True
     registry.crown(uri, name, version)
     print(f"promote: {folder} -> models:/{name}/{version} = {name}@{registry.CHAMPION} "

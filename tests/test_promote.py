@@ -93,6 +93,7 @@ def test_promote_registers_compares_and_refuses(tmp_path: Path, monkeypatch, smo
     assert (tags["eval.tuned_minus_base.delta"], tags["eval.tuned_minus_base.low"],
             tags["eval.tuned_minus_base.high"]) == ("0.25", "0.1", "0.4")
     assert len(client.search_logged_models([client.get_experiment_by_name("instruction-tuning").experiment_id])) == 1
+    assert set(client.get_run(first).data.params) == {"seed"}, "registering logs no params into the training run"
 
     # As good as the champion: refused, and nothing registered; --force registers it anyway.
     same = make_run(uri, tmp_path, digest, [1] * (N // 2) + [0] * (N // 2), job_dir=job)

@@ -91,6 +91,22 @@ def test_compare_sweep_names_the_swept_params(grid: dict[str, Any], tmp_path: Pa
     assert "| `trainer.lr` |" in md and "same data and template in every run" in md
 
 
+def test_every_job_exports_and_promote_registers_the_best(grid: dict[str, Any], tmp_path: Path) -> None:
+    """Each job of the sweep wrote its merged model in its own folder; `pipeline.promote --sweep`
+    registers the best job's (by the sweep's metric) as the champion, tagged with the sweep."""
+    from mlflow.tracking import MlflowClient
+
+    exports = sorted((grid["cwd"] / "multirun").glob("*/models/export/model.safetensors"))
+    assert len(exports) == 4
+    params = tmp_path / "params.yaml"
+    sh([sys.executable, "-m", "pipeline.params", *SMOKE, "--out", str(params)], grid["cwd"])
+    sh([sys.executable, "-m", "pipeline.promote", "--params", str(params), "--sweep", grid["run_id"]], grid["cwd"])
+    client = MlflowClient(grid["uri"])
+    version = client.get_model_version_by_alias("instruction-tuning", "champion")
+    assert version.run_id == client.get_run(grid["run_id"]).data.tags["best.run_id"]
+    assert version.tags["sweep.id"] == grid["sweep_id"]
+
+
 NOTEBOOK = REPO / "notebooks" / "compare_experiments.ipynb"
 
 

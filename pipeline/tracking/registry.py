@@ -161,9 +161,10 @@ def champion(client: Any, name: str) -> Any | None:
 
 
 def register(uri: str, run: Any, folder: Path, name: str, tags: Mapping[str, str],
-             model_config: Mapping[str, Any], example: Mapping[str, Any]) -> Any:
+             generation: Mapping[str, Any], example: Mapping[str, Any]) -> Any:
     """Log ``folder`` (a Hugging Face checkpoint, loaded in fp32) once into ``run`` as a ``transformers`` model for
-    chat, register it as a new version of ``name``, tag it and return it."""
+    chat, with ``generation`` as its generation defaults, register it as a new version of ``name``, tag it
+    and return it."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -174,9 +175,12 @@ def register(uri: str, run: Any, folder: Path, name: str, tags: Mapping[str, str
     # The components, not the folder's path: MLflow 3.17's local-checkpoint path reads the task's
     # pipeline class from transformers' task table, which transformers 5 no longer holds as classes.
     components = {"model": load_causal_lm(folder), "tokenizer": load_tokenizer(folder)}
+    # The serving defaults go into the saved generation config: MLflow would log a model_config as
+    # params of the training run.
+    components["model"].generation_config.update(**generation)
     with mlf.active_run(uri, run.info.run_id):
         info = mlflow.transformers.log_model(components, name="model", task="llm/v1/chat",
-                                             model_config=dict(model_config), input_example=dict(example),
+                                             input_example=dict(example),
                                              registered_model_name=name, await_registration_for=300,
                                              pip_requirements=requirements())
     tag_version(uri, name, str(info.registered_model_version), tags)
