@@ -14,8 +14,10 @@ from pathlib import Path
 import pytest
 
 from pipeline import export, promote
+from pipeline.core.cli import guard
 from pipeline.core.config import PipelineConfig
 from pipeline.core.errors import PipelineError
+from pipeline.params import compose, dump
 from pipeline.tracking import registry
 from pipeline.tracking.stage_run import DIGEST_TAG, model_digest
 
@@ -73,7 +75,7 @@ def _tags(uri: str, version: str) -> dict[str, str]:
     return MlflowClient(uri).get_model_version("instruction-tuning", version).tags
 
 
-def test_promote_registers_compares_and_refuses(tmp_path: Path, monkeypatch, smoke_cfg: PipelineConfig,
+def test_promote_registers_compares_and_refuses(tmp_path: Path, monkeypatch, capsys, smoke_cfg: PipelineConfig,
                                                exported: tuple[Path, str]) -> None:
     from mlflow.tracking import MlflowClient
 
@@ -100,6 +102,12 @@ def test_promote_registers_compares_and_refuses(tmp_path: Path, monkeypatch, smo
     with pytest.raises(registry.PromotionRefused, match="not better than instruction-tuning@champion"):
         promote.run(smoke_cfg, promote.Selection(run_id=same), uri, tmp_path)
     assert len(client.search_model_versions("name='instruction-tuning'")) == 1
+    params = tmp_path / "params.yaml"
+    params.write_text(dump(compose(["+experiment=smoke"])))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the CLI's store: ./mlflow.db, this one
+    assert guard("promote", lambda: promote.main(["--params", str(params), "--run-id", same])) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("promote: error:")]
+    assert len(err) == 1 and "is not better than" in err[0] and "--force" in err[0]
     forced = promote.run(smoke_cfg, promote.Selection(run_id=same, force=True), uri, tmp_path)
     assert forced["version"] == "2" and _tags(uri, "2")["promote.forced"] == "true"
 
