@@ -33,7 +33,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import base_model, evaluate, export, prepare, render, train, train_encoder
+from pipeline import align, base_model, evaluate, export, prepare, render, train, train_encoder
 from pipeline.core import cli, config
 from pipeline.core.files import write_json
 from pipeline.tracking import runs as mlf
@@ -112,11 +112,13 @@ def run_pipeline(cfg: config.PipelineConfig, ctx: JobContext) -> dict[str, Any]:
     table = StageTable.read(ctx.repo_root / "dvc.yaml")
     homes = shared_stages(cfg, table, ctx.cache, ctx.repo_root)
     write_json(ctx.job_dir / "stages.json", {name: str(path) for name, path in homes.items()})
-    homes.update(train=ctx.job_dir, evaluate=ctx.job_dir, export=ctx.job_dir)
+    homes.update(train=ctx.job_dir, align=ctx.job_dir, evaluate=ctx.job_dir, export=ctx.job_dir)
     summary = train.run(cfg, table.paths("train", homes), ctx.tracking)
     if not summary:  # a DDP rank other than 0 (Lightning relaunches the app per device): rank 0 evaluates
         return {}
     _tag_job(ctx, summary["run_id"])
+    # A job-dir stage like train: it starts from this job's SFT model (align=none: a marker only).
+    align.run(cfg, table.paths("align", homes), ctx.tracking)
     metrics = evaluate.run(cfg, table.paths("evaluate", homes), ctx.tracking)
     export.run(cfg, table.paths("export", homes))  # in the job's folder, as train's model is
     return metrics

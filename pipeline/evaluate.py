@@ -19,7 +19,7 @@ import re
 import shutil
 import sys
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -171,6 +171,10 @@ class Paths:
     tuned: Path | None = cli.field("train stage output; not needed for eval.models=[base]", default=None)
     encoder: Path | None = cli.field("train_encoder stage output: the encoder arm (skipped when absent or marked "
                                      "skipped)", default=None)
+    aligned: Path | None = cli.field("align stage output: the aligned arm (skipped when absent or marked skipped)",
+                                     default=None)
+    pairs: Path | None = cli.field("align stage's held-out pairs: the preference metric (with --aligned)",
+                                   default=None)
 
 
 @dataclass
@@ -183,6 +187,7 @@ class TestSet:
     examples: dict[str, dict[str, Any]]  # prepared test examples by id
     labels: dict[str, list[str]]  # label set of each classification task
     idx: dict[str, list[int]]  # each task's row positions
+    preferences: dict[str, list[float]] = field(default_factory=dict)  # arm -> per held-out pair: prefers chosen
 
     def outputs(self, preds: Sequence[Any], nll: Sequence[Any], tasks: Sequence[str],
                 loglik: Sequence[str | None] | None = None) -> dict[str, Any]:
@@ -242,7 +247,7 @@ def check_inputs(cfg: config.PipelineConfig, paths: Paths) -> str:
 def load_test_set(cfg: config.PipelineConfig, paths: Paths) -> TestSet:
     """The test rows of every causal-LM arm, their task types, references and label sets."""
     ev = cfg.eval
-    llm_arms = [m for m in ev.models if m != "encoder"]
+    llm_arms = [m for m in ev.models if m != "encoder" and (m != "aligned" or has_aligned(paths))]
     arms = arm_rows(paths.rendered, llm_arms, ev.max_examples)
     rows = arms[llm_arms[0]]
     task_types = resolve_task_types(rows, ev.task_types)
@@ -264,9 +269,9 @@ def generate_arms(cfg: config.PipelineConfig, paths: Paths,
     outputs: dict[str, dict[str, Any]] = {}
     base_lm = None  # loaded once for the base and base_kshot arms
     for name, rows in test.arms.items():
-        if name == "tuned":
+        if name in ("tuned", "aligned"):
             base_lm = None  # one model in memory at a time
-            model = load_finetuned(paths.base_model, paths.tuned)  # type: ignore[arg-type]
+            model = load_finetuned(paths.base_model, paths.tuned if name == "tuned" else paths.aligned)  # type: ignore[arg-type]
         else:
             base_lm = base_lm if base_lm is not None else load_causal_lm(paths.base_model)
             model = base_lm
@@ -274,9 +279,26 @@ def generate_arms(cfg: config.PipelineConfig, paths: Paths,
                                      ev.stop_strings, desc=f"evaluate {name}", decode_batch_size=ev.decode_batch_size)
         nll = reference_nll(model, rows, tokenizer.pad_token_id, ev.batch_size)
         by_loglik = loglik_labels(model, tokenizer, rows, test, ev.batch_size, name)
+        if name in ("tuned", "aligned") and has_aligned(paths):
+            test.preferences[name] = preference_scores(model, paths.pairs, tokenizer.pad_token_id,  # type: ignore[arg-type]
+                                                       ev.batch_size)
         del model
         outputs[name] = test.outputs(predictions[name], nll, list(test.idx), by_loglik)
     return predictions, outputs
+
+
+def has_aligned(paths: Paths) -> bool:
+    """Whether the align stage trained a model (not only its skip marker): then there is an aligned arm."""
+    return paths.aligned is not None and paths.aligned.is_dir() and not (paths.aligned / "skipped.json").exists()
+
+
+def preference_scores(model: Any, pairs: Path, pad_id: int, batch_size: int) -> list[float]:
+    """Per held-out pair of the align stage, 1.0 when ``model`` gives chosen the higher log-prob."""
+    from pipeline.training.dpo import preference_accuracy
+
+    if not (pairs / "test.jsonl").exists():
+        raise MissingInput(f"evaluate: the aligned arm needs the align stage's held-out pairs in {pairs}/test.jsonl")
+    return preference_accuracy(model, read_jsonl(pairs / "test.jsonl"), pad_id, batch_size)
 
 
 def loglik_labels(model: Any, tokenizer: Any, rows: list[dict[str, Any]], test: "TestSet", batch_size: int,
@@ -326,6 +348,7 @@ def report(cfg: config.PipelineConfig, out: Path, test: TestSet, predictions: di
            outputs: dict[str, dict[str, Any]], rules: Any, template_hash: str,
            encoder_note: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Score every arm, compare them, review outputs and slices; write ``out`` atomically."""
+    from pipeline.evaluation import preference as prefer
     from pipeline.evaluation import scoring, slices
 
     ev, rows = cfg.eval, test.rows
@@ -341,14 +364,20 @@ def report(cfg: config.PipelineConfig, out: Path, test: TestSet, predictions: di
     slice_table = slices.score_slices(ev.slices, slice_values, {n: o for n, o in outputs.items() if n != "encoder"},
                                       [r["task"] for r in rows], ev.bootstrap.n_resamples, ev.bootstrap.seed)
     metrics = scoring.metrics_json(scores, deltas)
+    preference, preference_ci = prefer.report(test.preferences)
+    if preference:
+        metrics["preference"] = preference
     if safety_rates:
         metrics["safety"] = {name: {"flagged_rate": r["rate"], "flagged": r["flagged"]} for name, r in safety_rates.items()}
     references = {i: ex["output"] for i, ex in test.examples.items()}
     pred_rows = _prediction_rows(rows, references, predictions, scores, test.idx, test.arms, flags)
-    text = (scoring.markdown(scores, deltas, test.task_types) + encoder_note + _safety_markdown(safety_rates)
+    text = (scoring.markdown(scores, deltas, test.task_types) + encoder_note + prefer.markdown(preference_ci)
+            + _safety_markdown(safety_rates)
             + "\n## Slices\n\n" + slices.markdown(slice_table))
     with atomic_dir(out) as tmp:
-        _write(tmp, metrics, {**scoring.intervals_json(scores, deltas), "template_hash": template_hash,
+        _write(tmp, metrics, {**scoring.intervals_json(scores, deltas), **({"preference": preference_ci} if preference
+                                                                            else {}),
+                              "template_hash": template_hash,
                               "examples": len(rows), "task_types": test.task_types, "safety": safety_rates,
                               "slices": {"rows": slice_table.rows, "gaps": slice_table.gaps,
                                          "largest_gap": slice_table.largest_gap()}}, pred_rows)

@@ -16,7 +16,7 @@ from pipeline.tracking.code_deps import closure, drift, module_graph, stage_code
 REPO = Path(__file__).resolve().parents[1]
 ENTRY_POINTS = {"pipeline.app", "pipeline.__main__", "pipeline.compare", "pipeline.params", "pipeline.promote"}
 STAGES = {"pipeline.base_model", "pipeline.prepare", "pipeline.render", "pipeline.train", "pipeline.train_encoder",
-          "pipeline.evaluate", "pipeline.export"}
+          "pipeline.align", "pipeline.evaluate", "pipeline.export"}
 MAX_FUNCTION_LINES = 60
 
 

@@ -364,7 +364,8 @@ class BootstrapConfig:
 
 # The evaluated arms: the base model zero-shot, the base model k-shot, the fine-tuned model,
 # and the encoder classifier train_encoder trained (classification tasks only).
-MODELS = ("base", "base_kshot", "tuned", "encoder")
+# "aligned" is the align stage's DPO model, scored when align.enabled (models/aligned is no marker).
+MODELS = ("base", "base_kshot", "tuned", "aligned", "encoder")
 
 
 @dataclass
@@ -454,6 +455,50 @@ class EncoderConfig:
         return out
 
 
+ALIGN_SOURCES = ("embedded", "file")
+PREFERENCE_FORMATS = ("auto", "standard", "conversational", "hh_rlhf")
+
+
+@dataclass
+class AlignDataConfig:
+    source: str = MISSING  # embedded | file
+    path: Optional[str] = MISSING
+    format: str = MISSING  # auto | standard | conversational | hh_rlhf
+    test_fraction: float = MISSING
+    val_fraction: float = MISSING
+    max_pairs: Optional[int] = MISSING
+
+
+@dataclass
+class AlignConfig:
+    """Preference tuning (DPO) after instruction tuning: the align stage and the aligned arm."""
+
+    enabled: bool = MISSING
+    beta: float = MISSING
+    label_smoothing: float = MISSING
+    data: AlignDataConfig = MISSING
+    trainer: TrainerConfig = MISSING
+
+    def problems(self) -> list[str]:
+        if not self.enabled:
+            return []
+        d = self.data
+        out = [f"align.{p}" for p in self.trainer.problems()]
+        out += _number("align.beta", self.beta, low=0, low_open=True)
+        out += _number("align.label_smoothing", self.label_smoothing, low=0, high=0.5, high_open=True)
+        out += _choice("align.data.source", d.source, ALIGN_SOURCES)
+        out += _choice("align.data.format", d.format, PREFERENCE_FORMATS)
+        if d.source == "file" and not d.path:
+            out.append("align.data.path: source=file needs the path of a preference file")
+        for name in ("test_fraction", "val_fraction"):
+            out += _number(f"align.data.{name}", getattr(d, name), low=0, high=0.5)
+        if d.max_pairs is not None:
+            out += _int_at_least("align.data.max_pairs", d.max_pairs, 1)
+        if self.trainer.batching != "dynamic":
+            out.append("align.trainer.batching: a pair's two sequences share a batch; use dynamic")
+        return out
+
+
 @dataclass
 class ExportConfig:
     """The export stage's merged checkpoint and the registry name promote uses."""
@@ -488,6 +533,7 @@ class PipelineConfig:
     trainer: TrainerConfig = MISSING
     eval: EvalConfig = MISSING
     encoder: EncoderConfig = MISSING
+    align: AlignConfig = MISSING
     safety: SafetyConfig = MISSING
     seed: int = MISSING
     tracking: TrackingConfig = MISSING
@@ -583,7 +629,7 @@ def from_mapping(raw: Mapping[str, Any], source: str = "config") -> PipelineConf
         raise ConfigError(problems, source)
     cfg: PipelineConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     for section in (cfg.model, cfg.data, cfg.prompt, cfg.finetune, cfg.trainer, cfg.eval, cfg.encoder,
-                    cfg.safety, cfg.tracking, cfg.export):
+                    cfg.align, cfg.safety, cfg.tracking, cfg.export):
         problems += section.problems()
     problems += _seed("seed", cfg.seed)
     problems += _kind_problems(cfg)
@@ -644,7 +690,7 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 __all__ = [
-    "BootstrapConfig", "ConfigError", "DataConfig", "DedupConfig", "EncoderConfig", "ExportConfig", "SourceConfig", "EvalConfig", "FinetuneConfig", "LoraConfig",
+    "AlignConfig", "AlignDataConfig", "BootstrapConfig", "ConfigError", "DataConfig", "DedupConfig", "EncoderConfig", "ExportConfig", "SourceConfig", "EvalConfig", "FinetuneConfig", "LoraConfig",
     "ModelConfig", "PipelineConfig", "PromptConfig", "SafetyConfig", "TrackingConfig", "TrainerConfig",
     "check_job_dir", "flatten", "from_mapping", "load", "read", "to_dict",
 ]

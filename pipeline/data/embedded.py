@@ -14,6 +14,7 @@ examples only appends (``generate(s, 100)`` is a per-task prefix of ``generate(s
 from __future__ import annotations
 
 import random
+import re
 from typing import Any, Callable
 
 from pipeline.data.schema import Example
@@ -255,3 +256,41 @@ def generate(seed: int, n_per_task: int) -> list[Example]:
                                     instruction=rng.choice(INSTRUCTIONS[task]), input=text,
                                     output=output, source="embedded", meta=meta))
     return examples
+
+
+# Preference pairs for the align stage (DPO): the chosen answer is the reference; the rejected one
+# is a plausible wrong answer of the kind a half-trained model gives, so that a preference is
+# learnable and the held-out preference metric measures something.
+_QA_SPANS = re.compile(r"was born in (?P<birth_city>[^.]+) in (?P<birth_year>\d{4})\. \S+ works as an? "
+                       r"(?P<job>[^.]+?) and has an? (?P<pet>[^.]+?) called (?P<pet_name>[^.]+)\. "
+                       r"In (?P<move_year>\d{4}), \S+ moved to (?P<new_city>[^.]+)\.")
+# The sentence of the passage each answer comes from: a wrong span is taken from another sentence.
+_QA_SENTENCE = {"birth_city": 0, "birth_year": 0, "job": 1, "pet": 1, "pet_name": 1, "new_city": 2, "move_year": 2}
+
+
+def rejected(example: Example, seed: int) -> str | None:
+    """A deterministic wrong answer to one embedded example, or None when it is not one of ours.
+
+    topic: another label; qa: a span of another sentence of the passage; past_tense: the sentence
+    left in the present tense; summary: the summary of another, unrelated note. Drawn from a
+    ``random.Random`` seeded by ``(seed, id)``, so a pair does not depend on the others.
+    """
+    if example.source != "embedded" or example.task not in TASKS:
+        return None
+    rng = random.Random(f"{seed}:{example.id}:rejected")
+    if example.task == "topic":
+        return rng.choice([label for label in LABELS if label != example.output])
+    if example.task == "qa":
+        found = _QA_SPANS.search(example.input)
+        field = example.meta.get("field")
+        if found is None or field not in _QA_SENTENCE:
+            return None
+        others = sorted(k for k, v in _QA_SENTENCE.items() if v != _QA_SENTENCE[field])
+        return next((found[k] for k in rng.sample(others, len(others)) if found[k] != example.output), None)
+    if example.task == "past_tense":
+        return example.input if example.input != example.output else None
+    for _ in range(8):  # summary: a different note's summary (the first draw almost always differs)
+        _, other, _ = _summary(rng)
+        if other != example.output:
+            return other
+    return None

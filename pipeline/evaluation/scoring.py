@@ -229,7 +229,8 @@ def paired_delta(base: TaskScores, tuned: TaskScores, metric: str) -> dict[str, 
 
 
 # The paired differences evaluate reports when both arms ran: (minuend, subtrahend).
-PAIRS = (("tuned", "base"), ("tuned", "base_kshot"), ("base_kshot", "base"), ("tuned", "encoder"))
+PAIRS = (("tuned", "base"), ("tuned", "base_kshot"), ("base_kshot", "base"), ("tuned", "encoder"),
+         ("aligned", "tuned"), ("aligned", "base"))
 
 
 def partial_arms(scores: Mapping[str, ModelScores]) -> set[str]:
