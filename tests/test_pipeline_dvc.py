@@ -78,7 +78,7 @@ def test_both_runners_write_the_same_bytes_with_the_filter_the_review_and_the_te
 
     lock = yaml.safe_load((smoke_repo / "dvc.lock").read_text())["stages"]
     homes = {name: Path(p) for name, p in json.loads((app_job / "stages.json").read_text()).items()}
-    homes.update(train=app_job, evaluate=app_job, export=app_job)
+    homes.update(train=app_job, align=app_job, evaluate=app_job, export=app_job)
     assert set(homes) == set(lock), "both runners run the same stages"
     for stage, entry in lock.items():
         for out in entry.get("outs", []):

@@ -1,0 +1,63 @@
+"""The align stage end to end on the smoke model: align=none writes only markers (and evaluate has
+no aligned arm), align=dpo trains from the SFT model, logs DPO metrics to MLflow, and evaluate
+scores the aligned arm with its paired differences and the preference metric."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from pipeline import align, evaluate, train
+from pipeline.core.config import from_mapping
+from pipeline.core.files import read_json
+from pipeline.params import compose
+from pipeline.tracking.runs import Tracking
+
+
+def _paths(data: Path, tuned: Path, out: Path) -> align.Paths:
+    return align.Paths(data / "prepared", data / "rendered", data / "base", tuned, out / "aligned", out / "pairs",
+                       out / "curves")
+
+
+def test_align_none_writes_only_markers(tmp_path: Path, smoke_data: Path) -> None:
+    cfg = from_mapping(compose(["+experiment=smoke"]))
+    assert not cfg.align.enabled  # the default
+    assert align.run(cfg, _paths(smoke_data, tmp_path / "no-sft-needed", tmp_path), None) == {
+        "skipped": "align.enabled is false (align=none)"}
+    for folder in ("aligned", "pairs"):
+        assert [p.name for p in (tmp_path / folder).iterdir()] == ["skipped.json"]
+    assert evaluate.has_aligned(evaluate.Paths(smoke_data / "rendered", smoke_data / "prepared", smoke_data / "base",
+                                               tmp_path / "eval", aligned=tmp_path / "aligned")) is False
+
+
+@pytest.mark.slow
+def test_align_dpo_then_evaluate_the_aligned_arm(tmp_path: Path, smoke_data: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    cfg = from_mapping(compose(["+experiment=smoke", "align=dpo"]))
+    cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, models=["base", "tuned", "aligned"]))
+    tracking = Tracking(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "artifacts", tmp_path)
+    tuned = tmp_path / "tuned"
+    train.run(cfg, train.Paths(smoke_data / "rendered", smoke_data / "base", tuned, tmp_path / "train_curves",
+                               tmp_path / "ckpt"), tracking)
+    summary = align.run(cfg, _paths(smoke_data, tuned, tmp_path), tracking)
+    assert summary["steps"] == cfg.align.trainer.max_steps and summary["method"] == "dpo"
+    assert {p.name for p in (tmp_path / "aligned").iterdir()} == {"adapter", "config.yaml", "template.json",
+                                                                   "summary.json"}
+    counts = read_json(tmp_path / "pairs" / "counts.json")
+    assert counts["source"] == "embedded" and counts["train"] > 0 and counts["test"] > 0
+    history = MlflowClient(tracking.uri).get_metric_history(summary["run_id"], "rewards/accuracy")
+    assert len(history) == cfg.align.trainer.max_steps
+    assert MlflowClient(tracking.uri).get_run(summary["run_id"]).info.status == "FINISHED"
+    metrics = evaluate.run(cfg, evaluate.Paths(smoke_data / "rendered", smoke_data / "prepared", smoke_data / "base",
+                                               tmp_path / "eval", tuned, aligned=tmp_path / "aligned",
+                                               pairs=tmp_path / "pairs"), tracking)
+    assert {"aligned", "delta_aligned_vs_tuned", "delta_aligned_vs_base", "preference"} <= set(metrics)
+    assert set(metrics["aligned"]) == set(metrics["tuned"])
+    assert set(metrics["preference"]) == {"tuned", "aligned", "delta_aligned_vs_tuned"}
+    intervals = read_json(tmp_path / "eval" / "intervals.json")
+    assert intervals["preference"]["aligned"]["accuracy"]["n"] == counts["test"]
+    assert "p_value" in intervals["intervals"]["delta_aligned_vs_tuned"]["overall"]["score"]
+    assert "## Preference" in (tmp_path / "eval" / "report.md").read_text()
