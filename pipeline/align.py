@@ -13,6 +13,7 @@ and their counts to ``--pairs``, the loss curves to ``--curves``.
 
 from __future__ import annotations
 
+import random
 import shutil
 import sys
 import tempfile
@@ -132,8 +133,14 @@ def pairs_by_split(cfg: config.PipelineConfig, prepared: Path) -> tuple[dict[str
                                          dd.ngram_threshold)
         out = splits.split(kept, d.val_fraction, d.test_fraction, cfg.seed)
         counts = {"source": "file", **counts}
-    if d.max_pairs is not None:
-        out["train"] = out["train"][:d.max_pairs]
+    # The reference log-probs are computed for every training pair up front: only as many pairs as
+    # the run's steps take (one epoch, each pair seen once), not the pairs it would never reach.
+    t = cfg.align.trainer
+    used = t.max_steps * t.batch_size * t.accumulate_grad_batches * t.devices
+    counts["train_available"] = len(out["train"])
+    train = list(out["train"])
+    random.Random(f"{cfg.seed}:align").shuffle(train)  # a cap keeps every task, not the first task's pairs
+    out["train"] = train[:min(used, d.max_pairs or used)]
     return out, counts
 
 
