@@ -138,9 +138,10 @@ def pairs_by_split(cfg: config.PipelineConfig, prepared: Path) -> tuple[dict[str
     t = cfg.align.trainer
     used = t.max_steps * t.batch_size * t.accumulate_grad_batches * t.devices
     counts["train_available"] = len(out["train"])
-    train = list(out["train"])
-    random.Random(f"{cfg.seed}:align").shuffle(train)  # a cap keeps every task, not the first task's pairs
-    out["train"] = train[:min(used, d.max_pairs or used)]
+    for split, cap in (("train", min(used, d.max_pairs or used)), ("val", d.max_val_pairs)):
+        rows = list(out[split])
+        random.Random(f"{cfg.seed}:align:{split}").shuffle(rows)  # a cap keeps every task, not the first's
+        out[split] = rows[:cap]
     return out, counts
 
 

@@ -467,6 +467,7 @@ class AlignDataConfig:
     test_fraction: float = MISSING
     val_fraction: float = MISSING
     max_pairs: Optional[int] = MISSING
+    max_val_pairs: int = MISSING
 
 
 @dataclass
@@ -494,8 +495,12 @@ class AlignConfig:
             out += _number(f"align.data.{name}", getattr(d, name), low=0, high=0.5)
         if d.max_pairs is not None:
             out += _int_at_least("align.data.max_pairs", d.max_pairs, 1)
+        out += _int_at_least("align.data.max_val_pairs", d.max_val_pairs, 1)
         if self.trainer.batching != "dynamic":
             out.append("align.trainer.batching: a pair's two sequences share a batch; use dynamic")
+        if self.trainer.devices > 1:
+            out.append(f"align.trainer.devices: {self.trainer.devices}; the align stage runs in one process "
+                       "(one device) for now")
         return out
 
 
