@@ -61,3 +61,17 @@ def test_align_dpo_then_evaluate_the_aligned_arm(tmp_path: Path, smoke_data: Pat
     assert intervals["preference"]["aligned"]["accuracy"]["n"] == counts["test"]
     assert "p_value" in intervals["intervals"]["delta_aligned_vs_tuned"]["overall"]["score"]
     assert "## Preference" in (tmp_path / "eval" / "report.md").read_text()
+
+
+def test_align_config_problems_are_reported_together() -> None:
+    from pipeline.core.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        from_mapping(compose(["align=dpo", "align.beta=0", "align.label_smoothing=0.5", "align.data.source=file",
+                              "align.trainer.batching=packed", "align.trainer.devices=2"]))
+    text = str(err.value)
+    for key in ("align.beta", "align.label_smoothing", "align.data.path", "align.trainer.batching",
+                "align.trainer.devices"):
+        assert key in text, text
+    # align=none validates nothing of the (inherited) dpo settings: they are not used.
+    assert not from_mapping(compose(["align=none", "align.beta=0"])).align.enabled

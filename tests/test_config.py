@@ -46,8 +46,8 @@ def assert_contains(full: dict, part: dict, where: str = "", overridden: frozens
 
 
 def test_groups_found() -> None:
-    assert {g for g, _ in OPTIONS} == {"data", "encoder", "eval", "experiment", "export", "finetune", "model", "prompt",
-                                       "safety", "trainer"}
+    assert {g for g, _ in OPTIONS} == {"align", "data", "encoder", "eval", "experiment", "export", "finetune", "model",
+                                       "prompt", "safety", "trainer"}
     assert len(OPTIONS) >= 12
 
 
