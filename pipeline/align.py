@@ -84,7 +84,7 @@ def run(cfg: config.PipelineConfig, paths: Paths, tracking: Tracking | None) -> 
             write_jsonl(tmp / "test.jsonl", rows["test"])
             write_json(tmp / "counts.json", counts)
         summary = _fit(cfg, paths, model, tokenizer, rows, tracking, run_id, fitting)
-        weights = "adapter" if cfg.finetune.method == "lora" else "model"
+        weights = "adapter" if (paths.tuned / "adapter").is_dir() else "model"  # train's layout, as loaded
         from pipeline.training.dpo import sorted_targets
 
         sorted_targets(model, cfg.model.path)
