@@ -194,7 +194,7 @@ def _fit(cfg: config.PipelineConfig, paths: Paths, model: Any, tokenizer: Any, r
         from pipeline.training.dpo import collate_pairs
 
         data = PairData(Path(work), t.batch_size, tokenizer.pad_token_id, cfg.seed, t.num_workers, collate_pairs,
-                        "dynamic", t.pack_length)
+                        "dynamic", 0)  # a pair's two sides are never packed
         start = time.perf_counter()
         fitting[0] = True
         trainer.fit(PreferenceTuner(model, t, a.beta, a.label_smoothing), datamodule=data)
