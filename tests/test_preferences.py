@@ -93,3 +93,17 @@ def test_embedded_pairs_are_deterministic_wrong_answers() -> None:
             assert wrong in p.input  # a span of the passage, from another sentence
         elif p.task == "past_tense":
             assert wrong == p.input  # left in the present tense
+
+
+def test_preference_report_is_exact_and_paired() -> None:
+    from pipeline.evaluation import preference
+    from pipeline.evaluation.resampling import exact_interval
+
+    metrics, intervals = preference.report({"tuned": [1, 0, 0, 1], "aligned": [1, 1, 0, 1]})
+    assert metrics == {"tuned": {"accuracy": 0.5}, "aligned": {"accuracy": 0.75},
+                       "delta_aligned_vs_tuned": {"accuracy": 0.25}}
+    assert intervals["aligned"]["accuracy"]["ci"] == exact_interval(3, 4)
+    d = intervals["delta_aligned_vs_tuned"]["accuracy"]
+    assert d["discordant"] == [1, 0] and d["test"] == "exact McNemar" and d["n"] == 4
+    assert preference.report({}) == ({}, {})
+    assert "aligned − tuned | +0.250" in preference.markdown(intervals)
