@@ -42,6 +42,7 @@ class Paths:
     out: Path = cli.field("directory for the aligned model (or the skip marker)")
     pairs: Path = cli.field("directory for the rendered held-out pairs and the pair counts")
     curves: Path = cli.field("directory for loss curves")
+    checkpoints: Path = cli.field("directory for Lightning checkpoints (removed when aligning finishes)")
 
 
 def skip(paths: Paths, reason: str) -> dict[str, Any]:
@@ -71,7 +72,11 @@ def run(cfg: config.PipelineConfig, paths: Paths, tracking: Tracking | None) -> 
     fitting = [False]
     stage_run.sigterm_outside(lambda: fitting[0])
     client = mlf.locked_write(tracking.uri, lambda: MlflowClient(tracking.uri)) if tracking else None
-    run_id = _open_run(cfg, own, paths, template, tracking) if tracking else None
+    expected = fingerprint(own, paths)
+    resume = _resume_state(paths.checkpoints, expected, client, tracking)
+    run_id = _open_run(cfg, own, paths, template, tracking, resume, client) if tracking else None
+    paths.checkpoints.mkdir(parents=True, exist_ok=True)
+    write_json(paths.checkpoints / "resume.json", {"fingerprint": expected, "run_id": run_id})
 
     def terminate(status: str) -> None:
         if run_id is not None:
@@ -83,7 +88,7 @@ def run(cfg: config.PipelineConfig, paths: Paths, tracking: Tracking | None) -> 
         with atomic_dir(paths.pairs) as tmp:
             write_jsonl(tmp / "test.jsonl", rows["test"])
             write_json(tmp / "counts.json", counts)
-        summary = _fit(cfg, paths, model, tokenizer, rows, tracking, run_id, fitting)
+        summary = _fit(cfg, paths, model, tokenizer, rows, tracking, run_id, fitting, resume is not None)
         weights = "adapter" if (paths.tuned / "adapter").is_dir() else "model"  # train's layout, as loaded
         from pipeline.training.dpo import sorted_targets
 
@@ -91,6 +96,7 @@ def run(cfg: config.PipelineConfig, paths: Paths, tracking: Tracking | None) -> 
         fit.save(paths.out, model, weights, own, {"template.json": template, "summary.json": summary},
                  tokenizer=tokenizer if weights == "model" else None)
         _log(client, tracking.uri if tracking else None, run_id, paths, weights)
+    shutil.rmtree(paths.checkpoints, ignore_errors=True)  # finished: nothing left to resume
     print(f"align: {summary['steps']} DPO steps on {counts['train']} pairs, final loss {summary['train_loss']}, "
           f"val loss {summary['val_loss']}; MLflow run {run_id}", flush=True)
     return {**summary, "run_id": run_id}
@@ -173,10 +179,13 @@ def _pair_rows(cfg: config.PipelineConfig, paths: Paths, tokenizer: Any
 
 
 def _fit(cfg: config.PipelineConfig, paths: Paths, model: Any, tokenizer: Any, rows: dict[str, list[dict[str, Any]]],
-         tracking: Tracking | None, run_id: str | None, fitting: list[bool]) -> dict[str, Any]:
-    """Cache the reference log-probs, then fit the policy with the DPO loss."""
+         tracking: Tracking | None, run_id: str | None, fitting: list[bool], resume: bool) -> dict[str, Any]:
+    """Cache the reference log-probs, then fit the policy with the DPO loss (from ``last.ckpt`` when ``resume``:
+    the reference is the SFT model's again, so the cache is rebuilt the same)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
     from pipeline.training.dpo import PairData, PreferenceTuner, reference_logps
-    from pipeline.training.module import LossCurve
+    from pipeline.training.module import CheckpointOnSigterm, LossCurve, RngState
 
     a, t = cfg.align, cfg.align.trainer
     start = time.perf_counter()
@@ -187,17 +196,21 @@ def _fit(cfg: config.PipelineConfig, paths: Paths, model: Any, tokenizer: Any, r
     with tempfile.TemporaryDirectory(prefix="align-") as work:
         for split in ("train", "val"):
             write_jsonl(Path(work) / f"{split}.jsonl", rows[split])
-        curve = LossCurve(paths.curves)
-        # No checkpoints: a short run that restarts from scratch (see docs/alignment.md).
-        trainer = fit.build_trainer(t, curve, Path(work), cfg.tracking.experiment,
-                                    tracking.uri if tracking else None, run_id, enable_checkpointing=False)
+        curve, ckpt = LossCurve(paths.curves), paths.checkpoints
+        # As train: one rolling checkpoint after each validation, and one on SIGTERM.
+        callbacks = [RngState(), CheckpointOnSigterm(ckpt / "last.ckpt"),
+                     ModelCheckpoint(dirpath=ckpt, filename="step-{step}", save_last="link", save_top_k=1,
+                                     save_on_train_epoch_end=False)]
+        trainer = fit.build_trainer(t, curve, ckpt, cfg.tracking.experiment, tracking.uri if tracking else None,
+                                    run_id, callbacks)
         from pipeline.training.dpo import collate_pairs
 
         data = PairData(Path(work), t.batch_size, tokenizer.pad_token_id, cfg.seed, t.num_workers, collate_pairs,
                         "dynamic", 0)  # a pair's two sides are never packed
         start = time.perf_counter()
         fitting[0] = True
-        trainer.fit(PreferenceTuner(model, t, a.beta, a.label_smoothing), datamodule=data)
+        trainer.fit(PreferenceTuner(model, t, a.beta, a.label_smoothing), datamodule=data, weights_only=True,
+                    ckpt_path=str(ckpt / "last.ckpt") if resume else None)
         fitting[0] = False
     print(f"align: fit in {time.perf_counter() - start:.0f}s", flush=True)
     curve.write()
@@ -206,9 +219,51 @@ def _fit(cfg: config.PipelineConfig, paths: Paths, model: Any, tokenizer: Any, r
                        train_pairs=len(rows["train"]), final=dict(sorted(logged.items())))
 
 
+def fingerprint(own: dict[str, Any], paths: Paths) -> str:
+    """What a checkpoint must match to be resumed: the align config and the SFT model (its digest
+    covers the base it was trained from through train's own config)."""
+    import hashlib
+    import json
+
+    relevant = json.dumps(own["align"], sort_keys=True) + json.dumps(own["prompt"], sort_keys=True) + str(own["seed"])
+    data = hash_files([paths.prepared / f"{s}.jsonl" for s in SPLITS])
+    return hashlib.sha256(f"{relevant}|{data}|{stage_run.model_digest(paths.tuned)}".encode()).hexdigest()
+
+
+def _resume_state(checkpoints: Path, expected: str, client: Any, tracking: Tracking | None) -> dict[str, Any] | None:
+    """``resume.json`` when it matches and its checkpoint exists; else None, with stale checkpoints
+    removed and a run they left RUNNING closed KILLED."""
+    state_file = checkpoints / "resume.json"
+    state = read_json(state_file) if state_file.exists() else None
+    if state and state["fingerprint"] == expected and (checkpoints / "last.ckpt").exists():
+        return state
+    if state and state.get("run_id") and client is not None and tracking is not None:
+        from pipeline.tracking.runs import locked_write
+
+        try:
+            if client.get_run(state["run_id"]).info.status == "RUNNING":
+                locked_write(tracking.uri, lambda: client.set_terminated(state["run_id"], "KILLED"))
+        except Exception:  # the run lives in another store: nothing to close here
+            pass
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    return None
+
+
 def _open_run(cfg: config.PipelineConfig, own: dict[str, Any], paths: Paths, template: dict[str, Any],
-              tracking: Tracking) -> str:
+              tracking: Tracking, resume: dict[str, Any] | None, client: Any) -> str:
+    """Reopen the resumed MLflow run, or start a new one."""
     from pipeline.tracking import runs as mlf
+
+    if resume and resume.get("run_id"):
+        run_id: str = resume["run_id"]
+
+        def reopen() -> None:
+            client.update_run(run_id, status="RUNNING")
+            client.set_tag(run_id, "resumed", "true")
+
+        mlf.locked_write(tracking.uri, reopen)
+        print(f"align: resuming MLflow run {run_id} from {paths.checkpoints / 'last.ckpt'}", flush=True)
+        return run_id
 
     tags = {**mlf.run_tags(tracking.repo_root, hash_files([paths.prepared / "train.jsonl"]), template["hash"],
                            tracking.dvc_exp_name, tracking.parent_run_id, tracking.sweep_id),

@@ -18,7 +18,7 @@ from pipeline.tracking.runs import Tracking
 
 def _paths(data: Path, tuned: Path, out: Path) -> align.Paths:
     return align.Paths(data / "prepared", data / "rendered", data / "base", tuned, out / "aligned", out / "pairs",
-                       out / "curves")
+                       out / "curves", out / "ckpt")
 
 
 def test_align_none_writes_only_markers(tmp_path: Path, smoke_data: Path) -> None:
@@ -75,3 +75,54 @@ def test_align_config_problems_are_reported_together() -> None:
         assert key in text, text
     # align=none validates nothing of the (inherited) dpo settings: they are not used.
     assert not from_mapping(compose(["align=none", "align.beta=0"])).align.enabled
+
+
+def _untrained_sft(smoke_data: Path, cfg, out: Path) -> Path:
+    """An SFT model folder in train's layout: a fresh LoRA adapter (the cost and shape of a trained one)."""
+    from pipeline.core.files import write_json
+    from pipeline.core.models import apply_finetune, load_causal_lm
+
+    apply_finetune(load_causal_lm(smoke_data / "base"), cfg.finetune).save_pretrained(out / "adapter")
+    write_json(out / "template.json", read_json(smoke_data / "rendered" / "template.json"))
+    return out
+
+
+def test_a_failed_align_resumes_from_its_checkpoint_to_the_same_adapter(tmp_path: Path, smoke_data: Path,
+                                                                       monkeypatch) -> None:
+    """Crash after the step-2 checkpoint, run again: the same MLflow run goes on from step 2 and ends
+    with the adapter an uninterrupted run writes."""
+    from mlflow.tracking import MlflowClient
+    from safetensors.torch import load_file
+
+    from pipeline.training.dpo import PreferenceTuner
+
+    cfg = from_mapping(compose(["+experiment=smoke", "align=dpo", "align.trainer.max_steps=4",
+                                "align.trainer.val_check_interval=2"]))
+    tuned = _untrained_sft(smoke_data, cfg, tmp_path / "tuned")
+    tracking = Tracking(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "artifacts", tmp_path)
+    whole = align.run(cfg, _paths(smoke_data, tuned, tmp_path / "whole"), tracking)
+    step = PreferenceTuner.training_step
+
+    def crash_at_3(self, batch, batch_idx):
+        if self.global_step == 3:
+            raise RuntimeError("simulated crash")
+        return step(self, batch, batch_idx)
+
+    monkeypatch.setattr(PreferenceTuner, "training_step", crash_at_3)
+    paths = _paths(smoke_data, tuned, tmp_path / "cut")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        align.run(cfg, paths, tracking)
+    state = read_json(paths.checkpoints / "resume.json")
+    assert (paths.checkpoints / "last.ckpt").exists()
+    client = MlflowClient(tracking.uri)
+    assert client.get_run(state["run_id"]).info.status == "FAILED"
+    monkeypatch.setattr(PreferenceTuner, "training_step", step)
+    resumed = align.run(cfg, paths, tracking)
+    assert resumed["run_id"] == state["run_id"] and resumed["steps"] == 4
+    run = client.get_run(resumed["run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["resumed"] == "true"
+    assert not paths.checkpoints.exists()
+    a, b = (load_file(p / "aligned" / "adapter" / "adapter_model.safetensors") for p in (tmp_path / "whole",
+                                                                                          tmp_path / "cut"))
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+    assert whole["steps"] == 4
