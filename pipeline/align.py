@@ -51,6 +51,8 @@ def skip(paths: Paths, reason: str) -> dict[str, Any]:
         with atomic_dir(folder) as tmp:
             write_json(tmp / SKIPPED_FILE, {"reason": reason})
     paths.curves.mkdir(parents=True, exist_ok=True)
+    for name in ("train_loss.csv", "val_loss.csv"):  # empty curves: `dvc plots` finds the files it names
+        (paths.curves / name).write_text("step,loss\n", encoding="utf-8")
     print(f"align: skipped: {reason}", flush=True)
     return {"skipped": reason}
 

@@ -28,6 +28,7 @@ def test_align_none_writes_only_markers(tmp_path: Path, smoke_data: Path) -> Non
         "skipped": "align.enabled is false (align=none)"}
     for folder in ("aligned", "pairs"):
         assert [p.name for p in (tmp_path / folder).iterdir()] == ["skipped.json"]
+    assert (tmp_path / "curves" / "train_loss.csv").read_text() == "step,loss\n"
     assert evaluate.has_aligned(evaluate.Paths(smoke_data / "rendered", smoke_data / "prepared", smoke_data / "base",
                                                tmp_path / "eval", aligned=tmp_path / "aligned")) is False
 
