@@ -67,7 +67,7 @@ def _rows(smoke_data: Path, split: str, tokenizer) -> list[dict]:
 
 
 def test_dpo_steps_raise_the_preference_metric(smoke_data: Path, smoke_cfg, tokenizer) -> None:
-    """A random-init 2-layer model with a LoRA adapter: 12 DPO steps on the embedded train pairs
+    """A random-init 2-layer model with a LoRA adapter: 24 DPO steps on the embedded train pairs
     (the real Trainer) make it prefer chosen on more train pairs and more held-out pairs."""
     import lightning as L
 
@@ -87,10 +87,12 @@ def test_dpo_steps_raise_the_preference_metric(smoke_data: Path, smoke_cfg, toke
 
     write_jsonl(work / "train.jsonl", train)
     write_jsonl(work / "val.jsonl", train[:4])
-    t = dataclasses.replace(smoke_cfg.trainer, max_steps=12, lr=5e-3, val_check_interval=12, batch_size=4)
+    t = dataclasses.replace(smoke_cfg.trainer, max_steps=24, lr=5e-3, val_check_interval=24, batch_size=4)
     trainer = fit.build_trainer(t, LossCurve(work / "curves"), work, "x", None, None, enable_checkpointing=False)
     trainer.fit(PreferenceTuner(model, t, 0.5, 0.0), datamodule=PairData(work, 4, pad, 0, 0, collate_pairs))
     after = (sum(preference_accuracy(model, train, pad, 8)), sum(preference_accuracy(model, test, pad, 8)))
     logged = trainer.callback_metrics
     assert {"rewards/accuracy", "rewards/margin", "logps/chosen", "logps/rejected"} <= set(logged)
+    print(f"pairs preferring chosen, train {before[0]:.0f} -> {after[0]:.0f} of {len(train)}, "
+          f"held-out {before[1]:.0f} -> {after[1]:.0f} of {len(test)}")
     assert after[0] > before[0] and after[1] > before[1], (before, after, len(train), len(test))
