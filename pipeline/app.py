@@ -108,7 +108,7 @@ def shared_stages(cfg: config.PipelineConfig, table: StageTable, cache: Path, re
 
 
 def run_pipeline(cfg: config.PipelineConfig, ctx: JobContext) -> dict[str, Any]:
-    """All seven stages for one job, each through its module's ``run``; returns evaluate's metrics."""
+    """All eight stages for one job, each through its module's ``run``; returns evaluate's metrics."""
     table = StageTable.read(ctx.repo_root / "dvc.yaml")
     homes = shared_stages(cfg, table, ctx.cache, ctx.repo_root)
     write_json(ctx.job_dir / "stages.json", {name: str(path) for name, path in homes.items()})
