@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from pipeline.core import cli, config
+from pipeline.core.errors import PipelineError
 from pipeline.core.files import hash_files, read_json, write_json
 from pipeline.tracking import stage_run
 from pipeline.tracking.runs import Tracking
@@ -141,6 +142,7 @@ def run(cfg: config.PipelineConfig, paths: Paths, tracking: Tracking) -> dict[st
 
     with stage_run.closing(terminate):  # opened before anything that can fail: the model, the data, the fit
         tokenizer, model, counts, plan = build(cfg, paths.base_model, paths.rendered)
+        _keep_plan(paths.checkpoints, resume, plan.to_dict(), rank_zero_only.rank == 0)
         result = _fit(cfg, paths, model, tokenizer, tracking, run_id, resume is not None, fitting, counts, plan)
         if result is None:  # a DDP rank other than 0: rank 0 saves and logs
             return {}
@@ -153,6 +155,24 @@ def run(cfg: config.PipelineConfig, paths: Paths, tracking: Tracking) -> dict[st
     print(f"train: {summary['steps']} steps, final train loss {summary['train_loss']}, "
           f"val loss {summary['val_loss']}; MLflow run {run_id}", flush=True)
     return {**summary, "run_id": run_id}
+
+
+class PlanChanged(PipelineError):
+    """A checkpoint was written under another batching plan than this process resolves."""
+
+
+def _keep_plan(checkpoints: Path, resume: dict[str, Any] | None, plan: dict[str, Any], rank_zero: bool) -> None:
+    """Record the batching plan in ``resume.json``; refuse to resume a run whose plan was different.
+
+    Resuming skips the batches already consumed: under another plan (other rows per batch,
+    micro-batches or packing) that count would point into a different batch sequence.
+    """
+    if resume is not None and resume.get("plan") not in (None, plan):
+        raise PlanChanged(f"train: {checkpoints / 'last.ckpt'} was written with the batching plan {resume['plan']}, "
+                          f"but this run resolves {plan}; set trainer.batching, pack_length and micro_batches "
+                          f"to the checkpoint's values to resume, or delete {checkpoints} to start over")
+    if rank_zero and (checkpoints / "resume.json").exists():
+        write_json(checkpoints / "resume.json", {**read_json(checkpoints / "resume.json"), "plan": plan})
 
 
 def _name_base(model: Any, cfg: config.PipelineConfig) -> None:

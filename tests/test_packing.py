@@ -183,3 +183,20 @@ def test_packed_training_runs_and_reads_each_row_once_per_epoch(tmp_path: Path, 
     trainer.fit(InstructionTuner(model, cfg), datamodule=data)
     assert trainer.global_step == 2
     assert torch.isfinite(trainer.callback_metrics["train_loss"])
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "length_grouped", "packed"])
+@pytest.mark.parametrize("multiple", [2, 3])
+def test_an_epoch_holds_whole_optimizer_steps_with_accumulation(mode: str, multiple: int) -> None:
+    """With gradient accumulation over ``multiple`` batches, every epoch has a multiple of that many
+    batches (so no step straddles two epochs), the same count each epoch, and each row once."""
+    lengths = [5, 80, 33, 12, 60, 7, 7, 40, 21, 90, 3, 44, 18]
+    counts = set()
+    for epoch in range(3):
+        batches = epoch_batches(mode, lengths, 3, 100, seed=0, epoch=epoch, multiple=multiple)
+        assert len(batches) % multiple == 0
+        assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+        counts.add(len(batches))
+    assert len(counts) == 1
+    sampler = EpochSampler(lengths, 3, seed=0, mode=mode, pack_length=100, multiple=multiple)
+    assert len(sampler) % multiple == 0

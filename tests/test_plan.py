@@ -51,9 +51,9 @@ def test_micro_batches_auto_splits_a_step_until_a_pass_fits_the_budget(model, sm
     assert chosen.activation_mb <= budget
     run = chosen.trainer(cfg)
     assert (run.accumulate_grad_batches, run.pack_length, run.batching) == (3, 800, "packed")
-    # Padded batches split by rows: 8 rows of 300 -> 3 rows per pass (900 tokens), 3 passes.
+    # Padded batches split into divisors of batch_size (a step keeps its 8 rows): 4 passes of 2 rows.
     padded = plan.resolve(model, dataclasses.replace(cfg, batching="dynamic"), [300] * 16, token_loss)
-    assert (padded.micro_batches, padded.batch_size, padded.micro_batch_tokens) == (3, 3, 900)
+    assert (padded.micro_batches, padded.batch_size, padded.micro_batch_tokens) == (4, 2, 600)
     # Past the shortest useful pass, the rest is recomputation's job.
     tight = plan.resolve(model, dataclasses.replace(cfg, activation_budget_mb=1), [300] * 16, token_loss)
     assert tight.micro_batch_tokens >= plan.MIN_MICRO_TOKENS and tight.gradient_checkpointing
@@ -127,3 +127,34 @@ def test_checkpointing_keeps_fewer_activations_and_the_same_gradients(smoke_base
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_a_checkpoint_of_another_plan_is_not_resumed(tmp_path: Path) -> None:
+    """resume.json keeps the plan; a run resolving another plan refuses to skip into a different
+    batch sequence and says which settings to pin."""
+    from pipeline import train
+    from pipeline.core.files import read_json, write_json
+
+    write_json(tmp_path / "resume.json", {"fingerprint": "f", "run_id": "r"})
+    old = {"batching": "packed", "pack_length": 642, "micro_batches": 1}
+    train._keep_plan(tmp_path, None, old, rank_zero=True)
+    assert read_json(tmp_path / "resume.json")["plan"] == old
+    train._keep_plan(tmp_path, read_json(tmp_path / "resume.json"), old, rank_zero=True)  # same plan: resumes
+    with pytest.raises(train.PlanChanged, match="trainer.batching, pack_length and micro_batches"):
+        train._keep_plan(tmp_path, read_json(tmp_path / "resume.json"), {**old, "micro_batches": 2}, rank_zero=True)
+
+
+@pytest.mark.parametrize("override, field", [
+    ("encoder.trainer.batching=auto", "encoder.trainer.batching"),
+    ("encoder.trainer.micro_batches=auto", "encoder.trainer.micro_batches"),
+    ("align.trainer.gradient_checkpointing=true", "align.trainer.gradient_checkpointing"),
+    ("align.trainer.micro_batches=4", "align.trainer.micro_batches"),
+])
+def test_stages_without_a_plan_refuse_auto_settings(override: str, field: str) -> None:
+    """The encoder arm and the align stage take no batching plan: a setting that asks for one is a
+    config error naming the field, not a crash after the model loads or a silent no-op."""
+    from pipeline.core.config import ConfigError, from_mapping
+    from pipeline.params import compose
+
+    with pytest.raises(ConfigError, match=field):
+        from_mapping(compose([override, *(["align=dpo"] if field.startswith("align") else [])]), source=override)

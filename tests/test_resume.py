@@ -29,6 +29,8 @@ def workdir(tmp_path_factory: pytest.TempPathFactory, smoke_base: Path) -> Path:
     root = prepared_workdir(tmp_path_factory.mktemp("resume"), compose(OVERRIDES), smoke_base)
     long = compose([*OVERRIDES, "trainer.max_steps=5000"])  # still training when SIGTERM arrives
     (root / "long.yaml").write_text(yaml.safe_dump(long, sort_keys=False))
+    accumulating = compose([*OVERRIDES, "trainer.max_steps=5000", "trainer.micro_batches=3"])
+    (root / "long3.yaml").write_text(yaml.safe_dump(accumulating, sort_keys=False))
     return root
 
 
@@ -92,19 +94,28 @@ def test_sigkill_then_rerun_equals_uninterrupted(workdir: Path) -> None:
     assert not (workdir / "killed/ckpt").exists(), "checkpoints are removed once training finished"
 
 
-def test_sigterm_checkpoints_and_marks_the_run_killed(workdir: Path) -> None:
+@pytest.mark.parametrize("micro_batches", [1, 3])
+def test_sigterm_checkpoints_and_marks_the_run_killed(workdir: Path, micro_batches: int) -> None:
+    """With 3 micro-batches a step, the signal waits for the step's end: the checkpoint holds whole
+    steps only (its batch count is 3 x its step count)."""
+    import torch
     from mlflow.tracking import MlflowClient
 
-    proc = _train(workdir, "term", params="long.yaml")
-    _wait_for(workdir / "term/ckpt/resume.json", proc)
-    _wait_for(workdir / "term/ckpt/last.ckpt", proc)
-    before = (workdir / "term/ckpt/last.ckpt").stat().st_mtime_ns
+    name = f"term{micro_batches}"
+    proc = _train(workdir, name, params="long.yaml" if micro_batches == 1 else "long3.yaml")
+    _wait_for(workdir / f"{name}/ckpt/resume.json", proc)
+    _wait_for(workdir / f"{name}/ckpt/last.ckpt", proc)
+    before = (workdir / f"{name}/ckpt/last.ckpt").stat().st_mtime_ns
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=120) == 143, _log(workdir, "term")  # 128 + SIGTERM: never 0, so DVC stops
-    run_id = read_json(workdir / "term/ckpt/resume.json")["run_id"]
-    assert MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}").get_run(run_id).info.status == "KILLED"
-    assert (workdir / "term/ckpt/last.ckpt").stat().st_mtime_ns > before, "SIGTERM should write a fresh checkpoint"
-    assert not (workdir / "term/model").exists()
+    assert proc.wait(timeout=120) == 143, _log(workdir, name)  # 128 + SIGTERM: never 0, so DVC stops
+    state = read_json(workdir / f"{name}/ckpt/resume.json")
+    assert MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}").get_run(state["run_id"]).info.status == "KILLED"
+    assert (workdir / f"{name}/ckpt/last.ckpt").stat().st_mtime_ns > before, "SIGTERM should write a fresh checkpoint"
+    assert not (workdir / f"{name}/model").exists()
+    assert state["plan"]["micro_batches"] == micro_batches
+    ckpt = torch.load(workdir / f"{name}/ckpt/last.ckpt", weights_only=False, map_location="cpu")
+    batches = ckpt["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["completed"]
+    assert batches == micro_batches * ckpt["global_step"], (batches, ckpt["global_step"])
 
 
 @pytest.mark.slow  # a training subprocess and its MLflow store, end to end

@@ -446,8 +446,10 @@ class EncoderConfig:
             out.append(f"encoder.model.kind: {self.model.kind!r}; the encoder arm is a sequence_classification model")
         if self.finetune.method != "full":
             out.append("encoder.finetune.method: the encoder arm trains all weights; use full")
-        if self.trainer.batching == "packed":
-            out.append("encoder.trainer.batching: packed rows are for causal LMs; use dynamic or length_grouped")
+        if self.trainer.batching not in ("dynamic", "length_grouped"):
+            out.append(f"encoder.trainer.batching: {self.trainer.batching!r}; the encoder arm batches rows as they are "
+                       "(packing is for causal LMs): use dynamic or length_grouped")
+        out += _fixed_memory_plan("encoder.trainer", self.trainer)
         if isinstance(self.trainer.devices, int) and self.trainer.devices > 1:
             out.append(f"encoder.trainer.devices: {self.trainer.devices}; the encoder arm (a small model) trains on "
                        "one device, whatever the causal LM uses")
@@ -498,6 +500,9 @@ class AlignConfig:
         out += _int_at_least("align.data.max_val_pairs", d.max_val_pairs, 1)
         if self.trainer.batching != "dynamic":
             out.append("align.trainer.batching: a pair's two sequences share a batch; use dynamic")
+        out += _fixed_memory_plan("align.trainer", self.trainer)
+        if self.trainer.compile:
+            out.append("align.trainer.compile: not supported by the align stage; use false")
         if self.trainer.devices > 1:
             out.append(f"align.trainer.devices: {self.trainer.devices}; the align stage runs in one process "
                        "(one device) for now")
@@ -547,6 +552,17 @@ class PipelineConfig:
 
 def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> list[str]:
     return [] if value in allowed else [f"{key}: {value!r} is not one of {', '.join(allowed)}"]
+
+
+def _fixed_memory_plan(key: str, t: "TrainerConfig") -> list[str]:
+    """The encoder and align stages run one forward pass per batch without recomputation: settings
+    that would ask for more are refused, not ignored."""
+    out = []
+    if t.micro_batches != 1:
+        out.append(f"{key}.micro_batches: {t.micro_batches!r}; this stage runs one pass per batch: use 1")
+    if t.gradient_checkpointing is not False:
+        out.append(f"{key}.gradient_checkpointing: {t.gradient_checkpointing!r}; not supported here: use false")
+    return out
 
 
 def _int_or_auto(key: str, value: Any) -> list[str]:

@@ -47,8 +47,10 @@ class EpochSampler(torch.utils.data.Sampler[list[int]]):
     ``mode`` is ``trainer.batching`` (see :func:`pipeline.training.packing.epoch_batches`). Lightning
     calls ``set_epoch`` before every epoch. After a resume, ``skip`` batches of the resumed
     epoch are left out once, so the run continues with exactly the batches an
-    uninterrupted run would have seen next. Every mode has the same number of batches in
-    every epoch, which is what makes "consumed batches" enough to resume from.
+    uninterrupted run would have seen next. Every mode has the same number of batches in every
+    epoch, which is what makes "consumed batches" enough to resume from; with gradient
+    accumulation (``multiple`` batches a step) that number is a whole number of steps, so a step
+    never straddles two epochs.
 
     With ``world`` processes (DDP, dynamic batching) the epoch permutation is cut into
     global batches of ``batch_size * world`` rows and process ``rank`` takes every
@@ -61,14 +63,14 @@ class EpochSampler(torch.utils.data.Sampler[list[int]]):
     """
 
     def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, mode: str = "dynamic",
-                 pack_length: int = 0, shuffle: bool = True, rank: int = 0, world: int = 1):
+                 pack_length: int = 0, shuffle: bool = True, rank: int = 0, world: int = 1, multiple: int = 1):
         if len(lengths) < world:
             raise ValueError(f"{len(lengths)} examples cannot be split over {world} processes")
         if world > 1 and mode != "dynamic":
             raise ValueError(f"trainer.batching={mode} runs in one process only; use dynamic with DDP")
         self.lengths, self.batch_size, self.seed = list(lengths), batch_size, seed
         self.mode, self.pack_length, self.shuffle = mode, pack_length, shuffle
-        self.rank, self.world = rank, world
+        self.rank, self.world, self.multiple = rank, world, multiple
         self.epoch, self.skip = 0, 0
         self.per_epoch = len(self._batches())
 
@@ -82,7 +84,7 @@ class EpochSampler(torch.utils.data.Sampler[list[int]]):
     def _batches(self) -> list[list[int]]:
         if self.world == 1:
             return epoch_batches(self.mode, self.lengths, self.batch_size, self.pack_length, self.seed,
-                                 self.epoch, self.shuffle)
+                                 self.epoch, self.shuffle, self.multiple)
         step = self.batch_size * self.world
         order = [i for b in epoch_batches("dynamic", self.lengths, step, 0, self.seed, self.epoch, self.shuffle)
                  for i in b]
@@ -128,8 +130,9 @@ class RenderedData(L.LightningDataModule):
         # Before fit there is no trainer (tests build loaders directly): one process.
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        multiple = trainer.accumulate_grad_batches if trainer is not None and shuffle else 1
         return EpochSampler([len(r["input_ids"]) for r in rows], self.batch_size, self.seed, mode,
-                            self.pack_length, shuffle, rank, world)
+                            self.pack_length, shuffle, rank, world, multiple)
 
     def _loader(self, rows: list[dict[str, Any]], sampler: EpochSampler) -> DataLoader:
         # A private generator: creating an iterator would otherwise draw from the global RNG
@@ -301,17 +304,28 @@ class LossCurve(L.Callback):
 class CheckpointOnSigterm(L.Callback):
     """On SIGTERM (a scheduler's pre-emption notice) write ``last.ckpt`` before exiting.
 
-    Lightning turns SIGTERM into an exception at the next batch boundary; with no
-    gradient accumulation that boundary is an optimizer step, which is what a resume needs.
+    Lightning turns SIGTERM into an exception after the batch in progress. With gradient
+    accumulation that batch may be mid-step, and a checkpoint there would lose the step's
+    accumulated gradients; so the signal is held back until the step's last micro-batch
+    (at most ``accumulate_grad_batches - 1`` more batches) and the checkpoint is written there.
     """
 
     def __init__(self, path: Path):
-        self.path = path
+        self.path, self.held = path, False
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        signals = trainer._signal_connector  # Lightning's flag, read after this hook
+        mid_step = trainer.fit_loop.epoch_loop._should_accumulate()
+        if signals.received_sigterm and mid_step:
+            signals.received_sigterm, self.held = False, True
+        elif self.held and not mid_step:
+            signals.received_sigterm = True
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-        if isinstance(exception, SIGTERMException) and trainer.accumulate_grad_batches == 1:
+        # Mid-step only if the signal came after this batch's hook: no checkpoint rather than half a step.
+        if isinstance(exception, SIGTERMException) and not trainer.fit_loop.epoch_loop._should_accumulate():
             trainer.save_checkpoint(self.path, weights_only=False)
 
 

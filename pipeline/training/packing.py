@@ -42,14 +42,34 @@ def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]
     return bins
 
 
+def to_multiple(batches: list[list[int]], multiple: int) -> list[list[int]]:
+    """``batches`` split until their count is a multiple of ``multiple`` (where rows allow): the
+    batch with the most rows (the first of equals) is halved each time, every row kept once.
+
+    With gradient accumulation over ``multiple`` batches, an epoch whose batch count is not a
+    multiple would end in a partial step, and a step would straddle two epochs; the optimizer
+    steps, validations and checkpoints would then drift off the step boundaries.
+    """
+    batches = [list(b) for b in batches]
+    while len(batches) % multiple:
+        widest = max(range(len(batches)), key=lambda i: (len(batches[i]), -i))
+        if len(batches[widest]) < 2:
+            break  # fewer rows than micro-batches: nothing left to split
+        rows = batches.pop(widest)
+        half = (len(rows) + 1) // 2
+        batches[widest:widest] = [rows[:half], rows[half:]]
+    return batches
+
+
 def epoch_batches(mode: str, lengths: Sequence[int], batch_size: int, pack_length: int, seed: int, epoch: int,
-                  shuffle: bool = True) -> list[list[int]]:
-    """The batches of one epoch; every row appears in exactly one batch."""
+                  shuffle: bool = True, multiple: int = 1) -> list[list[int]]:
+    """The batches of one epoch; every row appears in exactly one batch, and their count is a
+    multiple of ``multiple`` (the micro-batches of an optimizer step; see :func:`to_multiple`)."""
     g = torch.Generator().manual_seed(seed + epoch)
     n = len(lengths)
     order = torch.randperm(n, generator=g).tolist() if shuffle else list(range(n))
     if mode == "dynamic":
-        return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+        return to_multiple([order[i:i + batch_size] for i in range(0, n, batch_size)], multiple)
     if mode == "length_grouped":
         # Stable sort of a shuffled order: equal lengths still vary between epochs.
         by_length = sorted(order, key=lambda i: lengths[i])
@@ -58,6 +78,7 @@ def epoch_batches(mode: str, lengths: Sequence[int], batch_size: int, pack_lengt
         batches = best_fit_decreasing(lengths, pack_length)
     else:
         raise ValueError(f"trainer.batching={mode!r}: expected one of {BATCHING_MODES}")
+    batches = to_multiple(batches, multiple)
     if shuffle:  # shuffled at the batch level with the same seeded generator
         batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
     return batches

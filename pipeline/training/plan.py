@@ -148,18 +148,26 @@ def _shape(batching: str, t: TrainerConfig, lengths: Sequence[int], k: int) -> t
 
 def _micro_batches(batching: str, t: TrainerConfig, lengths: Sequence[int], per_token: float) -> int:
     """``trainer.micro_batches``, or (auto) the fewest that bring a pass within the budget, while a
-    split still shrinks the pass (and a packed pass keeps MIN_MICRO_TOKENS: shorter ones waste the CPU's GEMMs)."""
+    split still shrinks the pass. Padded batches split only into divisors of ``batch_size`` (a step
+    keeps its rows); a packed pass keeps MIN_MICRO_TOKENS (shorter ones waste the CPU's GEMMs)."""
     if t.micro_batches != "auto":
         return int(t.micro_batches)
     if batching == "packed" and t.pack_length != "auto":
         return 1  # the user chose the row length
-    k = 1
-    while per_token * _shape(batching, t, lengths, k)[2] / 2**20 > t.activation_budget_mb:
-        now, nxt = _shape(batching, t, lengths, k)[2], _shape(batching, t, lengths, k + 1)[2]
-        if nxt >= now or (batching == "packed" and nxt < MIN_MICRO_TOKENS):
+    candidates = range(1, 1 + (max(1, sum(lengths) // MIN_MICRO_TOKENS) if batching == "packed" else t.batch_size))
+    if batching != "packed":
+        candidates = [k for k in candidates if t.batch_size % k == 0]
+    chosen = 1
+    for k in candidates:
+        tokens = _shape(batching, t, lengths, k)[2]
+        if batching == "packed" and k > 1 and tokens < MIN_MICRO_TOKENS:
             break
-        k += 1
-    return k
+        if tokens >= _shape(batching, t, lengths, chosen)[2] and k > 1:
+            break  # no smaller pass to gain
+        chosen = k
+        if per_token * tokens / 2**20 <= t.activation_budget_mb:
+            break
+    return chosen
 
 
 def resolve(model: torch.nn.Module, t: TrainerConfig, lengths: Sequence[int], loss: Any) -> BatchPlan:
