@@ -29,7 +29,7 @@ from pipeline.core.errors import PipelineError
 from pipeline.core.files import read_json
 from pipeline.tracking import registry
 from pipeline.tracking import runs as mlf
-from pipeline.tracking.stage_run import find_model_run
+from pipeline.tracking.stage_run import DIGEST_TAG, find_model_run
 
 EXAMPLE = {"messages": [{"role": "user", "content": "Give one word that describes the sea."}], "max_tokens": 8}
 
@@ -54,8 +54,11 @@ def candidate_run(client: Any, uri: str, cfg: config.PipelineConfig, sel: Select
     if exp is None:
         raise PipelineError(f"promote: no MLflow experiment {cfg.tracking.experiment!r} in this store")
     if sel.exp:
-        found = client.search_runs([exp.experiment_id], f"tags.`dvc.exp_name` = '{sel.exp}'",
-                                   order_by=["attributes.start_time DESC"], max_results=1)
+        # The experiment's training run: it carries the model digest and no `arm` tag (the encoder
+        # and align stages log their own runs under the same experiment name).
+        found = [r for r in client.search_runs([exp.experiment_id], f"tags.`dvc.exp_name` = '{sel.exp}'",
+                                               order_by=["attributes.start_time DESC"], max_results=50)
+                 if DIGEST_TAG in r.data.tags and "arm" not in r.data.tags]
         if not found:
             raise PipelineError(f"promote: no run of DVC experiment {sel.exp!r} in {cfg.tracking.experiment!r}")
         return found[0]

@@ -107,3 +107,20 @@ def test_preference_report_is_exact_and_paired() -> None:
     assert d["discordant"] == [1, 0] and d["test"] == "exact McNemar" and d["n"] == 4
     assert preference.report({}) == ({}, {})
     assert "aligned − tuned | +0.250" in preference.markdown(intervals)
+
+
+def test_one_prompt_with_several_rejected_answers_is_several_pairs(tmp_path: Path) -> None:
+    """Binarised datasets pair one (prompt, chosen) with several rejected answers: each is a pair
+    of its own, not an exact duplicate."""
+    rows = [{"prompt": "Capital of France?", "chosen": "Paris.", "rejected": r} for r in ("Lyon.", "Nice.", "Lyon.")]
+    kept, counts = preferences.clean(preferences.load_file(_write(tmp_path / "p.jsonl", rows)), [], Rules((), ()),
+                                     ngram=3, threshold=0.5)
+    assert sorted(p.meta["rejected"] for p in kept) == ["Lyon.", "Nice."]
+    assert counts["exact_duplicate"] == 1
+
+
+def test_a_repeated_id_is_reported_not_merged(tmp_path: Path) -> None:
+    rows = [{"id": "a", "prompt": "Q1?", "chosen": "A1.", "rejected": "B1."},
+            {"id": "a", "prompt": "Q2?", "chosen": "A2.", "rejected": "B2."}]
+    with pytest.raises(DataError, match=r"p\.jsonl:2: id: duplicate id 'a' \(first on line 1\)"):
+        preferences.load_file(_write(tmp_path / "p.jsonl", rows))

@@ -58,7 +58,7 @@ def load_file(path: str | Path, format: str = "auto", max_chars: int = 100_000, 
     """Every pair of a preference file; every bad row reported at once (``file:line: field: message``)."""
     problems = ProblemCollector(limit=limit)
     rows = formats._read_rows(Path(path), problems)  # the instruction data's reader: same errors, same types
-    name, pairs = str(path), []
+    name, pairs, first_line = str(path), [], {}
     stem = Path(path).stem
     for line, row in rows:
         def report(field: str | None, message: str, line: int = line, row: Any = row) -> None:
@@ -73,7 +73,12 @@ def load_file(path: str | Path, format: str = "auto", max_chars: int = 100_000, 
             report(None, "not a preference pair: expected prompt, chosen and rejected (TRL), or chosen and "
                          "rejected full transcripts (HH-RLHF)")
         if pair is not None:
-            pairs.append(_example(pair, str(row.get("id", f"{stem}-{line}")), kind))
+            pid = str(row.get("id", f"{stem}-{line}"))
+            if pid in first_line:  # pairs are matched by id later: a repeated id would mix two pairs
+                report("id", f"duplicate id {pid!r} (first on line {first_line[pid]})")
+                continue
+            first_line[pid] = line
+            pairs.append(_example(pair, pid, kind))
     problems.raise_if_any()
     return pairs
 
@@ -175,7 +180,10 @@ def clean(pairs: list[Example], held_out: list[Example], rules: Any, ngram: int,
     answers (the rejected side may be unsafe: DPO pushes it down), or chosen == rejected; and the counts."""
     counts = {"read": len(pairs)}
     same = {p.id for p in pairs if dedup.normalize(p.output) == dedup.normalize(p.meta["rejected"])}
-    dupes = {f["id"] for f in dedup.exact_duplicates(pairs)}
+    # A pair is a duplicate only if its rejected answer repeats too: binarised datasets pair one
+    # (prompt, chosen) with several rejected answers, each a pair of its own.
+    dupes = {f["id"] for f in dedup.exact_duplicates(
+        [dataclasses.replace(p, output=f"{p.output}\n\x1e{p.meta['rejected']}") for p in pairs])}
     leaks = {f["id"] for f in dedup.contamination(pairs, held_out, ngram, threshold)} if held_out else set()
     unsafe = {p.id for p in pairs if rules.check(_safety_text(p))}
     for name, ids in (("chosen_equals_rejected", same), ("exact_duplicate", dupes), ("contamination", leaks),
