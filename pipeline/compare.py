@@ -3,7 +3,9 @@
 ``python -m pipeline.compare RUN_ID RUN_ID ...``   MLflow runs
 ``python -m pipeline.compare --sweep ID``          the children of a sweep (parent run id or ``sweep.id`` tag)
 ``python -m pipeline.compare --revs A B``          two git revisions, through ``dvc params diff`` and
-                                                   ``dvc metrics diff`` (and the files DVC keeps in git)
+                                                   ``dvc metrics diff`` (evaluate's ``headline.json``: each
+                                                   paired difference with its interval and p-value) and
+                                                   the files DVC keeps in git
 ``python -m pipeline.compare --evals DIR DIR ...``  evaluate outputs (``metrics.json`` + ``intervals.json``),
                                                    e.g. the encoder's and the causal LM's on the same test split
 ``python -m pipeline.compare --arms SOURCE ...``    the arms of ONE experiment side by side (base zero-shot,
@@ -39,6 +41,9 @@ import yaml
 from pipeline.core.config import flatten
 
 DEFAULT_METRIC = "eval.tuned.overall.score"
+# evaluate's DVC metrics file (the headline: paired differences with intervals and p-values) and every
+# metric beside it (an out, not a DVC metric, so that `dvc exp show` stays readable).
+EVAL_METRICS = ("reports/eval/headline.json", "reports/eval/metrics.json")
 
 
 @dataclass
@@ -50,6 +55,7 @@ class Run:
     metrics: dict[str, float]
     intervals: dict[str, tuple[float, float]] = field(default_factory=dict)
     hashes: dict[str, str] = field(default_factory=dict)  # git.commit, data.hash, template.hash
+    p_values: dict[str, float] = field(default_factory=dict)  # a paired difference's p-value (headline.json)
 
 
 def intervals_by_metric(doc: dict[str, Any]) -> dict[str, tuple[float, float]]:
@@ -135,15 +141,45 @@ def from_revisions(repo: Path, a: str, b: str) -> list[Run]:
     """Both revisions' changed params and metrics (``dvc params/metrics diff``), hashes and intervals."""
     dvc = [sys.executable, "-m", "dvc"]
     params_diff = json.loads(_run([*dvc, "params", "diff", a, b, "--json"], repo) or "{}")
-    metrics_diff = json.loads(_run([*dvc, "metrics", "diff", a, b, "--all", "--json"], repo) or "{}")
+    metrics_diff = json.loads(_run([*dvc, "metrics", "diff", a, b, "--all", "--json", "--targets", *EVAL_METRICS],
+                                   repo) or "{}")
     runs = []
     for side, rev in (("old", a), ("new", b)):
         commit = _run(["git", "rev-parse", rev], repo).strip()
         params = {k: str(v[side]) for changes in params_diff.values() for k, v in changes.items()}
         metrics = {_metric_name(f, k): float(v[side]) for f, changes in metrics_diff.items()
                    for k, v in changes.items() if isinstance(v.get(side), (int, float))}
-        runs.append(Run(rev, params, metrics, *_revision_extras(repo, rev, commit)))
+        intervals, hashes = _revision_extras(repo, rev, commit)
+        metrics, headline_cis, p_values = fold_headline(metrics)
+        runs.append(Run(rev, params, metrics, {**intervals, **headline_cis}, hashes, p_values))
     return runs
+
+
+HEADLINE_FIELDS = ("ci_low", "ci_high", "p")
+
+
+def fold_headline(metrics: dict[str, float]) -> tuple[dict[str, float], dict[str, tuple[float, float]],
+                                                      dict[str, float]]:
+    """``headline.json``'s paired differences as one metric each, with its interval and p-value.
+
+    ``eval.delta.topic.accuracy``, ``eval.delta.topic.ci_low``, ``.ci_high`` and ``.p`` become the
+    metric ``eval.delta.topic.accuracy`` with the interval ``(ci_low, ci_high)`` and the p-value ``p``.
+    """
+    groups: dict[str, dict[str, float]] = {}
+    for key, value in metrics.items():
+        head, _, leaf = key.rpartition(".")
+        if leaf in HEADLINE_FIELDS:
+            groups.setdefault(head, {})[leaf] = value
+    kept = {k: v for k, v in metrics.items() if k.rpartition(".")[0] not in groups
+            or k.rpartition(".")[2] not in HEADLINE_FIELDS}
+    intervals, p_values = {}, {}
+    for head, fields in groups.items():
+        for key in (k for k in kept if k.rpartition(".")[0] == head):
+            if "ci_low" in fields and "ci_high" in fields:
+                intervals[key] = (fields["ci_low"], fields["ci_high"])
+            if "p" in fields:
+                p_values[key] = fields["p"]
+    return kept, intervals, p_values
 
 
 def _revision_extras(repo: Path, rev: str, commit: str) -> tuple[dict, dict]:
@@ -330,7 +366,8 @@ def report(runs: list[Run], task: str | None = None) -> dict[str, Any]:
     metrics = {}
     rows = _task_metrics(runs, task) if task else differing([r.metrics for r in runs])
     for key, values in rows.items():
-        cells = [{"value": v, "ci": list(r.intervals[key]) if key in r.intervals else None} for v, r in zip(values, runs)]
+        cells = [{"value": v, "ci": list(r.intervals[key]) if key in r.intervals else None,
+                  **({"p": r.p_values[key]} if key in r.p_values else {})} for v, r in zip(values, runs)]
         entry: dict[str, Any] = {"runs": cells}
         if len(runs) == 2 and None not in values:
             entry["diff"] = values[1] - values[0]
@@ -371,7 +408,8 @@ def markdown(rep: dict[str, Any]) -> str:
     out.append("| metric | " + " | ".join(names) + (" | diff | CIs overlap |" if two else " |") + "\n|---|"
                + "---|" * (len(names) + (2 if two else 0)) + "\n")
     for key, entry in rep["metrics"].items():
-        cells = [_fmt(c["value"]) + (f" [{c['ci'][0]:.3g}, {c['ci'][1]:.3g}]" if c["ci"] else "") for c in entry["runs"]]
+        cells = [_fmt(c["value"]) + (f" [{c['ci'][0]:.3g}, {c['ci'][1]:.3g}]" if c["ci"] else "")
+                 + (f" p={c['p']:.3g}" if c.get("p") is not None else "") for c in entry["runs"]]
         extra = [f"{entry['diff']:+.4g}" if "diff" in entry else "—", _fmt(entry.get("intervals_overlap"))] if two else []
         out.append(f"| {key} | " + " | ".join(cells + extra) + " |\n")
     return "".join(out)

@@ -4,8 +4,9 @@ Reads ``eval``, ``safety`` and ``tracking``. Refuses to run when the prompt
 template the tuned model was trained with differs from the one that rendered the test
 prompts. ``eval.models: [base]`` is a zero-shot baseline that needs no trained model
 (``--tuned`` may then be left out) and gets its own MLflow run. Writes to ``--out``:
-``metrics.json`` (DVC metrics: per task and overall, for each model and the tuned-minus-base
-delta), ``intervals.json`` (95% intervals of every metric, exact for 0/1 metrics and
+``headline.json`` (DVC's metrics: each arm's overall score and each task's primary metric, and
+the paired differences with ``ci_low``, ``ci_high`` and ``p``), ``metrics.json`` (every metric, per
+task and overall, for each model and each paired delta), ``intervals.json`` (95% intervals of every metric, exact for 0/1 metrics and
 bootstrap otherwise, paired deltas with p-values, per-class scores, confusion matrices), ``predictions.jsonl``, ``report.md``,
 PNG plots in ``plots/`` and DVC plot data (``per_task.json``, ``confusion/<task>_<model>.json``);
 logs the same into MLflow. The ``encoder`` arm (``--encoder``, trained by train_encoder beside
@@ -375,12 +376,11 @@ def report(cfg: config.PipelineConfig, out: Path, test: TestSet, predictions: di
             + _safety_markdown(safety_rates)
             + "\n## Slices\n\n" + slices.markdown(slice_table))
     with atomic_dir(out) as tmp:
-        _write(tmp, metrics, {**scoring.intervals_json(scores, deltas), **({"preference": preference_ci} if preference
-                                                                            else {}),
-                              "template_hash": template_hash,
-                              "examples": len(rows), "task_types": test.task_types, "safety": safety_rates,
-                              "slices": {"rows": slice_table.rows, "gaps": slice_table.gaps,
-                                         "largest_gap": slice_table.largest_gap()}}, pred_rows)
+        _write(tmp, metrics, scoring.headline_json(scores, deltas),
+               {**scoring.intervals_json(scores, deltas), **({"preference": preference_ci} if preference else {}),
+                "template_hash": template_hash, "examples": len(rows), "task_types": test.task_types,
+                "safety": safety_rates, "slices": {"rows": slice_table.rows, "gaps": slice_table.gaps,
+                                                   "largest_gap": slice_table.largest_gap()}}, pred_rows)
         _plots(tmp, scores, test.task_types, references, rows, test.idx, slice_table)
         (tmp / "report.md").write_text(text, encoding="utf-8")
     print(text)
@@ -424,10 +424,11 @@ def _prediction_rows(rows: list[dict[str, Any]], references: dict[str, str], pre
     return out
 
 
-def _write(out: Path, metrics: dict, intervals: dict, pred_rows: list[dict[str, Any]]) -> None:
+def _write(out: Path, metrics: dict, headline: dict, intervals: dict, pred_rows: list[dict[str, Any]]) -> None:
     from pipeline.evaluation.scoring import json_safe  # NaN is not JSON: null instead
 
     out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "headline.json", json_safe(headline))
     write_json(out / "metrics.json", json_safe(metrics))
     write_json(out / "intervals.json", json_safe(intervals))
     write_jsonl(out / "predictions.jsonl", json_safe(pred_rows))

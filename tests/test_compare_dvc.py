@@ -3,6 +3,8 @@ smoke pipeline more than once), plus the store location rule that makes queued r
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import re
 import sys
@@ -69,6 +71,60 @@ def test_compare_two_commits_names_the_changed_value(tmp_path_factory: pytest.Te
              str(repo / "compare2.png")], repo)
     assert "| `trainer.lr` | 0.001 | 0.003 |" in md and "eval.tuned.topic.perplexity" in md
     assert (repo / "compare.png").read_bytes()[:4] == b"\x89PNG"
+    # `dvc metrics diff` reads evaluate's headline: the paired differences with their intervals and p-values.
+    diff = json.loads(stdout_of([*DVC, "metrics", "diff", "HEAD~1", "HEAD", "--all", "--json"], repo))
+    assert {"delta.overall.score", "delta.overall.ci_low", "delta.overall.ci_high",
+            "delta.overall.p"} <= set(diff["reports/eval/headline.json"])
+
+
+def _columns(repo: Path, *flags: str) -> list[str]:
+    return next(csv.reader(io.StringIO(stdout_of([*DVC, "exp", "show", "--csv", *flags], repo))))
+
+
+@pytest.mark.slow
+def test_exp_show_of_two_experiments_fits_a_terminal(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The smoke pipeline committed, then one experiment with another learning rate: `dvc exp show`
+    reads only evaluate's headline (each arm, each paired difference with its interval and p-value),
+    and `--only-changed` fits a terminal. The other reports stay readable by `dvc metrics show FILE`."""
+    repo = _repo(tmp_path_factory, "columns")
+    sh(["git", "add", "-A"], repo)
+    sh(["git", "commit", "-qm", "init"], repo)
+    sh([*DVC, "exp", "run", "-S", "+experiment=smoke"], repo)
+    sh(["git", "add", "-A"], repo)
+    sh(["git", "commit", "-qm", "smoke"], repo)
+    sh([*DVC, "exp", "run", "-S", "+experiment=smoke", "-S", "trainer.lr=3e-3"], repo)
+    plain, changed = _columns(repo), _columns(repo, "--only-changed")
+    shown = json.loads(stdout_of([*DVC, "exp", "show", "--json"], repo))
+    files = {f for b in shown for r in [b, *[e["revs"][0] for e in b.get("experiments") or []]]
+             for f in ((r.get("data") or {}).get("metrics") or {})}
+    assert files == {"reports/eval/headline.json"}, files
+    headline = json.loads((repo / "reports/eval/headline.json").read_text())
+    n_metrics = sum(1 for _ in _leaves(headline))
+    # The smoke model's answers may not move with the learning rate; every metric the tuned model enters
+    # could: the bound holds even then.
+    tuned = sum(1 for k, v in headline.items() if k in ("tuned", "delta") or k.startswith("delta_tuned")
+                for _ in _leaves(v))
+    print(f"dvc exp show --csv: {len(plain)} columns ({n_metrics} metrics); --only-changed: {len(changed)} "
+          f"{changed}; at most {len(set(changed) - set(_headline_columns(headline))) + tuned} if all {tuned} "
+          "metrics of the tuned model changed")
+    assert {"delta.overall.score", "delta.overall.ci_low", "delta.overall.ci_high", "delta.overall.p",
+            "tuned.overall.score", "delta.topic.accuracy", "delta.topic.p"} <= set(plain)
+    assert n_metrics <= 60 and "trainer.lr" in changed, changed
+    assert len(set(changed) - set(_headline_columns(headline))) + tuned <= 40, changed
+    stats = json.loads(stdout_of([*DVC, "metrics", "show", "--json", "reports/prepare/stats.json",
+                                  "reports/eval/metrics.json"], repo))
+    data = next(iter(stats.values()))["data"]
+    assert data["reports/prepare/stats.json"]["data"]["splits"] and data["reports/eval/metrics.json"]["data"]["tuned"]
+
+
+def _headline_columns(d: dict[str, Any], prefix: str = "") -> list[str]:
+    return [c for k, v in d.items() for c in (_headline_columns(v, f"{prefix}{k}.") if isinstance(v, dict)
+                                               else [f"{prefix}{k}"])]
+
+
+def _leaves(d: Any) -> Any:
+    for v in d.values():
+        yield from _leaves(v) if isinstance(v, dict) else [v]
 
 
 @pytest.mark.slow
@@ -90,7 +146,7 @@ def test_dvc_queue_runs_land_in_the_repository_store(tmp_path_factory: pytest.Te
     exps = [e for baseline in shown for e in (baseline.get("experiments") or [])]
     lrs = sorted(e["revs"][0]["data"]["params"]["params.yaml"]["data"]["trainer"]["lr"] for e in exps)
     assert lrs == [1e-4, 3e-4]
-    assert all(e["revs"][0]["data"]["metrics"]["reports/eval/metrics.json"]["data"]["tuned"] for e in exps)
+    assert all(e["revs"][0]["data"]["metrics"]["reports/eval/headline.json"]["data"]["tuned"] for e in exps)
     # Both queued runs logged into the repository's store, not into their deleted temp copies.
     from mlflow.tracking import MlflowClient
 

@@ -105,7 +105,7 @@ def test_every_stage_writes_its_outputs(smoke_repo: Path) -> None:
         "reports/render/report.json", "models/finetuned/adapter/adapter_model.safetensors",
         "models/finetuned/template.json", "models/finetuned/config.yaml", "models/finetuned/summary.json",
         "reports/train/train_loss.csv", "reports/train/val_loss.csv", "reports/train/loss.png",
-        "reports/eval/metrics.json", "reports/eval/intervals.json", "reports/eval/predictions.jsonl",
+        "reports/eval/headline.json", "reports/eval/metrics.json", "reports/eval/intervals.json", "reports/eval/predictions.jsonl",
         "reports/eval/report.md", "reports/eval/plots/per_task.png", "reports/eval/plots/confusion_topic.png",
         "reports/eval/per_task.json", "reports/eval/confusion/topic_base.json", "reports/eval/confusion/topic_tuned.json",
         # the encoder arm, trained by its own stage on the same prepared splits

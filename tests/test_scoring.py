@@ -158,3 +158,24 @@ def test_json_shapes_and_dvc_plot_rows(base_scores) -> None:
         {"actual": "sports", "predicted": "sports"}, {"actual": "business", "predicted": UNMATCHED}]
     table = scoring.markdown(scores, None, {t: o.task_type for t, o in TASKS.items()})
     assert "| topic | macro_f1 |" in table and "| overall | score |" in table
+
+
+def test_headline_holds_each_arm_and_each_paired_difference_with_its_interval(base_scores) -> None:
+    """DVC's one metrics file: per arm the overall score and each task's primary metric; per paired
+    difference the overall with ci_low, ci_high and p, and the main pair (tuned - base) per task too."""
+    perfect = {t: scoring.TaskOutputs(o.task_type, o.refs, list(o.refs), o.labels, o.nll, o.tokens)
+               for t, o in TASKS.items()}
+    tuned = scoring.score_model(perfect, scoring.task_indices({t: len(o.refs) for t, o in TASKS.items()}, 300, 0))
+    scores = {"base": base_scores, "base_kshot": base_scores, "tuned": tuned}
+    deltas = scoring.compare_arms(scores)
+    headline = scoring.headline_json(scores, deltas)
+    assert headline["tuned"] == {"overall": {"score": tuned.overall}, "topic": {"accuracy": 1.0},
+                                 "qa": {"exact_match": 1.0}, "summary": {"rougeL": 1.0}}
+    main = deltas["delta"]
+    assert headline["delta"]["topic"] == {"accuracy": main["topic"]["accuracy"]["delta"],
+                                          "ci_low": main["topic"]["accuracy"]["low"],
+                                          "ci_high": main["topic"]["accuracy"]["high"],
+                                          "p": main["topic"]["accuracy"]["p_value"]}
+    assert set(headline["delta"]) == {"overall", "topic", "qa", "summary"}
+    assert set(headline["delta_tuned_vs_base_kshot"]) == set(headline["delta_base_kshot_vs_base"]) == {"overall"}
+    assert set(headline["delta"]["overall"]) == {"score", "ci_low", "ci_high", "p"}

@@ -282,6 +282,35 @@ def metrics_json(scores: Mapping[str, ModelScores], deltas: Mapping[str, Any] | 
     return out
 
 
+def headline_json(scores: Mapping[str, ModelScores], deltas: Mapping[str, Any] | None) -> dict[str, Any]:
+    """What a reader compares between experiments (DVC's one metrics file, ``headline.json``).
+
+    Per arm: the overall score and each task's primary metric. Per paired difference: the
+    overall score (or, for a pair without one, each shared task's primary metric) with
+    ``ci_low``, ``ci_high`` and ``p``; the main pair (tuned - base, else the first of
+    :data:`PAIRS` that ran) also per task. Keys keep ``metrics.json``'s names, so
+    ``tuned.topic.accuracy`` means the same in both; every other metric stays in
+    ``metrics.json`` and ``intervals.json``.
+    """
+    partial = partial_arms(scores)
+    out: dict[str, Any] = {
+        m: {**({} if m in partial else {"overall": {"score": ms.overall}}),
+            **{t: {PRIMARY[s.task_type]: s.values[PRIMARY[s.task_type]]} for t, s in ms.tasks.items()}}
+        for m, ms in scores.items()
+    }
+    deltas = deltas or {}
+    main = next((k for k in deltas if "overall" in deltas[k]), None)
+    for key, per_task in deltas.items():
+        tasks = [t for t in per_task if t == "overall" or key == main or "overall" not in per_task]
+        out[key] = {}
+        for t in tasks:
+            metric = "score" if t == "overall" else PRIMARY[scores[delta_pair(key)[0]].tasks[t].task_type]
+            d = per_task[t].get(metric)
+            if d is not None:
+                out[key][t] = {metric: d["delta"], "ci_low": d["low"], "ci_high": d["high"], "p": d["p_value"]}
+    return out
+
+
 def intervals_json(scores: Mapping[str, ModelScores], deltas: Mapping[str, Any] | None) -> dict[str, Any]:
     """Intervals of every metric, paired deltas, per-class scores, confusion matrices, each task's
     example count ``n`` and each interval's method (``exact``, ``exact bound`` or ``bootstrap``)."""
