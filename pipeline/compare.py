@@ -39,6 +39,7 @@ from typing import Any, Sequence
 import yaml
 
 from pipeline.core.config import flatten
+from pipeline.tracking.views import eval_metric_key
 
 DEFAULT_METRIC = "eval.tuned.overall.score"
 # evaluate's DVC metrics file (the headline: paired differences with intervals and p-values) and every
@@ -81,7 +82,7 @@ def from_mlflow(uri: str, run_ids: Sequence[str]) -> list[Run]:
         runs.append(Run(
             name=r.info.run_name or run_id[:8],
             params=dict(r.data.params),
-            metrics={k: v for k, v in r.data.metrics.items() if k.startswith("eval.")},
+            metrics={f"eval.{key}": v for k, v in r.data.metrics.items() if (key := eval_metric_key(k))},
             intervals=_logged_intervals(uri, run_id),
             hashes={k: r.data.tags[k] for k in ("git.commit", "data.hash", "template.hash") if k in r.data.tags},
         ))

@@ -30,7 +30,7 @@ from pipeline.core.files import atomic_dir, hash_files, read_json, read_jsonl, w
 from pipeline.core.models import IGNORE_INDEX
 from pipeline.core.paths import search_roots
 from pipeline.data import safety
-from pipeline.tracking import stage_run
+from pipeline.tracking import stage_run, views
 from pipeline.tracking.runs import Tracking
 
 
@@ -229,7 +229,8 @@ def run(cfg: config.PipelineConfig, paths: Paths, tracking: Tracking | None) -> 
         encoder_note = add_encoder_arm(cfg, paths, test, predictions, outputs)
         metrics, pred_rows = report(cfg, paths.out, test, predictions, outputs, rules, template_hash, encoder_note)
         if run_id is not None:
-            _log_mlflow(tracking, run_id, metrics, pred_rows, paths.out, paths.prepared)  # type: ignore[arg-type]
+            _log_mlflow(tracking, run_id, metrics, pred_rows, paths.out, paths.prepared,  # type: ignore[arg-type]
+                        paths.rendered)
     return metrics
 
 
@@ -492,22 +493,33 @@ def _open_run(cfg: config.PipelineConfig, paths: Paths, tracking: Tracking, temp
                                  mlf.redact_tree(params), tags, run_name=tracking.run_name or name)
 
 
-def _log_mlflow(tracking: Tracking, run_id: str, metrics: dict, pred_rows: list, out: Path, prepared: Path) -> None:
-    """The metrics, the per-example table, the slice table, every output file and prepare's safety counts."""
+def _log_mlflow(tracking: Tracking, run_id: str, metrics: dict, pred_rows: list, out: Path, prepared: Path,
+                rendered: Path) -> None:
+    """The metrics (named in sections, tied to the tuned model's LoggedModel), the test split as
+    a dataset, the headline as the run's description, the per-example table, the slice table, every
+    output file and prepare's safety counts."""
     import mlflow
     import pandas as pd
 
     from pipeline.tracking import runs as mlf
 
-    flat = {f"eval.{k}": float(v) for k, v in config.flatten(metrics).items() if isinstance(v, (int, float))}
+    flat = {k: float(v) for k, v in config.flatten(metrics).items() if isinstance(v, (int, float))}
     table = pd.DataFrame([{**{k: v for k, v in r.items() if not k.endswith("_scores")},
                            **{f"{k}.{s}": x for k in r if k.endswith("_scores") for s, x in r[k].items()}}
                           for r in pred_rows])
     slices = pd.DataFrame(read_json(out / "intervals.json")["slices"]["rows"])
 
+    test = views.split_dataset(pred_rows, rendered / "test.jsonl", hash_files([rendered / "test.jsonl"]), "test")
+    model_id = mlflow.get_run(run_id).data.tags.get(views.MODEL_ID_TAG)
+
     def log() -> None:
-        mlflow.log_metrics(flat)
+        mlflow.log_input(test, context="test")
+        # On the test set, and (when train logged one) on the tuned model's LoggedModel page.
+        mlflow.log_metrics({views.eval_metric_name(k): v for k, v in flat.items()}, model_id=model_id, dataset=test)
+        mlflow.set_tag(views.NOTE_TAG, "## Headline (95% intervals, paired p-values)\n\n"
+                       + views.headline_markdown(read_json(out / "headline.json")))
         mlflow.log_table(table, artifact_file="eval/predictions.json")
+        views.log_examples(pred_rows, "tuned" if "tuned" in metrics else next(iter(metrics)))
         mlflow.log_table(slices, artifact_file="eval/slice_table.json")
         mlflow.log_artifacts(str(out), artifact_path="eval")
         _log_prepare_safety(prepared)
@@ -527,9 +539,9 @@ def _log_prepare_safety(prepared: Path) -> None:
     if not path.exists():
         return
     counts = read_json(path)
-    mlflow.log_metric("prepare.safety.quarantined", counts["quarantined"])
+    mlflow.log_metric("prepare/safety/quarantined", counts["quarantined"])
     # MLflow metric names allow only [\w\-. /]: a rule such as "keyword:pipe bomb" is spelt out safely.
-    mlflow.log_metrics({"prepare.safety." + re.sub(r"[^\w\-. /]", "_", rule): n
+    mlflow.log_metrics({"prepare/safety/" + re.sub(r"[^\w\-. /]", "_", rule): n
                         for rule, n in counts["by_rule"].items()})
     mlflow.log_dict(counts, "prepare/safety.json")
     if (prepared / "quarantine.jsonl").exists():

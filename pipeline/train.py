@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 from pipeline.core import cli, config
 from pipeline.core.errors import PipelineError
-from pipeline.core.files import hash_files, read_json, write_json
+from pipeline.core.files import hash_files, read_json, read_jsonl, write_json
 from pipeline.tracking import stage_run
 from pipeline.tracking.runs import Tracking
 from pipeline.training import fit
@@ -258,7 +258,20 @@ def _log(client: Any, uri: str, run_id: str, paths: Paths, cfg: config.PipelineC
 
     curves = paths.curves
     loss_curve(curves / "train_loss.csv", curves / "val_loss.csv", curves / "loss.png")
-    fit.log_outputs(client, uri, run_id, paths.out, _weights(cfg), curves, ("config.yaml", "template.json"))
+    fit.log_outputs(client, uri, run_id, paths.out, _weights(cfg), curves, ("config.yaml", "template.json"),
+                    {"base_model": cfg.model.name, "finetune": config.to_dict(cfg.finetune)},
+                    f"{cfg.finetune.method} adapter" if cfg.finetune.method == "lora" else cfg.finetune.method)
+    _log_datasets(client, uri, run_id, paths.rendered)
+
+
+def _log_datasets(client: Any, uri: str, run_id: str, rendered: Path) -> None:
+    """The train and val splits the run fitted on, as its MLflow datasets (digest: the file hash)."""
+    from pipeline.tracking import runs as mlf
+    from pipeline.tracking.views import log_datasets, split_dataset
+
+    splits = {s: rendered / f"{s}.jsonl" for s in ("train", "val")}
+    datasets = {s: split_dataset(read_jsonl(p), p, hash_files([p]), s) for s, p in splits.items()}
+    mlf.locked_write(uri, lambda: log_datasets(client, run_id, datasets))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -75,6 +75,13 @@ def test_compare_two_commits_names_the_changed_value(tmp_path_factory: pytest.Te
     diff = json.loads(stdout_of([*DVC, "metrics", "diff", "HEAD~1", "HEAD", "--all", "--json"], repo))
     assert {"delta.overall.score", "delta.overall.ci_low", "delta.overall.ci_high",
             "delta.overall.p"} <= set(diff["reports/eval/headline.json"])
+    # `dvc plots diff`: both commits' loss curves and per-task bars on one HTML page.
+    sh([*DVC, "plots", "diff", "HEAD~1", "HEAD", "-o", str(repo / "plots_diff")], repo)
+    page = (repo / "plots_diff" / "index.html").read_text()
+    shown = json.loads(stdout_of([*DVC, "plots", "diff", "HEAD~1", "HEAD", "--json"], repo))["data"]
+    assert {"loss", "reports/eval/per_task.json"} <= set(shown) and "per-task primary metric" in page
+    revs = {r for entry in shown["loss"] for r in entry["revisions"]}
+    assert revs == {"HEAD~1", "HEAD"}, revs
 
 
 def _columns(repo: Path, *flags: str) -> list[str]:
@@ -164,7 +171,7 @@ def test_dvc_queue_runs_land_in_the_repository_store(tmp_path_factory: pytest.Te
     assert first == second, f"train_encoder's inputs differ between the experiments: {_differences(locks)}"
     assert len(encoder_runs) == 1, f"{len(encoder_runs)} encoder runs; stages per experiment:\n{_stage_log(repo)}"
     assert encoder_runs[0].data.tags["dvc.exp_name"] in {e["revs"][0]["name"] for e in exps}
-    assert all("eval.tuned.overall.score" in r.data.metrics for r in runs)
+    assert all("eval_tuned/overall/score" in r.data.metrics for r in runs)
 
 
 def _lock_entry(repo: Path, rev: str, stage: str) -> dict[str, Any]:

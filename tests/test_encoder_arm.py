@@ -67,8 +67,9 @@ def test_train_encoder_writes_the_classifier_curves_and_one_mlflow_run(chain: Pa
     assert run.info.status == "FINISHED" and run.data.tags["arm"] == "encoder"
     assert run.data.params["encoder.model.kind"] == "sequence_classification"
     assert run.data.params["encoder.trainer.lr"] == str(smoke_cfg.encoder.trainer.lr)
-    assert len(client.get_metric_history(run.info.run_id, "train_loss")) == summary["steps"]
-    assert {"model", "plots", "labels.json"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert len(client.get_metric_history(run.info.run_id, "train/loss")) == summary["steps"]
+    assert {"plots", "labels.json"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert client.get_logged_model(run.data.tags["pipeline.model_id"]).name == "model"  # the classifier
 
 
 def test_every_trainable_parameter_of_the_encoder_changed(tmp_path: Path, chain: Path, smoke_cfg) -> None:

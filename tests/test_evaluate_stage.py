@@ -4,6 +4,7 @@ the CLI (no trained model, its own MLflow run), base vs an identical 'tuned' mod
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 from pathlib import Path
 
@@ -61,8 +62,30 @@ def test_zero_shot_baseline_from_the_cli_without_a_tuned_model(tmp_path: Path, m
     assert run.data.tags["dvc.exp_name"] == "baseline-exp"
     assert run.data.tags["template.hash"] == read_json(data / "rendered" / "template.json")["hash"]
     assert run.data.params["eval.models"] == "['base']"
-    assert run.data.metrics["eval.base.topic.accuracy"] == metrics["base"]["topic"]["accuracy"]
-    assert "eval.base.overall.score" in run.data.metrics
+    assert run.data.metrics["eval_base/topic/accuracy"] == metrics["base"]["topic"]["accuracy"]
+    assert "eval_base/overall/score" in run.data.metrics  # sections in MLflow's chart view: eval_base/...
+    headline = read_json(out / "headline.json")
+    assert headline["base"]["topic"] == {"accuracy": metrics["base"]["topic"]["accuracy"]}
+    assert "| base | topic | accuracy |" in run.data.tags["mlflow.note.content"]  # the run's description
+    experiment = client.get_experiment_by_name("instruction-tuning")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # not the GenAI view
+    # The test split, with the pipeline's hash as its digest (mlflow.genai.evaluate logs its table too).
+    [test_input] = [d for d in run.inputs.dataset_inputs if [t.value for t in d.tags] == ["test"]]
+    assert test_input.dataset.name == "test"
+    assert test_input.dataset.digest == run.data.tags["data.hash"][:36]
+    # Example by example, as MLflow's own evaluation: one trace per row with the pipeline's scores.
+    import mlflow
+
+    traces = mlflow.search_traces(locations=[run.info.experiment_id], run_id=run.info.run_id, return_type="list")
+    assert len(traces) == len(rows)
+    by_id = {r["id"]: r for r in rows}
+    for trace in traces:
+        row = by_id[json.loads(trace.data.request)["id"]]
+        assessments = {a.name: a.value for a in trace.info.assessments}
+        assert json.loads(trace.data.response) == row["base_prediction"]
+        assert assessments["expected_response"] == row["reference"]
+        assert {k: v for k, v in assessments.items() if k.startswith("examples/")} == {
+            f"examples/{k}": v for k, v in row["base_scores"].items()}
     assert {"eval/predictions.json", "eval/metrics.json", "eval/plots"} <= {
         a.path for a in client.list_artifacts(run.info.run_id, "eval")}
 

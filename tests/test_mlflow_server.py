@@ -51,10 +51,14 @@ def test_train_and_evaluate_log_one_run_to_the_server(server: str, tmp_path: Pat
     assert run.info.run_id == summary["run_id"]
     assert run.info.status == "FINISHED"
     assert run.data.params["trainer.max_steps"] == str(cfg.trainer.max_steps)
-    assert run.data.metrics["train_loss"] == pytest.approx(summary["train_loss"])
-    assert run.data.metrics["eval.base.overall.score"] == metrics["base"]["overall"]["score"]
+    assert run.data.metrics["train/loss"] == pytest.approx(summary["train_loss"])
+    assert run.data.metrics["eval_base/overall/score"] == metrics["base"]["overall"]["score"]
     top = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"adapter", "plots", "config.yaml", "eval"} <= top
+    assert {"plots", "config.yaml", "eval"} <= top
+    # The adapter went to the server once, as the run's logged model.
+    model = client.get_logged_model(run.data.tags["pipeline.model_id"])
+    assert model.source_run_id == run.info.run_id
+    assert "adapter_model.safetensors" in {a.path for a in client.list_logged_model_artifacts(model.model_id)}
     # The artifacts really went through the server: download the config back and compare.
     local = client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path / "download"))
     assert yaml.safe_load(Path(local).read_text()) == {k: raw[k] for k in train.OWN_SECTIONS}

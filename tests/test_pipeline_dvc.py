@@ -176,24 +176,61 @@ def test_mlflow_run_has_params_tags_metrics_artifacts(smoke_repo: Path) -> None:
     assert tags["template.hash"] == json.loads((smoke_repo / "data/rendered/template.json").read_text())["hash"]
     assert tags.get("dvc.exp_name"), "dvc exp run should name the run's experiment"
     metrics = run.data.metrics
-    for key in ("train_loss", "val_loss", "lr", "tokens_per_s", "eval.tuned.topic.accuracy",
-                "eval.base.topic.accuracy", "eval.delta.overall.score", "eval.tuned.qa.perplexity"):
+    # Named in sections (MLflow's chart view groups by the first "/"): step curves, each arm, the differences.
+    for key in ("train/loss", "val/loss", "train/lr", "train/tokens_per_s", "eval_tuned/topic/accuracy",
+                "eval_base/topic/accuracy", "delta/tuned_vs_base/overall/score", "eval_tuned/qa/perplexity"):
         assert key in metrics, key
-    history = client.get_metric_history(run_id, "train_loss")
+    assert not [k for k in metrics if "/" not in k], "every metric in a section"
+    history = client.get_metric_history(run_id, "train/loss")
     assert len(history) == 6
     # The DVC loss curve holds every validation (after optimizer steps 3 and 6), each with the value
     # MLflow logged then (Lightning's logger numbers steps from 0: step s is logged at s - 1).
     val_csv = (smoke_repo / "reports/train/val_loss.csv").read_text().split()[1:]
-    logged = {m.step: m.value for m in client.get_metric_history(run_id, "val_loss")}
+    logged = {m.step: m.value for m in client.get_metric_history(run_id, "val/loss")}
     assert [int(r.split(",")[0]) for r in val_csv] == [3, 6]
     assert set(logged) == {2, 5}
     for row in val_csv:
         step, loss = row.split(",")
         assert float(loss) == pytest.approx(logged[int(step) - 1], rel=1e-6)
     artifacts = {a.path for a in client.list_artifacts(run_id)}
-    assert {"config.yaml", "template.json", "adapter", "plots", "eval"} <= artifacts
+    assert {"config.yaml", "template.json", "plots", "eval"} <= artifacts
     eval_files = {a.path for a in client.list_artifacts(run_id, "eval")}
     assert "eval/predictions.json" in eval_files and "eval/metrics.json" in eval_files
+    assert "| tuned − base | overall | score |" in tags["mlflow.note.content"]  # the headline as description
+
+
+def test_mlflow_run_has_its_datasets_and_its_adapter_as_a_logged_model(smoke_repo: Path) -> None:
+    """The run page's Datasets panel (train, val, test with the pipeline's hashes) and Logged models
+    (the adapter alone, its params, and the tuned model's eval metrics pointing to it)."""
+    from mlflow.entities import LoggedModelStatus
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.core.files import hash_files
+    from pipeline.tracking import stage_run
+
+    client = MlflowClient(f"sqlite:///{smoke_repo / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("instruction-tuning")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    digest = stage_run.model_digest(smoke_repo / "models/finetuned")
+    [run] = [r for r in client.search_runs([exp.experiment_id], f"tags.`{stage_run.DIGEST_TAG}` = '{digest}'")
+             if "dvc.exp_name" in r.data.tags]
+    inputs = {d.tags[0].value: d.dataset for d in run.inputs.dataset_inputs
+              if d.tags}  # mlflow.genai.evaluate's own table (no context) aside
+    assert set(inputs) == {"train", "val", "test"}, inputs
+    for split, dataset in inputs.items():
+        assert dataset.digest == hash_files([smoke_repo / f"data/rendered/{split}.jsonl"])[:36], split
+    model = client.get_logged_model(run.data.tags["pipeline.model_id"])
+    assert model.source_run_id == run.info.run_id and model.status == LoggedModelStatus.READY
+    assert model.params["finetune.method"] == "lora" and model.model_type == "lora adapter"
+    files = {a.path for a in client.list_artifacts(run.info.run_id)} | set(_model_files(model.artifact_location))
+    assert "adapter_model.safetensors" in files and "adapter" not in files, "the adapter is stored once"
+    stored = sum(f.stat().st_size for f in Path(model.artifact_location.removeprefix("file://")).rglob("*"))
+    assert stored <= 2 * (smoke_repo / "models/finetuned/adapter/adapter_model.safetensors").stat().st_size
+    assert {m.key for m in model.metrics or []} >= {"eval_tuned/topic/accuracy", "delta/tuned_vs_base/overall/score"}
+
+
+def _model_files(location: str) -> list[str]:
+    return [p.name for p in Path(location.removeprefix("file://")).rglob("*") if p.is_file()]
 
 
 def test_promote_registers_the_experiments_export(smoke_repo: Path) -> None:
@@ -260,3 +297,60 @@ def test_eval_change_does_not_retrain(smoke_repo: Path) -> None:
                           capture_output=True, text=True, check=True)
     shown = json.dumps(json.loads(proc.stdout))
     assert '"eval.batch_size"' in shown or '"batch_size": 4' in shown, "dvc exp show lists the new experiment"
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+def _look(url: str, shot: Path, profile: Path) -> str:
+    """A headless Chromium screenshot of ``url`` into ``shot``; returns the page's text (the DOM, tags removed)."""
+    import re
+
+    cmd = [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           f"--user-data-dir={profile}", "--virtual-time-budget=30000", "--window-size=1600,1400"]
+    subprocess.run([*cmd, f"--screenshot={shot}", url], capture_output=True, text=True, timeout=180)
+    dom = subprocess.run([*cmd, "--dump-dom", url], capture_output=True, text=True, timeout=180).stdout
+    text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", dom))
+    shot.with_suffix(".txt").write_text(text, encoding="utf-8")
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", url
+    return text
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium "
+                                                  "(apt-get install -y chromium)")
+def test_mlflow_ui_shows_sections_datasets_logged_model_and_per_example_comparison(
+        smoke_repo: Path, app_job: Path, tmp_path: Path) -> None:
+    """A real `mlflow server` over the smoke store, looked at in headless Chromium: the experiment opens
+    in the model-training view, a run page shows its description, datasets and logged model, the
+    run's charts come in sections, and two runs compare example by example. Screenshots and page
+    text stay in the test's tmp folder (and in $UI_SHOTS when set)."""
+    import os
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    from sweep_helpers import mlflow_server
+
+    client = MlflowClient(f"sqlite:///{smoke_repo / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("instruction-tuning")
+    runs = [r for r in client.search_runs([exp.experiment_id]) if "pipeline.model_id" in r.data.tags
+            and r.data.tags.get("arm") != "encoder"]
+    a, b = runs[0].info.run_id, runs[1].info.run_id  # the DVC experiment's and the app job's
+    base = f"#/experiments/{exp.experiment_id}"
+    pages = {"experiment": base, "run": f"{base}/runs/{a}", "charts": f"{base}/runs/{a}/model-metrics",
+             "compare": f'#/compare-runs?runs=["{a}","{b}"]&experiments=["{exp.experiment_id}"]',
+             "examples": f"{base}/evaluation-runs?selectedRunUuid={a}&compareToRunUuid={b}"}
+    (tmp_path / "profile").mkdir()
+    with mlflow_server(["--backend-store-uri", f"sqlite:///{smoke_repo / 'mlflow.db'}"], smoke_repo,
+                       tmp_path / "server.log", _env(), timeout=120) as url:
+        text = {name: _look(f"{url}/{page}", tmp_path / f"{name}.png", tmp_path / "profile")
+                for name, page in pages.items()}
+    if os.environ.get("UI_SHOTS"):
+        shutil.copytree(tmp_path, os.environ["UI_SHOTS"], dirs_exist_ok=True, ignore=shutil.ignore_patterns("profile"))
+    assert "Traces" not in text["experiment"].split("Runs")[0] or "Runs" in text["experiment"], text["experiment"][:2000]
+    assert "tuned − base" in text["run"] and "adapter" in text["run"], text["run"][:3000]
+    assert all(split in text["run"] for split in ("train", "val", "test")), text["run"][:3000]
+    assert all(s in text["charts"] for s in ("train", "val", "eval_tuned", "delta")), text["charts"][:3000]
+    assert "examples/" in text["examples"], text["examples"][:3000]

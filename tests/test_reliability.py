@@ -204,7 +204,7 @@ def test_env_secrets_never_reach_mlflow_and_runs_are_deterministic(
     for run_id in run_ids:
         logged = client.get_run(run_id)
         assert logged.data.tags[stage_run.DIGEST_TAG] == digest and logged.info.status == "FINISHED"
-        assert "eval.tuned.overall.score" in logged.data.metrics
+        assert "eval_tuned/overall/score" in logged.data.metrics
     run = client.get_run(run_ids[0])
     logged = json.dumps([run.data.params, run.data.tags])
     logged += (outputs[0] / "model/config.yaml").read_text()

@@ -133,15 +133,15 @@ def test_joblib_two_parallel_jobs_lose_no_run(tmp_path: Path, smoke_base: Path) 
 
     client = MlflowClient(parent["uri"])
     for r in children:
-        assert len(client.get_metric_history(r.info.run_id, "train_loss")) == 6, "every step's metric arrived"
-        assert "eval.tuned.overall.score" in r.data.metrics
+        assert len(client.get_metric_history(r.info.run_id, "train/loss")) == 6, "every step's metric arrived"
+        assert "eval_tuned/overall/score" in r.data.metrics
     assert client.get_run(parent["run_id"]).info.status == "FINISHED"
     # Both workers wanted the same render and encoder arm; the per-key lock let exactly one of them build each.
     from pipeline.tracking import stage_cache
 
     assert [b["stage"] for b in stage_cache.builds(tmp_path / "outputs" / "cache")] == [
         "prepare", "render", "train_encoder"]
-    assert all("eval.encoder.topic.accuracy" in r.data.metrics for r in children)
+    assert all("eval_encoder/topic/accuracy" in r.data.metrics for r in children)
 
 
 @pytest.mark.slow
@@ -159,7 +159,7 @@ def test_optuna_three_trials_best_value_on_the_parent(tmp_path: Path, smoke_base
     parent = client.get_run(parent_info["run_id"])
     children = tracking.child_runs(parent_info["uri"], parent_info["run_id"])
     assert len(children) == 3
-    values = [r.data.metrics[metric] for r in children]
+    values = [r.data.metrics["eval_tuned/topic/perplexity"] for r in children]
     assert parent.data.metrics[f"best.{metric}"] == min(values)
     assert parent.data.params["sweep.sweeper"] == "OptunaSweeper"
     assert parent.data.params["sweep.sweeper.direction"] == "minimize"

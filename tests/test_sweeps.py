@@ -52,15 +52,15 @@ def test_grid_has_one_parent_and_four_children(grid: dict[str, Any]) -> None:
     for r in children:
         assert r.info.status == "FINISHED"
         assert r.data.tags["sweep.id"] == grid["sweep_id"]
-        assert "eval.tuned.overall.score" in r.data.metrics and "eval.base.topic.accuracy" in r.data.metrics
-        assert "eval.encoder.topic.accuracy" in r.data.metrics  # the encoder arm, beside the LLM in every job
+        assert "eval_tuned/overall/score" in r.data.metrics and "eval_base/topic/accuracy" in r.data.metrics
+        assert "eval_encoder/topic/accuracy" in r.data.metrics  # the encoder arm, beside the LLM in every job
         job_dir = Path(r.data.tags["hydra.job_dir"])
         assert job_dir.parent == grid["cwd"] / "multirun" and job_dir.name == r.data.tags["sweep.job_num"]
         assert (job_dir / "reports/eval/metrics.json").is_file() and (job_dir / "models/finetuned/adapter").is_dir()
-    values = [r.data.metrics["eval.tuned.overall.score"] for r in children]
+    values = [r.data.metrics["eval_tuned/overall/score"] for r in children]
     assert parent.data.metrics["best.eval.tuned.overall.score"] == max(values)
     best = client.get_run(parent.data.tags["best.run_id"])
-    assert best.data.metrics["eval.tuned.overall.score"] == max(values)
+    assert best.data.metrics["eval_tuned/overall/score"] == max(values)
 
 
 def test_grid_built_shared_stages_once(grid: dict[str, Any]) -> None:
@@ -167,10 +167,10 @@ def test_mlflow_server_lists_parent_and_children(grid: dict[str, Any], mlflow_se
         params = {p["key"]: p["value"] for p in child["data"]["params"]}
         metrics = {m["key"] for m in child["data"]["metrics"]}
         assert params["trainer.lr"] in ("0.001", "0.003") and params["finetune.lora.r"] in ("4", "8")
-        assert {"train_loss", "val_loss", "eval.tuned.overall.score", "eval.delta.topic.accuracy"} <= metrics
+        assert {"train/loss", "val/loss", "eval_tuned/overall/score", "delta/tuned_vs_base/topic/accuracy"} <= metrics
         assert tags(child)["sweep.id"] == grid["sweep_id"]
     history = _api(mlflow_server, f"/api/2.0/mlflow/metrics/get-history?run_id={children[0]['info']['run_id']}"
-                                  "&metric_key=train_loss")
+                                  "&metric_key=train/loss")
     assert len(history["metrics"]) == 6
 
 

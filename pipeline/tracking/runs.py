@@ -33,6 +33,7 @@ from urllib.parse import urlsplit
 
 from pipeline.core.config import flatten
 from pipeline.core.errors import ConfigError
+from pipeline.tracking import views
 
 # A key is judged by the words of its last dotted name (snake_case, kebab-case or camelCase:
 # hubToken -> hub, token). Any of these words makes it a secret...
@@ -246,10 +247,13 @@ def ensure_experiment(uri: str, name: str, artifact_root: Path) -> str:
         client = MlflowClient(uri)
         exp = client.get_experiment_by_name(name)
         if exp is not None:
+            if views.EXPERIMENT_KIND_TAG not in exp.tags:  # made before the kind was set; a user's choice stays
+                client.set_experiment_tag(exp.experiment_id, views.EXPERIMENT_KIND_TAG, views.EXPERIMENT_KIND)
             return exp.experiment_id
         location = artifact_root.resolve().as_uri() if not uri.startswith(("http://", "https://", "databricks")) else None
-        try:
-            return client.create_experiment(name, artifact_location=location)
+        try:  # the kind: MLflow's UI opens the model-training view, not the GenAI one
+            return client.create_experiment(name, artifact_location=location,
+                                            tags={views.EXPERIMENT_KIND_TAG: views.EXPERIMENT_KIND})
         except Exception:  # another process (e.g. on a server store) created it between our get and create
             exp = client.get_experiment_by_name(name)
             if exp is None:

@@ -26,6 +26,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.tracking import runs as tracking
+from pipeline.tracking import views
 from pipeline.core.config import flatten
 from pipeline.core.files import read_json, write_json
 
@@ -164,8 +165,10 @@ def summarize(parent: Parent, objective: Objective, sweep_dir: Path, stopped: bo
     from mlflow.tracking import MlflowClient
 
     children = tracking.child_runs(parent.uri, parent.run_id)
-    values = {r.info.run_id: r.data.metrics[objective.metric] for r in children
-              if objective.metric in r.data.metrics}
+    # The objective is named as in evaluate's metrics (eval.tuned.overall.score); the runs, in sections.
+    key = views.eval_metric_name(objective.metric.removeprefix("eval.")) \
+        if objective.metric.startswith("eval.") else objective.metric
+    values = {r.info.run_id: r.data.metrics[key] for r in children if key in r.data.metrics}
     best = objective.best(values)
     summary: dict[str, Any] = {"runs": len(children), "with_metric": len(values), "stopped_early": stopped}
     client = MlflowClient(parent.uri)

@@ -40,7 +40,15 @@ def build_trainer(t: TrainerConfig, curve: "LossCurve", root: Path, experiment: 
 
     from pipeline.training.module import StopOnNonFiniteLoss, trainer_settings
 
-    logger = MLFlowLogger(experiment_name=experiment, tracking_uri=uri, run_id=run_id) \
+    from pipeline.tracking.views import step_metric_name
+
+    class SectionedLogger(MLFlowLogger):
+        """Lightning's ``train_loss`` as ``train/loss``: MLflow's chart view makes a section of each prefix."""
+
+        def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+            super().log_metrics({step_metric_name(k): v for k, v in metrics.items()}, step)
+
+    logger = SectionedLogger(experiment_name=experiment, tracking_uri=uri, run_id=run_id) \
         if uri is not None and run_id is not None else False
     # tqdm, not rich: it still draws when DVC pipes the output to a non-terminal.
     return L.Trainer(**trainer_settings(t), logger=logger,
@@ -72,20 +80,23 @@ def save(out: Path, model: Any, weights: str, params: Mapping[str, Any], files: 
 
 
 def log_outputs(client: Any, uri: str, run_id: str, out: Path, weights: str, curves: Path,
-                names: Iterable[str]) -> None:
-    """The saved files ``names``, the weights folder and the curves as the run's artifacts, and the
-    folder's digest as its tag (how evaluate finds the run); under the store's write lock."""
-    from pipeline.tracking import stage_run
-    from pipeline.tracking.runs import locked_write
+                names: Iterable[str], model_params: Mapping[str, Any] | None = None, model_type: str = "") -> str:
+    """The saved files ``names`` and the curves as the run's artifacts, the folder's digest as its tag
+    (how evaluate finds the run), and the weights folder as the run's MLflow LoggedModel (stored once:
+    not also as a run artifact); under the store's write lock. Returns the model id."""
+    from pipeline.tracking import stage_run, views
+    from pipeline.tracking.runs import locked_write, params_for_logging
 
-    def log() -> None:
+    def log() -> str:
         for name in names:
             client.log_artifact(run_id, str(out / name))
-        client.log_artifacts(run_id, str(out / weights), artifact_path=weights)
         client.log_artifacts(run_id, str(curves), artifact_path="plots")
-        client.set_tag(run_id, stage_run.DIGEST_TAG, stage_run.model_digest(out))
+        digest = stage_run.model_digest(out)
+        client.set_tag(run_id, stage_run.DIGEST_TAG, digest)
+        return views.log_model(client, run_id, out / weights, weights, params_for_logging(model_params or {}),
+                               model_type, digest)
 
-    locked_write(uri, log)
+    return locked_write(uri, log)
 
 
 def trainable(model: Any) -> tuple[int, int]:
