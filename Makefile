@@ -11,7 +11,7 @@ TORCH_SPEC ?= torch==2.13.0
 # dvc runs each stage's `python -m pipeline.<stage>` through the shell: use the venv's python.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: run test test-slow test-all mlflow-ui mlflow-server params lock clean-venv
+.PHONY: run test test-slow test-all compare mlflow-ui mlflow-server params lock clean-venv
 
 # constraints.txt pins every version (`make lock` rewrites it), so a fresh clone installs what
 # made the committed dvc.lock, and writes the same bytes.
@@ -46,6 +46,10 @@ test-all: $(STAMP)
 
 params: $(STAMP)
 	$(BIN)/python -m pipeline.params
+
+# The experiments side by side, only what differs between them (docs/experiments.md#headline-metrics-what-dvc-exp-show-and-dvc-metrics-diff-read).
+compare: $(STAMP)
+	$(BIN)/dvc exp show --only-changed --drop '^(pipeline|conf)/'
 
 mlflow-ui: $(STAMP)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --port 5000

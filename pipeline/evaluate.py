@@ -500,6 +500,7 @@ def _log_mlflow(tracking: Tracking, run_id: str, metrics: dict, pred_rows: list,
     output file and prepare's safety counts."""
     import mlflow
     import pandas as pd
+    from mlflow.tracking import MlflowClient
 
     from pipeline.tracking import runs as mlf
 
@@ -510,7 +511,7 @@ def _log_mlflow(tracking: Tracking, run_id: str, metrics: dict, pred_rows: list,
     slices = pd.DataFrame(read_json(out / "intervals.json")["slices"]["rows"])
 
     test = views.split_dataset(pred_rows, rendered / "test.jsonl", hash_files([rendered / "test.jsonl"]), "test")
-    model_id = mlflow.get_run(run_id).data.tags.get(views.MODEL_ID_TAG)
+    model_id = MlflowClient(tracking.uri).get_run(run_id).data.tags.get(views.MODEL_ID_TAG)
 
     def log() -> None:
         mlflow.log_input(test, context="test")

@@ -182,8 +182,10 @@ def test_macro_f1_is_over_labels_the_test_split_holds() -> None:
 def test_evaluate_writes_null_for_nan_and_an_exact_safety_interval(tmp_path) -> None:
     from pipeline import evaluate
 
-    evaluate._write(tmp_path, {"m": {"t": {"perplexity": float("nan")}}}, {"x": [float("inf")]}, [{"s": float("nan")}])
+    evaluate._write(tmp_path, {"m": {"t": {"perplexity": float("nan")}}}, {"delta": {"t": {"p": float("nan")}}},
+                    {"x": [float("inf")]}, [{"s": float("nan")}])
     assert json.loads((tmp_path / "metrics.json").read_text()) == {"m": {"t": {"perplexity": None}}}
+    assert json.loads((tmp_path / "headline.json").read_text()) == {"delta": {"t": {"p": None}}}
     assert "NaN" not in (tmp_path / "intervals.json").read_text() + (tmp_path / "predictions.jsonl").read_text()
     from pipeline.data import safety
 
