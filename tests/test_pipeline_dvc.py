@@ -344,6 +344,7 @@ def test_mlflow_ui_shows_sections_datasets_logged_model_and_per_example_traces(
     # the browser; ?workflowType= sets it), not from the experiment's mlflow.experimentKind tag.
     pages = {"experiment": f"{base}?workflowType=machine_learning", "run": f"{base}/runs/{a}",
              "charts": f"{base}/runs/{a}/model-metrics", "traces": f"{base}/runs/{a}/traces",
+             "traces_compared": f"{base}/runs/{a}/traces?compareToRunUuid={b}",
              "compare": f'#/compare-runs?runs=["{a}","{b}"]&experiments=["{exp.experiment_id}"]',
              "evaluation_runs": f"{base}/evaluation-runs?selectedRunUuid={a}&compareToRunUuid={b}"}
     (tmp_path / "profile").mkdir()
@@ -359,3 +360,7 @@ def test_mlflow_ui_shows_sections_datasets_logged_model_and_per_example_traces(
     for section in ("train (4)", "val (1)", "eval_tuned/topic (", "delta/tuned_vs_base/overall ("):
         assert section in charts, (section, charts[:3000])
     assert "Comparing 2 Runs" in text["compare"] and "train/loss" in text["compare"]
+    # Example by example: each trace's request, answer, expected output and score, beside another run's.
+    for name in ("traces", "traces_compared"):
+        assert "compare to" in text[name] and "Expected output" in text[name] and "correct" in text[name], name
+    assert "8 of 8" in text["traces"], "one trace per test row of the smoke split"
