@@ -83,8 +83,8 @@ def _best_child(client: Any, parent_id: str, uri: str) -> Any:
         raise PipelineError(f"promote: run {parent_id} is not a sweep's parent run (no sweep.metric param)")
     objective = Objective(params["sweep.metric"], params["sweep.direction"])
     children = {r.info.run_id: r for r in mlf.child_runs(uri, parent_id)}
-    best = objective.best({k: r.data.metrics[objective.metric] for k, r in children.items()
-                           if objective.metric in r.data.metrics})
+    best = objective.best({k: r.data.metrics[objective.run_metric] for k, r in children.items()
+                           if objective.run_metric in r.data.metrics})
     if best is None:
         raise PipelineError(f"promote: no child of sweep run {parent_id} has {objective.metric}")
     return children[best[0]]

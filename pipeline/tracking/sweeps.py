@@ -36,10 +36,16 @@ DIRECTIONS = ("maximize", "minimize")
 
 @dataclass(frozen=True)
 class Objective:
-    """The metric a sweep is judged by (an MLflow metric name) and which way is better."""
+    """The metric a sweep is judged by (evaluate's name, ``eval.tuned.overall.score``) and which way is better."""
 
     metric: str
     direction: str
+
+    @property
+    def run_metric(self) -> str:
+        """The metric's name in a run: evaluate logs in sections (``eval_tuned/overall/score``)."""
+        return views.eval_metric_name(self.metric.removeprefix("eval.")) if self.metric.startswith("eval.") \
+            else self.metric
 
     def __post_init__(self) -> None:
         if self.direction not in DIRECTIONS:
@@ -165,9 +171,7 @@ def summarize(parent: Parent, objective: Objective, sweep_dir: Path, stopped: bo
     from mlflow.tracking import MlflowClient
 
     children = tracking.child_runs(parent.uri, parent.run_id)
-    # The objective is named as in evaluate's metrics (eval.tuned.overall.score); the runs, in sections.
-    key = views.eval_metric_name(objective.metric.removeprefix("eval.")) \
-        if objective.metric.startswith("eval.") else objective.metric
+    key = objective.run_metric
     values = {r.info.run_id: r.data.metrics[key] for r in children if key in r.data.metrics}
     best = objective.best(values)
     summary: dict[str, Any] = {"runs": len(children), "with_metric": len(values), "stopped_early": stopped}
