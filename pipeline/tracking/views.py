@@ -15,6 +15,8 @@ run's datasets, its logged model and its description.
 
 from __future__ import annotations
 
+import os
+
 import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -132,4 +134,15 @@ def log_examples(rows: Sequence[Mapping[str, Any]], arm: str) -> None:
     data = pd.DataFrame({"inputs": [{"id": r["id"], "task": r["task"], "prompt": r["prompt"]} for r in scored],
                          "outputs": [r[f"{arm}_prediction"] for r in scored],
                          "expectations": [{"expected_response": r["reference"]} for r in scored]})
-    mlflow.genai.evaluate(data=data, scorers=[examples])
+    # One worker: the harness's default thread pool writes traces concurrently, and a SQLite store
+    # lost most of them (29 of 96 traces logged, in 182 s, on the default test split); one worker
+    # logged all 96 in 8 s. The scorer only reads scores already computed, so threads gain nothing.
+    previous = os.environ.get("MLFLOW_GENAI_EVAL_MAX_WORKERS")
+    os.environ["MLFLOW_GENAI_EVAL_MAX_WORKERS"] = "1"
+    try:
+        mlflow.genai.evaluate(data=data, scorers=[examples])
+    finally:
+        if previous is None:
+            del os.environ["MLFLOW_GENAI_EVAL_MAX_WORKERS"]
+        else:
+            os.environ["MLFLOW_GENAI_EVAL_MAX_WORKERS"] = previous
