@@ -377,7 +377,8 @@ def report(cfg: config.PipelineConfig, out: Path, test: TestSet, predictions: di
             + _safety_markdown(safety_rates)
             + "\n## Slices\n\n" + slices.markdown(slice_table))
     with atomic_dir(out) as tmp:
-        _write(tmp, metrics, scoring.headline_json(scores, deltas),
+        _write(tmp, metrics, {**scoring.headline_json(scores, deltas),
+                              **({"preference": prefer.headline(preference_ci)} if preference else {})},
                {**scoring.intervals_json(scores, deltas), **({"preference": preference_ci} if preference else {}),
                 "template_hash": template_hash, "examples": len(rows), "task_types": test.task_types,
                 "safety": safety_rates, "slices": {"rows": slice_table.rows, "gaps": slice_table.gaps,

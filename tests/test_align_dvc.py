@@ -28,11 +28,13 @@ def test_dvc_exp_run_smoke_align_dpo(tmp_path: Path) -> None:
     _sh([sys.executable, "-m", "dvc", "exp", "run", *[a for o in OVERRIDES for a in ("-S", o)]], repo)
     proc = subprocess.run([sys.executable, "-m", "dvc", "metrics", "show", "--json"], cwd=repo, env=_env(),
                           capture_output=True, text=True, check=True)
-    data = _metrics_file(json.loads(proc.stdout), "reports/eval/metrics.json")
+    data = _metrics_file(json.loads(proc.stdout), "reports/eval/headline.json")  # DVC's one eval metrics file
     assert data is not None, proc.stdout[:2000]
     assert {"aligned", "delta_aligned_vs_tuned", "delta_aligned_vs_base", "preference"} <= set(data)
     assert set(data["aligned"]) == {"topic", "qa", "past_tense", "summary", "overall"}
     assert set(data["preference"]) == {"tuned", "aligned", "delta_aligned_vs_tuned"}
+    assert {"ci_low", "ci_high", "p"} <= set(data["preference"]["delta_aligned_vs_tuned"])
+    assert {"ci_low", "ci_high", "p"} <= set(data["delta_aligned_vs_tuned"]["overall"])
     assert (repo / "models/aligned/adapter/adapter_model.safetensors").is_file()
     assert (repo / "reports/align/train_loss.csv").read_text().count("\n") == 1 + 4  # header + smoke's 4 steps
     lock = (repo / "dvc.lock").read_text()

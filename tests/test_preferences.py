@@ -107,6 +107,10 @@ def test_preference_report_is_exact_and_paired() -> None:
     assert d["discordant"] == [1, 0] and d["test"] == "exact McNemar" and d["n"] == 4
     assert preference.report({}) == ({}, {})
     assert "aligned − tuned | +0.250" in preference.markdown(intervals)
+    head = preference.headline(intervals)
+    assert head["aligned"] == {"accuracy": 0.75}
+    assert head["delta_aligned_vs_tuned"] == {"accuracy": 0.25, "ci_low": d["low"], "ci_high": d["high"],
+                                              "p": d["p_value"]}
 
 
 def test_one_prompt_with_several_rejected_answers_is_several_pairs(tmp_path: Path) -> None:

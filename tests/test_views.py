@@ -12,7 +12,8 @@ def test_every_row_becomes_a_trace_with_its_scores(tmp_path: Path) -> None:
     import mlflow
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    mlflow.set_experiment("views")
+    # Its own artifact folder: the store's default (./mlruns) would land in the checkout.
+    mlflow.set_experiment(experiment_id=mlflow.create_experiment("views", artifact_location=str(tmp_path / "art")))
     rows = [{"id": f"r{i}", "task": "topic", "prompt": f"Topic of item {i}?", "reference": "sports",
              "tuned_prediction": "sports" if i % 3 else "politics",
              "tuned_scores": {"correct": float(i % 3 != 0)}} for i in range(96)]

@@ -29,6 +29,17 @@ def report(prefers: Mapping[str, Sequence[float]]) -> tuple[dict[str, Any], dict
     return metrics, intervals
 
 
+def headline(intervals: Mapping[str, Any]) -> dict[str, Any]:
+    """The preference block of ``headline.json``: each arm's accuracy, and aligned - tuned with
+    ``ci_low``, ``ci_high`` and ``p``, as the other paired differences there."""
+    out: dict[str, Any] = {}
+    for arm, per in intervals.items():
+        a = per["accuracy"]
+        out[arm] = {"accuracy": a["value"]} if "ci" in a else \
+            {"accuracy": a["delta"], "ci_low": a["low"], "ci_high": a["high"], "p": a["p_value"]}
+    return out
+
+
 def markdown(intervals: Mapping[str, Any]) -> str:
     """The report's preference section (empty without pairs)."""
     if not intervals:
