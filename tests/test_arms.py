@@ -55,7 +55,8 @@ def test_three_arms_scored_side_by_side_with_paired_deltas(tmp_path: Path, data:
     out = tmp_path / "eval"
     metrics = evaluate.run(smoke_cfg, evaluate.Paths(data / "rendered", data / "prepared", smoke_base, out, tuned), None)
     arms = ("base", "base_kshot", "tuned")
-    assert set(smoke_cfg.eval.models) == {*arms, "encoder"}  # no --encoder folder here: that arm is skipped
+    # No --encoder or --aligned folder here: those two arms are skipped.
+    assert set(smoke_cfg.eval.models) == {*arms, "encoder", "aligned"}
     for arm in arms:
         assert set(metrics[arm]) == {"topic", "qa", "past_tense", "summary", "overall"}
     assert metrics["tuned"] == metrics["base"]  # identical weights and prompts: the same code, the same numbers
