@@ -98,20 +98,27 @@ def mlflow_server(store_args: Sequence[str], cwd: Path, log_path: Path, environ:
                                 start_new_session=True)
         url = f"http://127.0.0.1:{port}"
         try:
-            deadline = time.monotonic() + timeout
-            while True:
-                try:
-                    with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
-                        if resp.status == 200:
-                            break
-                except OSError:
-                    pass
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(f"mlflow server did not come up:\n{log_path.read_text()[-3000:]}")
-                time.sleep(0.5)
+            wait_until_up(f"{url}/health", proc, log_path, timeout, "mlflow server")
             yield url
         finally:
             stop_group(proc)
+
+
+def wait_until_up(url: str, proc: subprocess.Popen, log_path: Path, timeout: float, what: str,
+                  poll: float = 0.5) -> None:
+    """Return once ``url`` answers 200; fail with the end of ``log_path`` if ``proc`` exits or
+    ``timeout`` seconds pass first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not come up:\n{log_path.read_text()[-4000:]}")
+        time.sleep(poll)
 
 
 def stop_group(proc: subprocess.Popen) -> None:

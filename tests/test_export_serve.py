@@ -9,7 +9,6 @@ import dataclasses
 import json
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from pipeline.core.files import read_jsonl
 from pipeline.prompting.templates import user_message
 from pipeline.tracking.runs import Tracking
 
-from sweep_helpers import env, free_port, stop_group
+from sweep_helpers import env, free_port, stop_group, wait_until_up
 from test_export import make_tuned
 
 
@@ -29,20 +28,6 @@ def _post(url: str, body: dict) -> dict:
     req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=120) as resp:
         return json.loads(resp.read())
-
-
-def _wait(url: str, proc: subprocess.Popen, log: Path, timeout: float = 240) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/ping", timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise AssertionError(f"mlflow models serve did not come up:\n{log.read_text()[-4000:]}")
-        time.sleep(1)
 
 
 def _evaluated(tmp: Path, cfg: PipelineConfig, data: Path, base: Path, uri: str) -> tuple[str, Path, Path]:
@@ -88,7 +73,7 @@ def test_served_answers_equal_evaluates(tmp_path: Path, monkeypatch, smoke_cfg: 
         proc = subprocess.Popen(cmd, cwd=tmp_path, env=env(MLFLOW_TRACKING_URI=uri), stdout=fh,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        _wait(f"http://127.0.0.1:{port}", proc, log)
+        wait_until_up(f"http://127.0.0.1:{port}/ping", proc, log, 240, "mlflow models serve", poll=1)
         for messages, budget, expected in cases[:2]:
             answer = _post(f"http://127.0.0.1:{port}/invocations", {"messages": messages, "max_tokens": budget})
             [reply] = answer if isinstance(answer, list) else answer.get("predictions", [answer])
